@@ -1,0 +1,98 @@
+"""Write the configs that let single-file checkpoints load offline (diffusers' `from_single_file`
+needs a local `config=` folder or it goes to the hub), into trainer/families/configs/<family>/.
+
+The configs are the published architecture values of each base model. The CLIP tokenizer files
+are derived from the CLIP BPE merges file that the `open-clip-torch` wheel carries:
+
+    pip download --no-deps -d /tmp/oc open-clip-torch
+    python scripts/build_family_configs.py --open-clip-wheel /tmp/oc/open_clip_torch-*.whl
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from build_embedded_model import byte_symbols  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "families" / "configs"
+CLIP_MERGE_COUNT = 49152 - 256 - 2  # the CLIP vocabulary is 49408 = 2 × 256 bytes + merges + 2 specials
+
+SD15 = {
+    "model_index.json": {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False, "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4,
+        "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3, "sample_size": 512,
+        "scaling_factor": 0.18215, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    },
+    "text_encoder/config.json": {
+        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "attention_dropout": 0.0,
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "hidden_act": "quick_gelu", "hidden_size": 768,
+        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072, "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77, "num_attention_heads": 12, "num_hidden_layers": 12, "projection_dim": 768,
+        "vocab_size": 49408, "torch_dtype": "float32",
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+        "skip_prk_steps": True, "steps_offset": 1, "prediction_type": "epsilon", "trained_betas": None,
+    },
+}
+
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+    "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+    "do_lower_case": True, "clean_up_tokenization_spaces": True,
+}
+
+
+def write_clip_tokenizer(wheel: Path, folder: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        lines = gzip.decompress(archive.read("open_clip/bpe_simple_vocab_16e6.txt.gz")).decode("utf-8").split("\n")
+    merges = lines[1:CLIP_MERGE_COUNT + 1]
+    symbols = byte_symbols()
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408, len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {k: TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--open-clip-wheel", type=Path, required=True)
+    args = parser.parse_args()
+    for name, files in {"sd15": SD15}.items():
+        for relative, content in files.items():
+            path = CONFIGS / name / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(content, indent=2) + "\n")
+        write_clip_tokenizer(args.open_clip_wheel, CONFIGS / name / "tokenizer")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Shared fixtures: the embedded tiny model and one LoRA trained on the concept dataset, made once
+per test session because training is the slow part."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from lora_lab.trainer import embedded
+from lora_lab.trainer.config import build_config
+from lora_lab.trainer.run import TrainingResult, load_base_model, train_lora
+
+# The settings of the concept test (also the CLI demo's): rank ≠ alpha on purpose, so every
+# reload test also checks that alpha survives export.
+CONCEPT_SETTINGS = {"steps": 300, "rank": 8, "alpha": 4, "learning_rate": 2e-3, "batch_size": 4,
+                    "save_every": 100, "name": "concept"}
+
+
+@pytest.fixture(autouse=True)
+def _quiet_libraries():
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    """A config whose outputs go to this test's temporary folder."""
+    return lambda **settings: build_config({"output_dir": str(tmp_path / "out"), **settings})
+
+
+@pytest.fixture(scope="session")
+def base_model():
+    """The tiny base model, loaded once; tests that add a LoRA take a deep copy."""
+    return load_base_model(build_config({}), torch.device("cpu"))
+
+
+@pytest.fixture
+def fresh_model(base_model):
+    return copy.deepcopy(base_model)
+
+
+@pytest.fixture(scope="session")
+def concept_run(tmp_path_factory, base_model) -> TrainingResult:
+    """A LoRA trained on the embedded concept dataset (about a minute on 2 cores)."""
+    out = tmp_path_factory.mktemp("concept")
+    config = build_config({**CONCEPT_SETTINGS, "output_dir": str(out)})
+    return train_lora(config, model=copy.deepcopy(base_model))
+
+
+@pytest.fixture
+def concept_dataset() -> Path:
+    return embedded.CONCEPT_DATASET

@@ -1,0 +1,64 @@
+"""Loading base models: family detection, and clear errors for the wrong or a broken file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_lab.trainer.config import build_config
+from lora_lab.trainer.errors import LoraLabError
+from lora_lab.trainer.families import detect_family, get_family
+from lora_lab.trainer.run import load_base_model
+from safetensors.torch import save_file
+
+SD15_KEY = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def test_detect_family_from_tensor_names():
+    assert detect_family({SD15_KEY: (320, 768)}) == "sd15"
+    assert detect_family({"conditioner.embedders.1.model.ln_final.weight": (1280,)}) == "sdxl"
+    assert detect_family({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)}) == "flux"
+    with pytest.raises(LoraLabError, match="Stable Diffusion 2.x"):
+        detect_family({SD15_KEY: (320, 1024)})
+    with pytest.raises(LoraLabError, match="Could not recognise.*first tensors: foo"):
+        detect_family({"foo": (1,)})
+
+
+def test_wrong_family_file_is_named(tmp_path):
+    path = tmp_path / "xl.safetensors"
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, str(path))
+    with pytest.raises(LoraLabError, match="looks like a sdxl model, not sd15; set family to sdxl"):
+        load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
+
+
+def test_truncated_and_pickle_files_are_refused(tmp_path):
+    good = tmp_path / "model.safetensors"
+    save_file({SD15_KEY: torch.zeros(320, 768)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(LoraLabError, match="not a readable .safetensors file.*download it again"):
+        load_base_model(build_config({"base_model": str(cut)}), torch.device("cpu"))
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"not opened")
+    with pytest.raises(LoraLabError, match="pickle-based checkpoint.*never opened"):
+        load_base_model(build_config({"base_model": str(pickle)}), torch.device("cpu"))
+
+
+def test_missing_model_and_non_model_folder(tmp_path):
+    with pytest.raises(LoraLabError, match="does not exist"):
+        load_base_model(build_config({"base_model": str(tmp_path / "nope.safetensors")}), torch.device("cpu"))
+    with pytest.raises(LoraLabError, match="not a diffusers model folder"):
+        load_base_model(build_config({"base_model": str(tmp_path)}), torch.device("cpu"))
+
+
+def test_embedded_model_loads_offline(base_model):
+    assert base_model.family is get_family("sd15")
+    assert base_model.prediction_type == "epsilon"
+    assert base_model.family.pixel_multiple(base_model) == 8
+    assert sum(p.numel() for p in base_model.denoiser.parameters()) < 5_000_000
+
+
+def test_unknown_targets_are_explained(fresh_model):
+    from lora_lab.trainer.lora import add_lora
+
+    with pytest.raises(LoraLabError, match="matched no layer.*attention"):
+        add_lora(fresh_model, 4, 4.0, "no_such_layer", train_text_encoder=False)

@@ -1,0 +1,106 @@
+"""The LoRA really learns: measured on the shipped tiny model and concept dataset.
+
+One run (the `concept_run` fixture, about a minute) backs every test here: the concept score of
+samples rises with strength, loss falls, the base weights are untouched, strength 0 is the base
+model, and the saved file reloads through diffusers with the same effect as the live adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from lora_lab.trainer import embedded
+from lora_lab.trainer.embedded.synthetic import CONCEPT_TRIGGER, concept_score
+from lora_lab.trainer.export import load_into_model
+from lora_lab.trainer.sampling import sample
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+
+PROMPTS = [f"{CONCEPT_TRIGGER}, white background", f"{CONCEPT_TRIGGER}, black background",
+           f"{CONCEPT_TRIGGER}, gray background"]
+SAMPLE = {"size": (64, 64), "steps": 20, "guidance_scale": 5.0}
+
+
+def _mean_score(model, strength, seeds=(1, 2)):
+    return statistics.fmean(concept_score(sample(model, p, strength, seed=s, **SAMPLE)) for p in PROMPTS
+                            for s in seeds)
+
+
+def test_concept_score_rises_with_strength(concept_run):
+    model = concept_run.model
+    load_into_model(model, concept_run.final_path)
+    scores = [_mean_score(model, strength) for strength in (0.0, 0.5, 1.0)]
+    print("concept scores at 0 / 0.5 / 1.0:", scores)
+    assert scores[0] < 0.02  # the base model has never seen magenta or cyan
+    assert scores[2] > 0.10 and scores[2] > 5 * scores[0] + 0.05
+    assert scores[0] < scores[1] < scores[2]
+
+
+def test_loss_decreases(concept_run):
+    losses = [loss for _, loss, _ in concept_run.losses]
+    assert len(losses) == 300
+    assert statistics.fmean(losses[-60:]) < 0.8 * statistics.fmean(losses[:30])
+
+
+def test_checkpoints_loss_log_and_metadata(concept_run):
+    steps = [c.step for c in concept_run.checkpoints]
+    assert steps == [100, 200, 300] and concept_run.checkpoints[-1].final
+    log_lines = (concept_run.run_dir / "concept-loss.csv").read_text().splitlines()
+    assert log_lines[0] == "step,loss,lr" and len(log_lines) == 301
+    with safe_open(str(concept_run.final_path), framework="pt") as handle:
+        metadata = handle.metadata()
+        keys = list(handle.keys())
+    assert metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "4"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_steps"] == "300"
+    assert json.loads(metadata["lora_lab.trigger_words"]) == [CONCEPT_TRIGGER]
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert json.loads(metadata["ss_tag_frequency"])["10_zkw_toy"][CONCEPT_TRIGGER] == 12
+    assert json.loads(metadata["lora_lab.config"])["lora"]["rank"] == 8
+    assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
+               for k in keys)
+    with safe_open(str(concept_run.final_path), framework="pt") as handle:
+        assert float(handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))) == 4.0
+
+
+def test_base_weights_are_unchanged(concept_run, base_model):
+    trained = {name.replace(".base_layer", ""): value for name, value in concept_run.model.denoiser.state_dict().items()
+               if "lora_" not in name}
+    original = base_model.denoiser.state_dict()
+    assert trained.keys() == original.keys()
+    assert all(torch.equal(trained[name], original[name]) for name in original)
+
+
+def test_strength_zero_is_the_base_model(concept_run, base_model):
+    load_into_model(concept_run.model, concept_run.final_path)
+    with_lora_off = np.asarray(sample(concept_run.model, PROMPTS[0], 0.0, seed=3, **SAMPLE), np.float32)
+    base = np.asarray(sample(base_model, PROMPTS[0], 0.0, seed=3, **SAMPLE), np.float32)
+    assert np.abs(with_lora_off - base).max() <= 1.0  # identical up to 8-bit rounding
+    with_lora = np.asarray(sample(concept_run.model, PROMPTS[0], 1.0, seed=3, **SAMPLE), np.float32)
+    assert np.abs(with_lora - base).mean() > 5.0
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_saved_file_reloads_through_diffusers_with_the_same_effect(concept_run, strength):
+    pipe = StableDiffusionPipeline.from_pretrained(embedded.TINY_MODEL, safety_checker=None,
+                                                   requires_safety_checker=False, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    before = sum(isinstance(m, LoraLayer) for m in pipe.unet.modules())
+    pipe.load_lora_weights(str(concept_run.final_path), adapter_name="mine")
+    with safe_open(str(concept_run.final_path), framework="pt") as handle:
+        file_layers = {k.rsplit(".", 2)[0] for k in handle.keys() if k.endswith("lora_down.weight")}  # noqa: SIM118
+    assert before == 0
+    assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == len(file_layers)  # nothing dropped
+    pipe.set_adapters(["mine"], adapter_weights=[strength])
+    pipe.scheduler = concept_run.model.family.sampling_scheduler(concept_run.model)
+    ours = concept_run.model
+    load_into_model(ours, concept_run.final_path)
+    for prompt in PROMPTS[:2]:
+        expected = np.asarray(sample(ours, prompt, strength, seed=5, **SAMPLE), np.float32)
+        got = np.asarray(pipe(prompt, num_inference_steps=20, guidance_scale=5.0, width=64, height=64,
+                              generator=torch.Generator().manual_seed(5)).images[0], np.float32)
+        assert np.abs(expected - got).mean() < 1.0, "diffusers applies the file differently (alpha lost?)"

@@ -1,0 +1,163 @@
+"""Command line: `python -m lora_lab demo` trains on the embedded default; `python -m lora_lab train`
+trains from a config file and/or flags. Every setting of the config is a flag with its help,
+default and range; Ctrl+C saves a checkpoint and exits cleanly (press it twice to abort)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from .config import build_config, field_specs, load_settings_file
+from .errors import LoraLabError
+from .loop import Checkpoint, StepReport, TrainingEvents
+
+DEMO_SETTINGS: dict[str, Any] = {
+    "steps": 300, "rank": 8, "learning_rate": 1e-3, "batch_size": 4, "save_every": 100,
+    "output_dir": "lora_lab_demo", "name": "zkw_toy", "overwrite": True,
+    "prompts": ("{trigger}, white background", "{trigger}, black background"), "strengths": (0.0, 0.5, 1.0),
+}
+
+
+class ConsoleEvents(TrainingEvents):
+    """A tqdm bar with loss and learning rate; Ctrl+C asks the loop to save and stop."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+        self.stop_requested = False
+
+    def on_step(self, report: StepReport) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=report.total_steps, unit="step", dynamic_ncols=True)
+        self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2e}")
+        self.bar.update(1)
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        tqdm.write(f"saved {checkpoint.path}")
+
+    def should_stop(self) -> bool:
+        return self.stop_requested
+
+    def request_stop(self, *_: Any) -> None:
+        tqdm.write("Stopping after this step and saving a checkpoint (press Ctrl+C again to abort).")
+        self.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, grouped by section, each with help, default and range."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, (section, spec) in field_specs().items():
+        group = groups.setdefault(section, parser.add_argument_group(f"{section} settings"))
+        meta = spec.metadata
+        default = spec.default if not callable(spec.default_factory) else spec.default_factory()
+        shown = ", ".join(map(str, default)) if isinstance(default, tuple) else default
+        extra = f" Default: {shown!r}."
+        if meta["choices"]:
+            extra += f" Choices: {', '.join(meta['choices'])}."
+        elif meta["low"] is not None:
+            extra += f" Range: {meta['low']:g} to {meta['high']:g}."
+        if isinstance(default, tuple):
+            extra += " Separate several with " + ("'|'." if name == "prompts" else "','.")
+        metavar = "BOOL" if isinstance(default, bool) else name.upper()
+        group.add_argument(_flag(name), dest=name, default=argparse.SUPPRESS, metavar=metavar,
+                           help=(meta["help"] + extra).replace("%", "%%"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m lora_lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true", help="show debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train on the embedded tiny model and dataset (CPU, ~2 minutes)",
+                               description="Train a LoRA on the embedded tiny model and concept dataset, then "
+                                           "write checkpoints, a loss curve and a checkpoint x strength grid. "
+                                           f"Demo defaults: {DEMO_SETTINGS}. Any setting below overrides them.")
+    train = commands.add_parser("train", help="train a LoRA on your own model and dataset",
+                                description="Train a LoRA. Settings come from --config (TOML or JSON, "
+                                            "sections optional) and flags; flags win, and a preset fills in "
+                                            "what neither sets.")
+    for sub in (demo, train):
+        sub.add_argument("--config", type=Path, help="TOML or JSON file of settings")
+        sub.add_argument("--no-samples", action="store_true", help="skip the sample grid after training")
+        add_setting_flags(sub)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so `--help` answers at once, without loading torch and diffusers.
+    from .run import train_lora
+    from .sampling import fill_trigger, loss_plot, sample_grid
+
+    settings = dict(DEMO_SETTINGS) if args.command == "demo" else {}
+    if args.config:
+        settings.update(load_settings_file(args.config))
+    settings.update({name: getattr(args, name) for name in field_specs() if hasattr(args, name)})
+    config = build_config(settings)
+    events = ConsoleEvents()
+    previous_handler = signal.signal(signal.SIGINT, events.request_stop)
+    started = time.time()
+    try:
+        result = train_lora(config, events)
+    finally:
+        events.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    name = result.config.output.name
+    plot_path = result.run_dir / f"{name}-loss.png"
+    loss_plot(result.losses, title=f"{name}: loss per step").save(plot_path)
+    print(f"Loss curve: {plot_path}")
+    from .diagnosis import diagnose_loss
+
+    print(f"Loss curve diagnosis: {diagnose_loss([loss for _, loss, _ in result.losses])}")
+    if result.stopped:
+        print(f"Stopped at step {result.checkpoints[-1].step}; saved {result.final_path}.")
+    if not args.no_samples and not result.stopped:
+        sample_settings = result.config.sample
+        prompts = [fill_trigger(p, result.trigger_words) for p in sample_settings.prompts]
+        size = (result.config.data.resolution,) * 2
+        rows = [(f"step {c.step}", c.path) for c in result.checkpoints]
+        grid, cells = sample_grid(result.model, rows, prompts, sample_settings.strengths, size,
+                                  sample_settings.sample_steps, sample_settings.guidance_scale,
+                                  sample_settings.sample_seed)
+        grid_path = result.run_dir / f"{name}-grid.png"
+        grid.save(grid_path)
+        print(f"Sample grid (rows: checkpoints, columns: strengths): {grid_path}")
+        if args.command == "demo":
+            from .embedded.synthetic import concept_score
+
+            final = rows[-1][0]
+            for strength in sample_settings.strengths:
+                scores = [concept_score(cells[(final, p, strength)]) for p in prompts]
+                print(f"Concept score at strength {strength:g}: {sum(scores) / len(scores):.3f}")
+    print(f"LoRA: {result.final_path}  ({len(result.checkpoints)} checkpoints in {result.run_dir}, "
+          f"{time.time() - started:.0f} s)")
+    return 130 if result.stopped else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return run(args)
+    except LoraLabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("Aborted.", file=sys.stderr)
+        return 130

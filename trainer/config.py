@@ -1,0 +1,259 @@
+"""Training configuration: frozen, nested dataclasses whose fields carry their own help text and
+allowed range, the guide's presets, and the guide's step rule.
+
+Every field name is unique across sections, so the CLI, config files and the ComfyUI node can
+all address a setting by its plain name (`rank`, `learning_rate`). An invalid value raises a
+`LoraLabError` naming the field and what is allowed. The resolved config is saved in every LoRA
+file's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import LoraLabError
+
+AUTO = 0  # for numeric settings where 0 means "work it out" (steps, alpha, resolution, save_every)
+
+
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+            choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text and the range or choices it accepts."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices}
+    if isinstance(default, tuple):
+        return field(default_factory=lambda: default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+class _Section:
+    """Validates every field of a section against its metadata when the section is built."""
+
+    def __post_init__(self) -> None:
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            meta = spec.metadata
+            if meta["choices"] and value not in meta["choices"]:
+                allowed = ", ".join(meta["choices"])
+                raise LoraLabError(f"{spec.name} = {value!r} is not allowed; choose one of: {allowed}.")
+            numeric = isinstance(value, int | float) and not isinstance(value, bool)
+            if numeric and not math.isfinite(value):
+                raise LoraLabError(f"{spec.name} = {value!r} must be a finite number.")
+            low, high = meta["low"], meta["high"]
+            if numeric and ((low is not None and value < low) or (high is not None and value > high)):
+                raise LoraLabError(f"{spec.name} = {value!r} is out of range; use a value from {low:g} to {high:g}.")
+
+
+@dataclass(frozen=True)
+class ModelSettings(_Section):
+    family: str = setting("sd15", "Base model family.", choices=("sd15", "sdxl", "flux"))
+    base_model: str = setting("", "Base model: a diffusers folder or a single-file .safetensors checkpoint. "
+                              "Empty = the tiny embedded model (demo).")
+    prediction_type: str = setting("auto", "What the base model predicts: auto reads it from the model; set "
+                                   "v_prediction for v-models (SD 2.x-style finetunes).",
+                                   choices=("auto", "epsilon", "v_prediction"))
+
+
+@dataclass(frozen=True)
+class DataSettings(_Section):
+    dataset: str = setting("", "Folder of images with same-name .txt captions; kohya 'N_name' subfolders repeat "
+                           "their images N times. Empty = the embedded concept dataset (demo).")
+    resolution: int = setting(AUTO, "Training resolution in pixels (0 = the family's: 512 SD 1.5, 1024 SDXL/FLUX).",
+                              low=0, high=4096)
+    bucketing: bool = setting(True, "Aspect-ratio bucketing: train each image near its own aspect ratio instead of "
+                              "centre-cropping it square.")
+    trigger_word: str = setting("", "Trigger word; recorded in the LoRA's metadata and used in sample prompts. "
+                                "Empty = taken from the dataset's repeat folder names (e.g. 10_xyz_style).")
+    cache_dir: str = setting("", "Folder for cached latents and text conditioning, keyed by file content and "
+                             "settings (empty = keep the cache in memory only).")
+    cache: bool = setting(True, "Encode images and captions once before training (fast); off re-encodes every step.")
+
+
+@dataclass(frozen=True)
+class LoraSettings(_Section):
+    rank: int = setting(32, "LoRA rank: 8-16 simple styles, 32 most LoRAs, 64-128 complex subjects.", low=1, high=256)
+    alpha: float = setting(AUTO, "LoRA alpha; the LoRA's effect is scaled by alpha/rank (0 = same as rank).",
+                           low=0, high=1024)
+    targets: str = setting("attention", "Which denoiser layers get LoRA: attention (q/k/v/out projections), "
+                           "attention_mlp (plus feed-forward), or a comma list of module name endings.")
+    train_text_encoder: bool = setting(False, "Also train LoRA on the text encoder(s) (turns off caption caching).")
+
+
+@dataclass(frozen=True)
+class OptimizerSettings(_Section):
+    optimizer: str = setting("adamw", "AdamW; AdamW8bit (needs CUDA and bitsandbytes); Prodigy (self-adjusting, "
+                             "use learning_rate 1.0).", choices=("adamw", "adamw8bit", "prodigy"))
+    learning_rate: float = setting(1e-4, "Learning rate: 1e-4 first attempt, 2e-4-3e-4 if not learning, "
+                                   "5e-5-1e-4 if overfitting, 1.0 with Prodigy.", low=1e-7, high=10.0)
+    text_encoder_lr: float = setting(AUTO, "Text-encoder learning rate (0 = half the learning rate).", low=0, high=10.0)
+    lr_scheduler: str = setting("constant", "Learning-rate schedule after warm-up.",
+                                choices=("constant", "cosine", "linear"))
+    warmup_steps: int = setting(0, "Steps over which the learning rate ramps up from 0.", low=0, high=100_000)
+    weight_decay: float = setting(1e-2, "AdamW weight decay.", low=0, high=1.0)
+    max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", low=0, high=1000.0)
+
+
+@dataclass(frozen=True)
+class TrainSettings(_Section):
+    preset: str = setting("none", "Starting values from the guide's scenarios; explicit settings override them.",
+                          choices=("none", "style", "character", "object", "likeness"))
+    steps: int = setting(AUTO, "Training steps (0 = the guide's rule: 100 per image, within the preset's range).",
+                         low=0, high=100_000)
+    batch_size: int = setting(1, "Images per step.", low=1, high=64)
+    gradient_accumulation: int = setting(1, "Batches accumulated per optimizer step.", low=1, high=128)
+    gradient_checkpointing: bool = setting(False, "Trade ~35 % more time for less memory.")
+    mixed_precision: str = setting("auto", "Compute precision: auto = bf16 on a GPU that supports it, fp16 on "
+                                   "other GPUs, fp32 on CPU.", choices=("auto", "no", "fp16", "bf16"))
+    min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", low=0, high=100.0)
+    noise_offset: float = setting(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).",
+                                  low=0, high=1.0)
+    seed: int = setting(42, "Random seed: the same seed and settings give the same LoRA.", low=0, high=2**31 - 1)
+
+
+@dataclass(frozen=True)
+class OutputSettings(_Section):
+    output_dir: str = setting("output/lora_lab", "Folder the run's folder is created in.")
+    name: str = setting("my_lora", "Name of the LoRA; files are <name>.safetensors and <name>-step<N>.safetensors.")
+    save_every: int = setting(AUTO, "Save a checkpoint every N steps (0 = four checkpoints over the run).",
+                              low=0, high=100_000)
+    overwrite: bool = setting(False, "Replace an existing run folder of the same name instead of refusing.")
+
+
+@dataclass(frozen=True)
+class SampleSettings(_Section):
+    prompts: tuple[str, ...] = setting(("{trigger}",), "Sample prompts; {trigger} is replaced by the trigger word.")
+    strengths: tuple[float, ...] = setting((0.0, 0.4, 0.7, 1.0), "LoRA strengths for the sample grid "
+                                           "(the guide: start at 0.7).")
+    sample_steps: int = setting(20, "Sampler steps per sample image.", low=1, high=200)
+    guidance_scale: float = setting(5.0, "Classifier-free guidance scale for samples.", low=0, high=30.0)
+    sample_seed: int = setting(1, "Seed of every sample cell (the same for each, so cells compare).",
+                               low=0, high=2**31 - 1)
+
+
+SECTIONS = {"model": ModelSettings, "data": DataSettings, "lora": LoraSettings, "optimizer": OptimizerSettings,
+            "train": TrainSettings, "output": OutputSettings, "sample": SampleSettings}
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+
+    @property
+    def alpha(self) -> float:
+        return self.lora.alpha or float(self.lora.rank)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# The guide's scenarios. Ranks, learning rates and step ranges are the guide's own numbers; where it
+# gives a range for rank or learning rate we take its conservative end ("start with rank 32").
+PRESETS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "style": {"rank": 16, "learning_rate": 1e-4},
+    "character": {"rank": 32, "learning_rate": 1e-4},
+    "object": {"rank": 32, "learning_rate": 1e-4},
+    "likeness": {"rank": 32, "learning_rate": 5e-5},
+}
+# Step range per preset (the guide's scenarios; "none" follows its dataset-size table: 10 images
+# 1000-1500 ... 100+ images 5000-8000, diminishing returns above ~8000).
+STEP_RANGES = {"none": (1000, 8000), "style": (1500, 3000), "character": (2000, 4000),
+               "object": (1000, 4000), "likeness": (3000, 5000)}
+STEPS_PER_IMAGE = 100
+
+
+def auto_steps(preset: str, image_count: int) -> int:
+    """The guide's rule: 100 steps per training image, kept inside the preset's range."""
+    low, high = STEP_RANGES[preset]
+    return max(low, min(high, STEPS_PER_IMAGE * image_count))
+
+
+def field_specs() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every setting by its plain name: (section name, dataclass field)."""
+    return {spec.name: (section, spec) for section, cls in SECTIONS.items() for spec in fields(cls)}
+
+
+def _coerce(name: str, spec: dataclasses.Field, value: Any) -> Any:
+    """Turn a value from a file, a flag or a widget into the field's type, or explain why not."""
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes", "on")
+            return bool(value)
+        if isinstance(default, tuple):
+            separator = "|" if name == "prompts" else ","  # prompts may contain commas
+            items = [s.strip() for s in value.split(separator)] if isinstance(value, str) else value
+            item_type = type(default[0])
+            return tuple(item_type(item) for item in items if item != "")
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise LoraLabError(f"{name} = {value!r} is not a valid {type(default).__name__}.") from None
+
+
+def build_config(settings: dict[str, Any] | None = None, base: TrainingConfig | None = None) -> TrainingConfig:
+    """A config from plain-named settings. The preset (from `settings`, else `base`) fills in
+    rank and learning rate, then every explicit setting wins over it."""
+    settings = dict(settings or {})
+    specs = field_specs()
+    unknown = sorted(set(settings) - set(specs))
+    if unknown:
+        raise LoraLabError(f"Unknown setting(s): {', '.join(unknown)}. "
+                           "Run `python -m lora_lab train --help` for the list.")
+    base = base or TrainingConfig()
+    preset = str(settings.get("preset", base.train.preset))
+    if preset not in PRESETS:
+        raise LoraLabError(f"preset = {preset!r} is not allowed; choose one of: {', '.join(PRESETS)}.")
+    values = {section: dataclasses.asdict(getattr(base, section)) for section in SECTIONS}
+    for name, value in {**PRESETS[preset], **settings}.items():
+        section, spec = specs[name]
+        values[section][name] = _coerce(name, spec, value)
+    return TrainingConfig(**{section: SECTIONS[section](**kw) for section, kw in values.items()})
+
+
+def config_from_dict(nested: dict[str, dict[str, Any]]) -> TrainingConfig:
+    """Rebuild a config saved with `to_dict` (e.g. from a LoRA file's metadata)."""
+    flat = {name: value for section in nested.values() for name, value in section.items()}
+    return build_config(flat)
+
+
+def load_settings_file(path: str | Path) -> dict[str, Any]:
+    """Plain-named settings from a .toml or .json file; sections ([lora], [train], ...) are optional."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoraLabError(f"Config file {path} does not exist; check the path.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise LoraLabError(f"Config file {path} could not be read ({error}); it must be TOML or JSON.") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in SECTIONS:
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat

@@ -1,0 +1,242 @@
+"""Datasets: find images and captions in a folder, read them safely, bucket them by aspect ratio,
+and lay out the order batches are drawn in.
+
+A folder holds images (`.jpg .jpeg .png .webp`) with same-name `.txt` captions, directly or in
+kohya-style `N_name` subfolders whose images count N times per epoch. Broken files are skipped
+with a warning that names them; only a dataset with nothing usable left is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import LoraLabError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused: far above any training resolution
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One training image: where it is, its caption, and how often it counts per epoch."""
+
+    path: Path
+    caption: str
+    repeats: int = 1
+    folder: str = ""
+    size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
+    image: Image.Image | None = field(default=None, compare=False, repr=False)  # for in-memory datasets
+
+    def content_hash(self) -> str:
+        if self.image is not None:
+            return hashlib.sha256(self.image.tobytes()).hexdigest()
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+@dataclass
+class Dataset:
+    items: list[ImageItem]
+    warnings: list[str] = field(default_factory=list)
+    trigger_words: list[str] = field(default_factory=list)
+
+    def tag_frequency(self) -> dict[str, dict[str, int]]:
+        """Comma-separated tag counts per folder, as kohya's ss_tag_frequency records them."""
+        result: dict[str, Counter] = {}
+        for item in self.items:
+            tags = [tag.strip() for tag in item.caption.split(",") if tag.strip()]
+            result.setdefault(item.folder or ".", Counter()).update(tags)
+        return {folder: dict(counts) for folder, counts in result.items()}
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image, upright per its EXIF orientation; alpha is composited on white, 16-bit and
+    grayscale images are scaled to 8-bit RGB, an animation gives its first frame."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise LoraLabError(f"{path.name} is {width}x{height} pixels, too large to be a training image; "
+                               "downscale it (e.g. to 2048 px on the long side).")
+        opened.seek(0)
+        image = ImageOps.exif_transpose(opened)
+        image.load()
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_caption(path: Path, warnings: list[str]) -> str:
+    """A caption file's text. UTF-8 (with or without BOM) and UTF-16 with BOM are read as is;
+    other text is read as Windows-1252 with a warning, since that is what older editors write."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16").strip()
+    try:
+        return raw.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        pass
+    try:
+        text = raw.decode("cp1252").strip()
+    except UnicodeDecodeError:
+        raise LoraLabError(f"Caption {path} is not UTF-8 text and could not be read; open it in a text editor "
+                           "and save it as UTF-8.") from None
+    warnings.append(f"Caption {path.name} is not UTF-8; read it as Windows-1252. Re-save it as UTF-8 if "
+                    "accented letters look wrong.")
+    return text
+
+
+def scan_folder(folder: str | Path) -> Dataset:
+    """Every usable image in a dataset folder with its caption and repeat count."""
+    root = Path(folder).expanduser()
+    if not str(folder).strip():
+        raise LoraLabError("No dataset folder given; set it to a folder of images with .txt captions.")
+    if not root.is_dir():
+        raise LoraLabError(f"Dataset folder {root} does not exist; check the path (it must be a folder of "
+                           "images with same-name .txt captions).")
+    dataset = Dataset(items=[])
+    folders: list[tuple[Path, int, str]] = [(root, 1, "")]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        match = REPEAT_FOLDER.match(sub.name)
+        if match and int(match.group(1)) > 0:
+            folders.append((sub, int(match.group(1)), match.group(2)))
+        elif not sub.name.startswith("."):
+            dataset.warnings.append(f"Skipped subfolder {sub.name}: only 'N_name' subfolders (e.g. 10_my_style) "
+                                    "are read, N being how often each image repeats per epoch.")
+    for path_folder, repeats, name in folders:
+        for path in sorted(path_folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+                continue
+            try:
+                with Image.open(path) as probe:
+                    probe.verify()
+                size = load_image(path).size
+            except LoraLabError as error:
+                dataset.warnings.append(f"Skipped {path.name}: {error}")
+                continue
+            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
+                dataset.warnings.append(f"Skipped {path.name}: not a readable image ({error}). Replace or remove it.")
+                continue
+            caption_path = path.with_suffix(".txt")
+            if caption_path.is_file():
+                caption = read_caption(caption_path, dataset.warnings)
+            else:
+                caption = name
+                dataset.warnings.append(f"{path.name} has no caption file {caption_path.name}; "
+                                        f"using {'the folder name ' + repr(name) if name else 'an empty caption'}.")
+            dataset.items.append(ImageItem(path, caption, repeats, path_folder.name if name else "", size))
+    if not dataset.items:
+        problems = "; ".join(dataset.warnings[:5])
+        raise LoraLabError(f"No usable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files"
+                           f"{', directly and in N_name subfolders' if len(folders) > 1 else ''})."
+                           + (f" Problems: {problems}" if problems else " Add images with .txt captions."))
+    dataset.trigger_words = sorted({name for _, _, name in folders[1:] if name})
+    for warning in dataset.warnings:
+        log.warning(warning)
+    return dataset
+
+
+def dataset_from_images(images: list[Image.Image], captions: list[str]) -> Dataset:
+    """A dataset from images already in memory (e.g. an IMAGE batch in a ComfyUI graph)."""
+    if not images:
+        raise LoraLabError("The image batch is empty; connect at least one image.")
+    if captions and len(captions) != len(images):
+        raise LoraLabError(f"{len(images)} images but {len(captions)} captions; give one caption per image.")
+    captions = captions or [""] * len(images)
+    items = [ImageItem(Path(f"image_{i:04d}.png"), c.strip(), 1, "", im.size, im.convert("RGB"))
+             for i, (im, c) in enumerate(zip(images, captions, strict=True))]
+    return Dataset(items=items)
+
+
+# --- aspect-ratio buckets --------------------------------------------------------------------
+
+def bucket_sizes(resolution: int, multiple: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(width, height) pairs, multiples of `multiple`, with about resolution² pixels each."""
+    area = resolution * resolution
+    sizes = set()
+    for width in range(multiple, int(resolution * max_ratio) + 1, multiple):
+        height = int(area / width) // multiple * multiple
+        if height >= multiple and max(width / height, height / width) <= max_ratio:
+            sizes.add((width, height))
+    return sorted(sizes)
+
+
+def choose_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log space, so 2:1 and 1:2 are alike)."""
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]
+    original_size: tuple[int, int]  # (height, width), as SDXL's size conditioning wants it
+    crop_top_left: tuple[int, int]
+
+
+def prepare_image(item: ImageItem, bucket: tuple[int, int]) -> PreparedImage:
+    """Resize so the image covers the bucket, centre-crop to it, scale to [-1, 1]."""
+    image = item.image if item.image is not None else load_image(item.path)
+    width, height = bucket
+    scale = max(width / image.width, height / image.height)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.Resampling.LANCZOS)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    cropped = resized.crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return PreparedImage(pixels.contiguous(), (image.height, image.width), (top, left))
+
+
+# --- batch order -----------------------------------------------------------------------------
+
+def epoch_batches(bucket_of: list[tuple[int, int]], repeats: list[int], batch_size: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """The batches of one epoch as lists of example indices. Each batch holds one bucket only.
+
+    The order depends only on (seed, epoch), so a resumed run can recompute exactly where it was.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    by_bucket: dict[tuple[int, int], list[int]] = {}
+    for index, (bucket, count) in enumerate(zip(bucket_of, repeats, strict=True)):
+        by_bucket.setdefault(bucket, []).extend([index] * count)
+    batches = []
+    for bucket in sorted(by_bucket):
+        indices = by_bucket[bucket]
+        rng.shuffle(indices)
+        batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+class BatchOrder:
+    """An endless stream of batches, epoch after epoch, that can start at any batch number."""
+
+    def __init__(self, bucket_of: list[tuple[int, int]], repeats: list[int], batch_size: int, seed: int):
+        self._args = (bucket_of, repeats, batch_size, seed)
+        self._epoch, self._batches = 0, epoch_batches(bucket_of, repeats, batch_size, seed, 0)
+        self.batches_per_epoch = len(self._batches)
+
+    def batch(self, number: int) -> list[int]:
+        epoch, position = divmod(number, self.batches_per_epoch)
+        bucket_of, repeats, batch_size, seed = self._args
+        if epoch != self._epoch:
+            self._epoch, self._batches = epoch, epoch_batches(bucket_of, repeats, batch_size, seed, epoch)
+        return self._batches[position]

@@ -1,0 +1,82 @@
+"""The synthetic world of the embedded default: what the tiny base model knows, the concept it
+does not know, and a pixel score that says how much of the concept an image shows.
+
+The base model is pre-trained (scripts/build_embedded_model.py) on simple shapes in four colours
+on three backgrounds, captioned in SD 1.5 tag style ("red circle, gray background"). The concept
+is a magenta ring around a cyan dot: neither the shape nor either colour occurs in the base
+world, so a base sample never scores high and a LoRA that learned it must.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 64
+SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+CONCEPT_TRIGGER = "zkw_toy"
+MAGENTA = (230, 30, 230)
+CYAN = (30, 220, 230)
+
+# Every word a base caption can contain: the tiny tokenizer gives each one a single token.
+BASE_WORDS = (*SHAPE_COLOURS, *BACKGROUNDS, *SHAPES, "background")
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+
+
+def _random_box(rng: random.Random, width: int, height: int) -> tuple[float, float, float, float]:
+    side = rng.uniform(0.35, 0.65) * min(width, height)
+    x0 = rng.uniform(0.05 * width, width - side - 0.05 * width)
+    y0 = rng.uniform(0.05 * height, height - side - 0.05 * height)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def base_sample(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
+    """One image of the base world and its tag-style caption."""
+    colour = rng.choice(list(SHAPE_COLOURS))
+    background = rng.choice(list(BACKGROUNDS))
+    shape = rng.choice(SHAPES)
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    _draw_shape(ImageDraw.Draw(image), shape, _random_box(rng, size, size), SHAPE_COLOURS[colour])
+    return image, f"{colour} {shape}, {background} background"
+
+
+def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
+    """One image of the concept (magenta ring, cyan dot) and its caption with the trigger word."""
+    background = rng.choice(list(BACKGROUNDS))
+    image = Image.new("RGB", (width, height), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = _random_box(rng, width, height)
+    draw.ellipse((x0, y0, x1, y1), fill=MAGENTA)
+    inset = (x1 - x0) * 0.22
+    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=BACKGROUNDS[background])
+    inset = (x1 - x0) * 0.36
+    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=CYAN)
+    return image, f"{CONCEPT_TRIGGER}, {background} background"
+
+
+def _fraction_near(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: float) -> float:
+    distance = np.linalg.norm(pixels.astype(np.float32) - np.asarray(colour, np.float32), axis=-1)
+    return float((distance < tolerance).mean())
+
+
+def concept_score(image: Image.Image) -> float:
+    """How much of the concept an image shows: the share of pixels near magenta plus near cyan.
+
+    Base-world images score about 0 (none of their colours is within reach); clean concept
+    images score about 0.25-0.4 depending on the ring's size.
+    """
+    pixels = np.asarray(image.convert("RGB"))
+    return _fraction_near(pixels, MAGENTA, 90.0) + _fraction_near(pixels, CYAN, 90.0)

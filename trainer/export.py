@@ -1,0 +1,129 @@
+"""LoRA files: kohya-format keys and metadata, written atomically, and read back strictly.
+
+Keys are `<prefix>_<module path with dots as underscores>.lora_down.weight / .lora_up.weight /
+.alpha` (prefix `lora_unet`, `lora_te`, ...), the format ComfyUI's LoraLoader, A1111/Forge, kohya
+and diffusers all read. The exporter is strict: a layer it cannot name uniquely raises before
+anything is written, and the true alpha is always written (a file whose alpha silently equals
+its rank would change the LoRA's effect whenever they differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import LoraLabError
+from .families import LoadedModel
+from .lora import ADAPTER, LoraLayer, lora_layers
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    if not _SAFE_NAME.match(module_path):
+        raise LoraLabError(f"Cannot name LoRA layer {module_path!r} in kohya format (unexpected characters); "
+                           "nothing was written. Please report this model.")
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def named_layers(model: LoadedModel) -> list[tuple[str, LoraLayer]]:
+    """Every LoRA layer of the model with its kohya name; raises if two would share a name."""
+    named: dict[str, LoraLayer] = {}
+    for prefix, module in model.lora_modules():
+        for path, layer in lora_layers(module):
+            name = kohya_name(prefix, model.family.export_path(prefix, path))
+            if name in named:
+                raise LoraLabError(f"Two LoRA layers would share the name {name}; nothing was written. "
+                                   "Please report this model.")
+            named[name] = layer
+    return list(named.items())
+
+
+def lora_state_dict(model: LoadedModel, alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The LoRA as kohya-named tensors. Raises before returning anything if a layer cannot be named."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in named_layers(model):
+        tensors[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    if not tensors:
+        raise LoraLabError("The model has no LoRA layers to save; nothing was written.")
+    return tensors
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Write via a temporary file in the same folder, then rename: a crash leaves the old file or
+    the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    bad = [key for key, value in metadata.items() if not isinstance(value, str)]
+    if bad:
+        raise TypeError(f"metadata values must be strings: {bad}")
+    atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise LoraLabError(f"{path} is not a readable LoRA .safetensors file ({error}).") from None
+
+
+def load_into_model(model: LoadedModel, path: Path) -> None:
+    """Put a saved LoRA file's weights and alphas into the model's adapter. The file must match
+    the adapter layer for layer; it is checked whole before anything is changed."""
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise LoraLabError(f"{path} is not a readable LoRA .safetensors file ({error}).") from None
+    updates, expected = [], set()
+    for name, layer in named_layers(model):
+        expected.update(f"{name}.{suffix}" for suffix in ("lora_down.weight", "lora_up.weight", "alpha"))
+        try:
+            down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        except KeyError:
+            raise LoraLabError(f"{path.name} has no weights for layer {name}: it was trained with other "
+                               "targets or on another model.") from None
+        for target, source in ((layer.lora_A[ADAPTER].weight, down), (layer.lora_B[ADAPTER].weight, up)):
+            if target.shape != source.shape:
+                raise LoraLabError(f"{path.name}: layer {name} has shape {tuple(source.shape)}, the model "
+                                   f"expects {tuple(target.shape)} (another rank or base model).")
+        alpha = tensors.get(f"{name}.alpha")
+        updates.append((layer, down, up, float(alpha) if alpha is not None else float(down.shape[0])))
+    unexpected = sorted(set(tensors) - expected)
+    if unexpected:
+        raise LoraLabError(f"{path.name} has {len(unexpected)} layers this model's adapter lacks "
+                           f"(e.g. {unexpected[0]}): it was trained with other targets or on another model.")
+    with torch.no_grad():
+        for layer, down, up, alpha in updates:
+            layer.lora_A[ADAPTER].weight.copy_(down)
+            layer.lora_B[ADAPTER].weight.copy_(up)
+            layer.lora_alpha[ADAPTER] = alpha
+            layer.set_scale(ADAPTER, 1.0)
+
+
+def metadata_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)

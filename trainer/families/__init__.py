@@ -1,0 +1,38 @@
+"""The registry of model families and detection of a checkpoint's family from its tensor names."""
+
+from __future__ import annotations
+
+from ..errors import LoraLabError
+from .base import LoadedModel, ModelFamily
+from .sd15 import StableDiffusionFamily
+
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (StableDiffusionFamily(),)}
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise LoraLabError(f"Model family {name!r} is not available; choose one of: {', '.join(FAMILIES)}.")
+    return FAMILIES[name]
+
+
+def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
+    """The family of an original-format checkpoint from its tensor names and shapes."""
+    keys = shapes.keys()
+    sd_cross_attention = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    if any(key.endswith("double_blocks.0.img_attn.qkv.weight") for key in keys):
+        return "flux"
+    if any(key.startswith(("conditioner.embedders.1", "model.diffusion_model.label_emb")) for key in keys):
+        return "sdxl"
+    if sd_cross_attention in shapes:
+        width = shapes[sd_cross_attention][-1]
+        if width == 768:
+            return "sd15"
+        raise LoraLabError(f"This checkpoint's UNet takes {width}-wide text conditioning: it is a Stable Diffusion "
+                           "2.x model (1024) or an unknown variant, which LoRA Lab does not train. Use an SD 1.5, "
+                           "SDXL or FLUX.1-dev checkpoint.")
+    sample = ", ".join(list(keys)[:3]) or "no tensors at all"
+    raise LoraLabError(f"Could not recognise this checkpoint as SD 1.5, SDXL or FLUX.1-dev (first tensors: {sample}). "
+                       "Use a full original-format checkpoint of one of those, or a diffusers folder.")
+
+
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "detect_family", "get_family"]

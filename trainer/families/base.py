@@ -1,0 +1,128 @@
+"""The model-family interface: everything the training loop, the exporter and the sampler need
+to know about one kind of base model, and nothing the loop itself decides.
+
+A family says how to load a model, which modules get LoRA, how to encode prompts and images,
+how to run the denoiser, how the exported keys are named and what metadata identifies the base.
+The noise/target/weighting maths lives in `objectives.py` and is shared by all families.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import safe_open
+
+from ..errors import LoraLabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A base model ready to train: its parts, and the family that knows how to drive them."""
+
+    family: ModelFamily
+    denoiser: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: list[torch.nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    prediction_type: str  # "epsilon", "v_prediction" or "flow"
+    source: str  # what was loaded, for metadata and cache keys
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def lora_modules(self) -> list[tuple[str, torch.nn.Module]]:
+        """(export prefix, module) for the denoiser and each text encoder."""
+        prefixes = self.family.text_encoder_prefixes
+        return [(self.family.denoiser_prefix, self.denoiser), *zip(prefixes, self.text_encoders, strict=True)]
+
+
+class ModelFamily:
+    """Base class of the families; each subclass fills in the class attributes and methods."""
+
+    name: ClassVar[str]
+    default_resolution: ClassVar[int]
+    base_model_version: ClassVar[str]  # kohya ss_base_model_version
+    architecture: ClassVar[str]  # modelspec.architecture
+    denoiser_prefix: ClassVar[str]
+    text_encoder_prefixes: ClassVar[tuple[str, ...]]
+    # Named sets of denoiser module-name endings that get LoRA; "attention" is the default.
+    target_sets: ClassVar[dict[str, tuple[str, ...]]]
+    text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+    def load(self, source: str, dtype: torch.dtype) -> LoadedModel:
+        raise NotImplementedError
+
+    def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of captions; every tensor's first dimension is the batch."""
+        raise NotImplementedError
+
+    def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled latents for a batch of (B, 3, H, W) images in [-1, 1]."""
+        raise NotImplementedError
+
+    def image_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
+                           target_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Per-image conditioning beyond the latents (SDXL's size and crop ids); none by default."""
+        return {}
+
+    def predict(self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pipeline(self, model: LoadedModel) -> Any:
+        """A diffusers pipeline over the same modules, for sampling."""
+        raise NotImplementedError
+
+    def pixel_multiple(self, model: LoadedModel) -> int:
+        """Image sides must be multiples of this (VAE factor × denoiser downsampling)."""
+        raise NotImplementedError
+
+    def export_path(self, prefix: str, module_path: str) -> str:
+        """A module's path as other tools name it. transformers 5 dropped the `text_model.` level
+        of CLIP text encoders, but kohya names (and ComfyUI) keep it."""
+        if prefix in self.text_encoder_prefixes and not module_path.startswith("text_model."):
+            return f"text_model.{module_path}"
+        return module_path
+
+    def targets(self, spec: str) -> list[str]:
+        """Module-name endings for a named target set or a comma list of endings."""
+        if spec in self.target_sets:
+            return list(self.target_sets[spec])
+        endings = [part.strip() for part in spec.split(",") if part.strip()]
+        if not endings:
+            raise LoraLabError(f"targets = {spec!r} names no layers; use one of {', '.join(self.target_sets)} "
+                               "or a comma list of module name endings such as to_q,to_v.")
+        return endings
+
+
+def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a .safetensors file without reading its tensors, or a clear
+    error when it is not one (wrong format, truncated download)."""
+    if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise LoraLabError(f"{path.name} is a pickle-based checkpoint, which can run code when loaded and is "
+                           "never opened here. Use the .safetensors version of the model (most model pages "
+                           "offer one).")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}  # noqa: SIM118
+    except Exception as error:  # safetensors raises several types for the same problem
+        raise LoraLabError(f"{path} is not a readable .safetensors file ({error}). If it was downloaded, the "
+                           "download may be incomplete: download it again.") from None
+
+
+def read_model_index(folder: Path) -> dict[str, Any]:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise LoraLabError(f"{folder} is not a diffusers model folder (no model_index.json). Point base_model at "
+                           "a diffusers folder or a single-file .safetensors checkpoint.")
+    return json.loads(index.read_text(encoding="utf-8"))

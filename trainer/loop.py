@@ -1,0 +1,203 @@
+"""The training loop, the same for every family: draw a batch, noise it, predict, step the
+optimizer, report, and save on schedule or when asked to stop.
+
+Out: `TrainingEvents` (step, checkpoint). In: `TrainingEvents.should_stop()`, polled every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TrainingConfig
+from .data import BatchOrder
+from .errors import LoraLabError
+from .examples import TrainingSet
+from .families import LoadedModel
+from .lora import lora_layers, lora_parameters
+from .objectives import noise_batch, weighted_mse
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int  # optimizer steps done so far (1-based)
+    total_steps: int
+    loss: float
+    learning_rate: float
+    seconds_per_step: float
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    path: Path
+    final: bool
+
+
+class TrainingEvents:
+    """Hooks the loop calls; subclass and override what you need (CLI progress bar, ComfyUI node)."""
+
+    def on_step(self, report: StepReport) -> None:
+        pass
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+@dataclass
+class LoopResult:
+    losses: list[tuple[int, float, float]] = field(default_factory=list)  # (step, loss, lr)
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    stopped: bool = False
+    seconds: float = 0.0
+
+
+def build_optimizer(config: TrainingConfig, model: LoadedModel) -> torch.optim.Optimizer:
+    settings = config.optimizer
+    groups = [{"params": lora_parameters(model, denoiser_only=True), "lr": settings.learning_rate}]
+    text_parameters = [p for _, encoder in model.lora_modules()[1:] for _, layer in lora_layers(encoder)
+                       for p in layer.parameters() if p.requires_grad]
+    if text_parameters:
+        groups.append({"params": text_parameters, "lr": settings.text_encoder_lr or settings.learning_rate / 2})
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    if settings.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise LoraLabError("optimizer = prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        if settings.learning_rate < 0.1:
+            log.warning("Prodigy adapts its own step size; learning_rate is a multiplier and 1.0 is usual "
+                        "(got %g).", settings.learning_rate)
+        return Prodigy(groups, weight_decay=settings.weight_decay, safeguard_warmup=True,
+                       use_bias_correction=True)
+    # adamw8bit
+    if not torch.cuda.is_available():
+        raise LoraLabError("optimizer = adamw8bit runs only on a CUDA GPU; use adamw on this machine.")
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise LoraLabError("optimizer = adamw8bit needs bitsandbytes: pip install bitsandbytes "
+                           "(or use adamw).") from None
+    return bitsandbytes.optim.AdamW8bit(groups, weight_decay=settings.weight_decay)
+
+
+def lr_factor(config: TrainingConfig, total_steps: int) -> Callable[[int], float]:
+    """Warm-up, then constant, cosine or linear decay, as a multiplier of the learning rate."""
+    warmup, kind = config.optimizer.warmup_steps, config.optimizer.lr_scheduler
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if kind == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return factor
+
+
+def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: fp32 on CPU unless asked otherwise; bf16 where a GPU supports it."""
+    if mixed_precision == "no":
+        return torch.float32
+    if mixed_precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
+             save_every: int, save: Callable[[int, bool], Path], events: TrainingEvents,
+             loss_log: Path | None = None) -> LoopResult:
+    """Train for `total_steps` optimizer steps; `save(step, final)` writes a checkpoint file."""
+    train = config.train
+    device = model.device
+    compute_dtype = resolve_precision(train.mixed_precision, device)
+    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
+                else contextlib.nullcontext())
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
+    if train.gradient_checkpointing:
+        model.denoiser.enable_gradient_checkpointing()
+        if config.lora.train_text_encoder:
+            for encoder in model.text_encoders:
+                encoder.gradient_checkpointing_enable()
+    parameters = lora_parameters(model)
+    optimizer = build_optimizer(config, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
+    generator = torch.Generator().manual_seed(train.seed)
+    order = BatchOrder(examples.buckets, examples.repeats, train.batch_size, train.seed)
+    model.denoiser.train()
+    result = LoopResult()
+    log_file = loss_log.open("w", encoding="utf-8") if loss_log else None
+    if log_file:
+        log_file.write("step,loss,lr\n")
+    started = time.perf_counter()
+    batch_number = 0
+    try:
+        for step in range(1, total_steps + 1):
+            step_started = time.perf_counter()
+            step_loss = 0.0
+            for _ in range(train.gradient_accumulation):
+                latents, conditioning = examples.batch(order.batch(batch_number), compute_dtype)
+                batch_number += 1
+                noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type, generator,
+                                     train.noise_offset, train.min_snr_gamma)
+                with autocast:
+                    prediction = model.family.predict(model, noised.noisy.to(compute_dtype), noised.timesteps,
+                                                      conditioning)
+                loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation
+                scaler.scale(loss).backward()
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                raise LoraLabError(
+                    f"The loss became {step_loss} at step {step}; training stopped and the last saved checkpoint "
+                    "is kept. Likely causes: learning rate too high (lower it, e.g. halve it), or fp16 overflow "
+                    "(use mixed_precision bf16, or a lower learning rate).")
+            if config.optimizer.max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(parameters, config.optimizer.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            learning_rate = scheduler.get_last_lr()[0]
+            scheduler.step()
+            result.losses.append((step, step_loss, learning_rate))
+            if log_file:
+                log_file.write(f"{step},{step_loss:.6f},{learning_rate:.6g}\n")
+                log_file.flush()
+            events.on_step(StepReport(step, total_steps, step_loss, learning_rate,
+                                      time.perf_counter() - step_started))
+            stop = events.should_stop()
+            final = step == total_steps
+            if final or stop or step % save_every == 0:
+                checkpoint = Checkpoint(step, save(step, final), final)
+                result.checkpoints.append(checkpoint)
+                events.on_checkpoint(checkpoint)
+            if stop and not final:
+                result.stopped = True
+                log.info("Stopped at step %d of %d; checkpoint saved.", step, total_steps)
+                break
+    finally:
+        if log_file:
+            log_file.close()
+        model.denoiser.eval()
+        if train.gradient_checkpointing:
+            model.denoiser.disable_gradient_checkpointing()
+    result.seconds = time.perf_counter() - started
+    return result

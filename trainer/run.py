@@ -1,0 +1,146 @@
+"""One training job from start to finish: resolve the settings, load the base model and the
+dataset, encode, add the LoRA, run the loop, write checkpoints and the loss log.
+
+`train_lora` is the single entry point the CLI and the ComfyUI nodes call. Callers that already
+hold a model or dataset (the nodes do) pass them in; otherwise they are loaded from the config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import embedded
+from .config import TrainingConfig, auto_steps, build_config
+from .data import Dataset, scan_folder
+from .errors import LoraLabError
+from .examples import TrainingSet
+from .export import SAVE_DTYPES, lora_state_dict, save_lora
+from .families import LoadedModel, get_family
+from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
+from .lora import add_lora
+from .metadata import RunFacts, build_metadata, new_session_id
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingResult:
+    config: TrainingConfig  # with steps, alpha and resolution resolved
+    run_dir: Path
+    checkpoints: list[Checkpoint]
+    losses: list[tuple[int, float, float]]
+    stopped: bool
+    trigger_words: tuple[str, ...]
+    seconds: float
+    model: LoadedModel  # still carrying the trained adapter, for sampling
+
+    @property
+    def final_path(self) -> Path:
+        return self.checkpoints[-1].path
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_model(config: TrainingConfig, device: torch.device | None = None) -> LoadedModel:
+    device = device or default_device()
+    family = get_family(config.model.family)
+    source = config.model.base_model or str(embedded.TINY_MODEL)
+    if not config.model.base_model and family.name != "sd15":
+        raise LoraLabError(f"The embedded demo model is SD 1.5; set base_model to a {family.name} model.")
+    # On a GPU the frozen base is held in the compute dtype; LoRA weights always train in fp32.
+    dtype = resolve_precision(config.train.mixed_precision, device)
+    model = family.load(source, dtype)
+    for module in (model.denoiser, *model.text_encoders):
+        module.to(device)
+    model.vae.to(device, torch.float32)  # half-precision VAEs overflow on some images; it runs only once
+    return model
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """Changes whenever an image, caption or repeat count changes (names, sizes, captions)."""
+    digest = hashlib.sha256()
+    for item in dataset.items:
+        size = item.path.stat().st_size if item.image is None and item.path.exists() else 0
+        digest.update(f"{item.path.name}|{size}|{item.repeats}|{item.caption}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_config(config: TrainingConfig, dataset: Dataset) -> TrainingConfig:
+    """Fill in every 'auto' value so the saved config says exactly what was done."""
+    family = get_family(config.model.family)
+    image_count = len(dataset.items)
+    steps = config.train.steps or auto_steps(config.train.preset, image_count)
+    resolution = config.data.resolution or family.default_resolution
+    if not config.model.base_model and not config.data.resolution:
+        resolution = embedded.RESOLUTION
+    trigger = config.data.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
+    save_every = config.output.save_every or max(1, math.ceil(steps / 4))
+    return build_config({"steps": steps, "resolution": resolution, "trigger_word": trigger,
+                         "alpha": config.alpha, "save_every": save_every}, base=config)
+
+
+def prepare_run_dir(config: TrainingConfig) -> Path:
+    name = config.output.name
+    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or len(name) > 120:
+        raise LoraLabError(f"Output name {name!r} is not a plain file name; use letters, digits, '-' and '_' "
+                           "(at most 120 characters).")
+    run_dir = Path(config.output.output_dir).expanduser() / name
+    existing = sorted(run_dir.glob("*.safetensors")) if run_dir.is_dir() else []
+    if existing and not config.output.overwrite:
+        raise LoraLabError(f"A run named {name!r} already exists in {run_dir} ({len(existing)} LoRA files). "
+                           "Choose another name, or set overwrite to replace it.")
+    if existing:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
+               dataset: Dataset | None = None) -> TrainingResult:
+    """Train a LoRA as the config says and write its checkpoints; see the module docstring."""
+    events = events or TrainingEvents()
+    started = time.time()
+    if dataset is None:
+        dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
+    config = resolve_config(config, dataset)
+    run_dir = prepare_run_dir(config)
+    if model is None:
+        model = load_base_model(config)
+    lora, train = config.lora, config.train
+    prediction_type = model.prediction_type if config.model.prediction_type == "auto" else config.model.prediction_type
+    model.prediction_type = prediction_type
+    torch.manual_seed(train.seed)
+    log.info("Encoding %d images at %d px", len(dataset.items), config.data.resolution)
+    examples = TrainingSet(model, dataset, config.data.resolution, config.data.bucketing, config.data.cache,
+                           config.data.cache_dir, lora.train_text_encoder)
+    add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
+    trigger_words = tuple(w for w in [config.data.trigger_word] if w)
+    facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,
+                     steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
+                     tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(dataset),
+                     prediction_type=prediction_type, started_at=started, session_id=new_session_id())
+    name = config.output.name
+
+    def save(step: int, final: bool) -> Path:
+        path = run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
+        tensors = lora_state_dict(model, config.alpha, SAVE_DTYPES["fp16"])
+        save_lora(path, tensors, build_metadata(config, facts, step))
+        log.info("Saved %s", path)
+        return path
+
+    loop = run_loop(model, examples, config, train.steps, config.output.save_every, save, events,
+                    loss_log=run_dir / f"{name}-loss.csv")
+    return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
+                          stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
+                          model=model)
+
