@@ -35,3 +35,26 @@ def test_errors_exit_with_a_message(tmp_path, capsys):
     assert "does not exist; check the path" in capsys.readouterr().err
     assert main(["train", "--rank", "0"]) == 2
     assert "rank = 0 is out of range" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    process = subprocess.Popen([sys.executable, "-m", "lora_lab", "demo", "--steps", "5000", "--save-every", "4000",
+                                "--output-dir", str(tmp_path), "--no-samples"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    loss_log = tmp_path / "zkw_toy" / "zkw_toy-loss.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not loss_log.exists() or len(loss_log.read_text().splitlines()) < 4):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    saved = sorted((tmp_path / "zkw_toy").glob("zkw_toy-step*.safetensors"))
+    assert len(saved) == 1 and load_file(str(saved[0]))
+    assert "Stopped at step" in output and str(saved[0]) in output

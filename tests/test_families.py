@@ -62,3 +62,30 @@ def test_unknown_targets_are_explained(fresh_model):
 
     with pytest.raises(LoraLabError, match="matched no layer.*attention"):
         add_lora(fresh_model, 4, 4.0, "no_such_layer", train_text_encoder=False)
+
+
+def test_single_file_checkpoint_loads_offline_and_matches_the_folder(tmp_path, base_model):
+    from lora_lab.trainer import embedded
+
+    from .ldm_layout import write_ldm_checkpoint
+
+    path = tmp_path / "tiny.safetensors"
+    write_ldm_checkpoint(base_model.denoiser, base_model.vae, base_model.text_encoders[0], path)
+    config = build_config({"base_model": str(path), "model_config": str(embedded.TINY_MODEL)})
+    loaded = load_base_model(config, torch.device("cpu"))
+    for ours, theirs in [(loaded.denoiser, base_model.denoiser), (loaded.vae, base_model.vae),
+                         (loaded.text_encoders[0], base_model.text_encoders[0])]:
+        expected = theirs.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
+
+
+def test_shipped_sd15_configs_and_clip_tokenizer():
+    from diffusers import UNet2DConditionModel
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(CONFIGS / "sd15" / "tokenizer")
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert len(tokenizer) == 49408
+    unet_config = UNet2DConditionModel.load_config(CONFIGS / "sd15" / "unet")
+    assert unet_config["cross_attention_dim"] == 768 and unet_config["block_out_channels"] == [320, 640, 1280, 1280]

@@ -55,6 +55,8 @@ class ModelSettings(_Section):
     family: str = setting("sd15", "Base model family.", choices=("sd15", "sdxl", "flux"))
     base_model: str = setting("", "Base model: a diffusers folder or a single-file .safetensors checkpoint. "
                               "Empty = the tiny embedded model (demo).")
+    model_config: str = setting("", "Folder of diffusers config files used to read a single-file checkpoint "
+                                "(empty = the ones shipped for the family; set it for unusual variants).")
     prediction_type: str = setting("auto", "What the base model predicts: auto reads it from the model; set "
                                    "v_prediction for v-models (SD 2.x-style finetunes).",
                                    choices=("auto", "epsilon", "v_prediction"))
@@ -175,6 +177,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 STEP_RANGES = {"none": (1000, 8000), "style": (1500, 3000), "character": (2000, 4000),
                "object": (1000, 4000), "likeness": (3000, 5000)}
 STEPS_PER_IMAGE = 100
+FAMILY_RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "flux": 1024}  # "Match your base model (512 or 1024)"
 
 
 def auto_steps(preset: str, image_count: int) -> int:

@@ -39,6 +39,7 @@ class ImageItem:
     repeats: int = 1
     folder: str = ""
     size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
+    captioned: bool = True  # False when the caption came from the folder name, not a .txt file
     image: Image.Image | None = field(default=None, compare=False, repr=False)  # for in-memory datasets
 
     def content_hash(self) -> str:
@@ -136,13 +137,14 @@ def scan_folder(folder: str | Path) -> Dataset:
                 dataset.warnings.append(f"Skipped {path.name}: not a readable image ({error}). Replace or remove it.")
                 continue
             caption_path = path.with_suffix(".txt")
-            if caption_path.is_file():
+            captioned = caption_path.is_file()
+            if captioned:
                 caption = read_caption(caption_path, dataset.warnings)
             else:
                 caption = name
                 dataset.warnings.append(f"{path.name} has no caption file {caption_path.name}; "
                                         f"using {'the folder name ' + repr(name) if name else 'an empty caption'}.")
-            dataset.items.append(ImageItem(path, caption, repeats, path_folder.name if name else "", size))
+            dataset.items.append(ImageItem(path, caption, repeats, path_folder.name if name else "", size, captioned))
     if not dataset.items:
         problems = "; ".join(dataset.warnings[:5])
         raise LoraLabError(f"No usable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files"
@@ -161,7 +163,7 @@ def dataset_from_images(images: list[Image.Image], captions: list[str]) -> Datas
     if captions and len(captions) != len(images):
         raise LoraLabError(f"{len(images)} images but {len(captions)} captions; give one caption per image.")
     captions = captions or [""] * len(images)
-    items = [ImageItem(Path(f"image_{i:04d}.png"), c.strip(), 1, "", im.size, im.convert("RGB"))
+    items = [ImageItem(Path(f"image_{i:04d}.png"), c.strip(), 1, "", im.size, bool(c.strip()), im.convert("RGB"))
              for i, (im, c) in enumerate(zip(images, captions, strict=True))]
     return Dataset(items=items)
 

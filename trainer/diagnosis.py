@@ -33,16 +33,34 @@ def classify_loss(losses: Sequence[float]) -> str:
     smooth = moving_average(losses, window)[window - 1:]
     head = statistics.fmean(smooth[: max(1, len(smooth) // 10)])
     tail = statistics.fmean(smooth[-max(1, len(smooth) // 10):])
+    if _swings(losses) >= 3:
+        return "erratic"
     lowest_index = min(range(len(smooth)), key=smooth.__getitem__)
     lowest = smooth[lowest_index]
     if lowest_index < 0.8 * len(smooth) and tail > lowest * 1.15 and tail > head * 0.9:
         return "overfitting"
-    step_changes = [abs(b - a) for a, b in zip(smooth, smooth[1:], strict=False)]
-    if statistics.fmean(step_changes) > 0.05 * statistics.fmean(smooth):
-        return "erratic"
     if tail < head * 0.97:
         return "working"
     return "flat"
+
+
+def _swings(losses: Sequence[float], chunks: int = 20, threshold: float = 0.15) -> int:
+    """How often the curve, seen as `chunks` averages, turns around after moving more than
+    `threshold` of its mean (a zigzag count: one turn is a dip, several are oscillation)."""
+    size = max(1, len(losses) // chunks)
+    means = [statistics.fmean(losses[i:i + size]) for i in range(0, len(losses) - size + 1, size)]
+    step = threshold * statistics.fmean(means)
+    turns, direction = 0, 0
+    high = low = means[0]  # extremes since the last turn
+    for value in means[1:]:
+        high, low = max(high, value), min(low, value)
+        if direction <= 0 and value - low > step:
+            turns += direction < 0
+            direction, high = 1, value
+        elif direction >= 0 and high - value > step:
+            turns += direction > 0
+            direction, low = -1, value
+    return turns
 
 
 def diagnose_loss(losses: Sequence[float]) -> str:

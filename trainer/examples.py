@@ -98,11 +98,11 @@ class TrainingSet:
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.family.encode_images(self.model, pixels).float().cpu()
+        return self.model.encode_images(pixels).float().cpu()
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str], row: int) -> dict[str, torch.Tensor]:
-        encoded = self.model.family.encode_prompts(self.model, captions)
+        encoded = self.model.encode_prompts(captions)
         return {key: value[row].float().cpu() for key, value in encoded.items()}
 
     @property
@@ -126,7 +126,7 @@ class TrainingSet:
                             for key in examples[0].conditioning}
         else:
             # Text-encoder LoRA needs gradients through the encoder, so this is not under no_grad.
-            conditioning = self.model.family.encode_prompts(self.model, [e.caption for e in examples])
+            conditioning = self.model.encode_prompts([e.caption for e in examples])
             conditioning = {key: value.to(dtype) for key, value in conditioning.items()}
         for key in examples[0].image_conditioning:
             conditioning[key] = torch.stack([e.image_conditioning[key] for e in examples]).to(device, dtype)

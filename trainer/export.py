@@ -75,6 +75,10 @@ def atomic_write(path: Path, write: Any) -> None:
             os.unlink(temporary)
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     bad = [key for key, value in metadata.items() if not isinstance(value, str)]
     if bad:

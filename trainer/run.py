@@ -39,12 +39,17 @@ class TrainingResult:
     losses: list[tuple[int, float, float]]
     stopped: bool
     trigger_words: tuple[str, ...]
-    seconds: float
+    seconds: float  # the whole job, loading and encoding included
+    loop_seconds: float  # the training loop alone
     model: LoadedModel  # still carrying the trained adapter, for sampling
 
     @property
     def final_path(self) -> Path:
         return self.checkpoints[-1].path
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.loop_seconds / max(1, len(self.losses))
 
 
 def default_device() -> torch.device:
@@ -59,7 +64,7 @@ def load_base_model(config: TrainingConfig, device: torch.device | None = None) 
         raise LoraLabError(f"The embedded demo model is SD 1.5; set base_model to a {family.name} model.")
     # On a GPU the frozen base is held in the compute dtype; LoRA weights always train in fp32.
     dtype = resolve_precision(config.train.mixed_precision, device)
-    model = family.load(source, dtype)
+    model = family.load(source, dtype, config.model.model_config)
     for module in (model.denoiser, *model.text_encoders):
         module.to(device)
     model.vae.to(device, torch.float32)  # half-precision VAEs overflow on some images; it runs only once
@@ -142,5 +147,5 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
                     loss_log=run_dir / f"{name}-loss.csv")
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
-                          model=model)
+                          loop_seconds=loop.seconds, model=model)
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,16 +35,30 @@ class LoadedModel:
     noise_scheduler: Any
     prediction_type: str  # "epsilon", "v_prediction" or "flow"
     source: str  # what was loaded, for metadata and cache keys
-    extras: dict[str, Any] = field(default_factory=dict)
+    # Replace the family's encoders, e.g. with a ComfyUI graph's own CLIP and VAE, so the
+    # conditioning trained on is exactly what that graph will sample with.
+    prompt_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
+    image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self.prompt_encoder is not None:
+            return self.prompt_encoder(captions)
+        return self.family.encode_prompts(self, captions)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.image_encoder is not None:
+            return self.image_encoder(pixels)
+        return self.family.encode_images(self, pixels)
+
     def lora_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(export prefix, module) for the denoiser and each text encoder."""
         prefixes = self.family.text_encoder_prefixes
-        return [(self.family.denoiser_prefix, self.denoiser), *zip(prefixes, self.text_encoders, strict=True)]
+        # zip is not strict: a model trained with outside encoders (ComfyUI's CLIP) holds none.
+        return [(self.family.denoiser_prefix, self.denoiser), *zip(prefixes, self.text_encoders, strict=False)]
 
 
 class ModelFamily:
@@ -59,7 +74,9 @@ class ModelFamily:
     target_sets: ClassVar[dict[str, tuple[str, ...]]]
     text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
 
-    def load(self, source: str, dtype: torch.dtype) -> LoadedModel:
+    def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
+        """Load a diffusers folder or a single-file checkpoint (read with the configs in
+        `config_dir`, or those shipped for the family)."""
         raise NotImplementedError
 
     def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -34,12 +34,12 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_class: Any = StableDiffusionPipeline
 
     # --- loading ---------------------------------------------------------------------------
-    def load(self, source: str, dtype: torch.dtype) -> LoadedModel:
+    def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
         path = Path(source).expanduser()
         if path.is_dir():
             parts = self._load_folder(path, dtype)
         elif path.is_file():
-            parts = self._load_single_file(path, dtype)
+            parts = self._load_single_file(path, dtype, Path(config_dir) if config_dir else CONFIGS / self.name)
         else:
             raise LoraLabError(f"Base model {path} does not exist; give a diffusers folder or a .safetensors "
                                "checkpoint file.")
@@ -59,14 +59,16 @@ class StableDiffusionFamily(ModelFamily):
         pipe = self.pipeline_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **extra)
         return self._parts(pipe)
 
-    def _load_single_file(self, path: Path, dtype: torch.dtype) -> dict[str, Any]:
+    def _load_single_file(self, path: Path, dtype: torch.dtype, config_dir: Path) -> dict[str, Any]:
         from . import detect_family
 
         found = detect_family(read_safetensors_header(path))
         if found != self.name:
             raise LoraLabError(f"{path.name} looks like a {found} model, not {self.name}; set family to {found} "
                                "or choose a matching checkpoint.")
-        pipe = self.pipeline_class.from_single_file(str(path), config=str(CONFIGS / self.name), torch_dtype=dtype,
+        if not (config_dir / "model_index.json").is_file():
+            raise LoraLabError(f"model_config {config_dir} is not a diffusers config folder (no model_index.json).")
+        pipe = self.pipeline_class.from_single_file(str(path), config=str(config_dir), torch_dtype=dtype,
                                                     local_files_only=True)
         return self._parts(pipe)
 
@@ -102,7 +104,8 @@ class StableDiffusionFamily(ModelFamily):
                                                   prediction_type=model.prediction_type)
 
     def pixel_multiple(self, model: LoadedModel) -> int:
-        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
+        # Without a diffusers VAE (ComfyUI's own VAE encodes) the SD VAE's factor 8 applies.
+        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
         unet_factor = 2 ** (len(model.denoiser.config.block_out_channels) - 1)
         return vae_factor * unet_factor
 

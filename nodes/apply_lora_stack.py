@@ -1,0 +1,100 @@
+"""Apply LoRA Stack: several LoRAs on MODEL and CLIP at once (from the loras folder, a training
+run, or an incoming LORA_STACK), with the guide's stacking strengths on request, and the active
+trigger words read from the files. Inputs are never changed: patching works on clones."""
+
+from __future__ import annotations
+
+import json
+
+from ..trainer.errors import LoraLabError
+from ..trainer.export import read_metadata
+from . import comfy_bridge as comfy
+from .comfy_bridge import RUN, STACK, io
+from .values import StackEntry, TrainingRun
+
+SLOTS = 3
+NONE = "None"
+# The guide's "Combining with Other LoRAs": first 0.6-0.8, second 0.4-0.6, third 0.3-0.4 (midpoints).
+AUTO_STRENGTHS = (0.7, 0.5, 0.35)
+
+
+def auto_strength(position: int) -> float:
+    return AUTO_STRENGTHS[min(position, len(AUTO_STRENGTHS) - 1)]
+
+
+def trigger_words(metadata: dict[str, str]) -> list[str]:
+    """Trigger words a LoRA file declares (ours, then modelspec's)."""
+    try:
+        words = json.loads(metadata.get("lora_lab.trigger_words", "[]"))
+    except json.JSONDecodeError:
+        words = []
+    if not words and metadata.get("modelspec.trigger_phrase"):
+        words = [w.strip() for w in metadata["modelspec.trigger_phrase"].split(",")]
+    return [w for w in words if isinstance(w, str) and w.strip()]
+
+
+def build_stack(incoming: list[StackEntry] | None, run: TrainingRun | None, slots: list[tuple],
+                auto: bool) -> list[StackEntry]:
+    """The stack in order: incoming entries, the run's final LoRA, then the enabled slots."""
+    stack = list(incoming or [])
+    if run is not None:
+        stack.append((comfy.lora_display_name(run.final), 1.0, 1.0))
+    stack += [(name, model_strength, clip_strength) for name, model_strength, clip_strength, on in slots
+              if on and name != NONE]
+    if auto:
+        stack = [(name, auto_strength(i), auto_strength(i)) for i, (name, _, _) in enumerate(stack)]
+    return stack
+
+
+class ApplyLoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        slot_inputs = []
+        for n in range(1, SLOTS + 1):
+            slot_inputs += [
+                io.Combo.Input(f"lora_{n}", options=[NONE, *comfy.lora_names()], default=NONE,
+                               tooltip=f"LoRA number {n} of the stack, from the loras folder."),
+                io.Float.Input(f"model_strength_{n}", default=0.7 if n == 1 else 0.5, min=-10, max=10, step=0.05,
+                               tooltip="Strength on the model (the guide: start at 0.7; lower when stacking)."),
+                io.Float.Input(f"clip_strength_{n}", default=0.7 if n == 1 else 0.5, min=-10, max=10, step=0.05,
+                               tooltip="Strength on the text encoder."),
+                io.Boolean.Input(f"enabled_{n}", default=True, tooltip=f"Switch LoRA number {n} on or off."),
+            ]
+        return io.Schema(
+            node_id="LoraLabApplyLoraStack", display_name="Apply LoRA Stack", category="LoRA Lab",
+            description="Apply several LoRAs at once; outputs the stack and the active trigger words.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to apply the LoRAs to (it is not changed)."),
+                io.Clip.Input("clip", tooltip="The text encoder to apply the LoRAs to (it is not changed)."),
+                io.Boolean.Input("auto_strengths", default=False, tooltip="Use the guide's stacking strengths "
+                                 "(first 0.7, second 0.5, third and later 0.35) instead of the sliders."),
+                *slot_inputs,
+                STACK.Input("lora_stack", optional=True, tooltip="A LORA_STACK from another node (applied first)."),
+                RUN.Input("training_run", optional=True, tooltip="Apply this run's final LoRA."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     STACK.Output(display_name="lora_stack"), io.String.Output(display_name="trigger_words")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, lora_1: str = NONE, lora_2: str = NONE, lora_3: str = NONE) -> bool | str:
+        # V3 combos are not checked by the server; a stranger's workflow may name files we lack.
+        known = set(comfy.lora_names())
+        for n, name in enumerate((lora_1, lora_2, lora_3), start=1):
+            if name != NONE and name not in known:
+                return f"lora_{n}: {name!r} is not in the loras folder; refresh (R) or choose another."
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, auto_strengths: bool, lora_stack=None, training_run=None, **slots) -> io.NodeOutput:
+        slot_values = [(slots[f"lora_{n}"], slots[f"model_strength_{n}"], slots[f"clip_strength_{n}"],
+                        slots[f"enabled_{n}"]) for n in range(1, SLOTS + 1)]
+        if lora_stack is not None and not isinstance(lora_stack, list | tuple):
+            raise LoraLabError("lora_stack must be a LORA_STACK list of (name, model strength, clip strength).")
+        stack = build_stack(lora_stack, training_run, slot_values, auto_strengths)
+        words: list[str] = []
+        for name, model_strength, clip_strength in stack:
+            path = comfy.lora_path(name)
+            model, clip = comfy.apply_lora(model, clip, comfy.load_lora_file(path), model_strength, clip_strength)
+            words += [w for w in trigger_words(read_metadata(path)) if w not in words]
+        return io.NodeOutput(model, clip, stack, ", ".join(words))

@@ -1,0 +1,260 @@
+"""The one module that imports ComfyUI. Everything the nodes need from it passes through here:
+the V3 node API, model folders, LoRA patching and sampling, progress, Cancel, and the conversion
+of a graph's MODEL/CLIP/VAE into the trainer's `LoadedModel` (sharing the base weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.sd
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import ComfyExtension, io, ui
+from PIL import Image
+
+from ..trainer.errors import LoraLabError
+from ..trainer.families import LoadedModel, get_family
+from ..trainer.loop import Checkpoint, StepReport, TrainingEvents
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ComfyExtension", "io", "ui", "SAMPLERS", "SCHEDULERS", "DATASET", "RUN", "STACK"]
+SAMPLERS = comfy.samplers.KSampler.SAMPLERS
+SCHEDULERS = comfy.samplers.KSampler.SCHEDULERS
+LORA_SUBFOLDER = "lora_lab"
+DATASET = io.Custom("LORA_LAB_DATASET")
+RUN = io.Custom("LORA_LAB_RUN")
+STACK = io.Custom("LORA_STACK")  # list of (lora name, model strength, clip strength), as other packs use
+PROGRESS_EVENT = "lora_lab.progress"
+
+
+# --- folders ---------------------------------------------------------------------------------
+
+def lora_root() -> Path:
+    """models/loras (the first loras folder): ComfyUI's LoraLoader lists what is saved here."""
+    return Path(folder_paths.get_folder_paths("loras")[0])
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> Path:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise LoraLabError(f"LoRA {name!r} is not in the loras folder; refresh the page (R) or pick another.")
+    return Path(path)
+
+
+def lora_display_name(path: Path) -> str:
+    """A LoRA file's name as LoraLoader lists it (relative to its loras folder)."""
+    for root in folder_paths.get_folder_paths("loras"):
+        with contextlib.suppress(ValueError):
+            return path.resolve().relative_to(Path(root).resolve()).as_posix()
+    return path.name
+
+
+def input_directory() -> Path:
+    return Path(folder_paths.get_input_directory())
+
+
+# --- images ----------------------------------------------------------------------------------
+
+def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI IMAGE (B, H, W, C floats in 0..1) to PIL images."""
+    array = (images.detach().cpu().float().clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(frame[..., :3]) for frame in array]
+
+
+def pil_to_images(pictures: list[Image.Image]) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), np.float32) / 255.0) for p in pictures])
+
+
+# --- training inside ComfyUI -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def training_mode() -> Iterator[None]:
+    """ComfyUI runs every prompt under inference_mode; training has to leave it."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def free_memory_for_training(model: Any) -> None:
+    """Unload every cached model but the one we train, then load that one whole."""
+    comfy.model_management.unload_all_models()
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+
+
+def release_training_memory() -> None:
+    gc.collect()
+    comfy.model_management.soft_empty_cache()
+
+
+def family_of(model: Any) -> str:
+    name = type(model.model.model_config).__name__
+    if name == "SD15":
+        return "sd15"
+    raise LoraLabError(f"Train LoRA supports SD 1.5 models in ComfyUI so far; this graph's model is {name}. "
+                       "Load an SD 1.5 checkpoint.")
+
+
+def _diffusers_unet_config(unet_config: dict) -> dict:
+    """The diffusers UNet2DConditionModel config of a ComfyUI (ldm) UNet."""
+    per_block = unet_config["num_res_blocks"]
+    if len(set(per_block)) != 1:
+        raise LoraLabError("This UNet has a different number of layers per block, which diffusers cannot build.")
+    channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
+    depth = [unet_config["transformer_depth"][i * per_block[0]] for i in range(len(channels))]
+    heads = unet_config.get("num_heads", -1)
+    head_dim = heads if heads != -1 else [c // unet_config["num_head_channels"] for c in channels]
+    return {
+        "sample_size": unet_config.get("image_size", 64), "in_channels": unet_config["in_channels"],
+        "out_channels": unet_config["out_channels"], "block_out_channels": channels,
+        "layers_per_block": per_block[0], "cross_attention_dim": unet_config["context_dim"],
+        "attention_head_dim": head_dim, "use_linear_projection": unet_config.get("use_linear_in_transformer", False),
+        "transformer_layers_per_block": [max(1, d) for d in depth],
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
+        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
+    }
+
+
+def shared_diffusers_unet(model: Any) -> torch.nn.Module:
+    """A diffusers UNet whose weights *are* the ComfyUI model's tensors (no copy, no extra memory)."""
+    from diffusers import UNet2DConditionModel
+
+    unet_config = model.model.model_config.unet_config
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_diffusers_unet_config(unet_config))
+    ldm = model.model.diffusion_model.state_dict(keep_vars=True)
+    mapping = comfy.utils.unet_to_diffusers(unet_config)
+    state = {name: ldm[ldm_name] for name, ldm_name in mapping.items() if ldm_name in ldm}
+    missing = sorted(set(unet.state_dict()) - set(state))
+    if missing:
+        raise LoraLabError(f"Could not map this model's UNet to diffusers (e.g. {missing[0]} missing); "
+                           "please report the checkpoint.")
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet
+
+
+def prediction_type(model: Any) -> str:
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        return "v_prediction"
+    if isinstance(sampling, comfy.model_sampling.EPS):
+        return "epsilon"
+    raise LoraLabError(f"This model predicts with {type(sampling).__name__}, which Train LoRA does not support yet.")
+
+
+def loaded_model(model: Any, clip: Any, vae: Any) -> LoadedModel:
+    """The trainer's view of a graph's MODEL, CLIP and VAE: a diffusers UNet sharing the weights,
+    and conditioning/latents computed by the graph's own CLIP and VAE."""
+    from diffusers import DDPMScheduler
+
+    family = get_family(family_of(model))
+    free_memory_for_training(model)
+    unet = shared_diffusers_unet(model)
+    latent_format = model.model.latent_format
+
+    def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
+        # Conditioning is cut to one 77-token window, as the diffusers path does.
+        embeds = [clip.encode_from_tokens(clip.tokenize(caption))[:, :77] for caption in captions]
+        return {"prompt_embeds": torch.cat(embeds).clone()}
+
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        raw = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
+        return latent_format.process_in(raw).clone()
+
+    # ComfyUI's SD 1.x sampling uses the same scaled-linear betas as diffusers' SD scheduler.
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              num_train_timesteps=1000, clip_sample=False)
+    return LoadedModel(family=family, denoiser=unet, vae=None, text_encoders=[], tokenizers=[],
+                       noise_scheduler=scheduler, prediction_type=prediction_type(model), source="comfyui",
+                       prompt_encoder=encode_prompts, image_encoder=encode_images)
+
+
+class NodeEvents(TrainingEvents):
+    """Progress bar on the node and the queue, live loss over the websocket, Cancel as a stop."""
+
+    def __init__(self, node_id: str | None, total_steps: int) -> None:
+        self.node_id = node_id
+        self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
+        self.interrupted = False
+
+    def on_step(self, report: StepReport) -> None:
+        send(PROGRESS_EVENT, {"node": self.node_id, "step": report.step, "total": report.total_steps,
+                              "loss": report.loss, "lr": report.learning_rate,
+                              "seconds_per_step": report.seconds_per_step})
+        # The progress hook raises on Cancel and clears the flag; the loop must save first, so
+        # Cancel is noted here and acted on in should_stop.
+        if comfy.model_management.processing_interrupted():
+            self.interrupted = True
+            return
+        try:
+            self.bar.update_absolute(report.step, report.total_steps)
+        except comfy.model_management.InterruptProcessingException:
+            self.interrupted = True
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        send("lora_lab.checkpoint", {"node": self.node_id, "step": checkpoint.step, "path": str(checkpoint.path)})
+
+    def should_stop(self) -> bool:
+        self.interrupted = self.interrupted or comfy.model_management.processing_interrupted()
+        return self.interrupted
+
+
+def send(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:  # not running inside the server (unit tests)
+        return
+    if PromptServer.instance is not None:
+        PromptServer.instance.send_sync(event, data)
+
+
+def raise_interrupted() -> None:
+    """Make ComfyUI show the run as interrupted (after the checkpoint was saved)."""
+    comfy.model_management.interrupt_current_processing(True)
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+# --- applying LoRAs and sampling --------------------------------------------------------------
+
+def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return comfy.utils.load_torch_file(str(path), safe_load=True)
+    except Exception as error:
+        raise LoraLabError(f"Could not read LoRA {path.name} ({error}); is it a complete .safetensors file?") from None
+
+
+def apply_lora(model: Any, clip: Any, lora: dict[str, torch.Tensor], model_strength: float,
+               clip_strength: float) -> tuple[Any, Any]:
+    """ComfyUI's own LoRA patching (what LoraLoader does); never mutates its inputs."""
+    if model_strength == 0 and clip_strength == 0:
+        return model, clip
+    return comfy.sd.load_lora_for_models(model, clip, lora, model_strength, clip_strength)
+
+
+def encode_text(clip: Any, text: str) -> list:
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def sample_image(model: Any, clip: Any, vae: Any, prompt: str, negative: str, seed: int, steps: int, cfg: float,
+                 sampler: str, scheduler: str, width: int, height: int) -> torch.Tensor:
+    """One image exactly as EmptyLatentImage → CLIPTextEncode → KSampler → VAEDecode would make it."""
+    latent = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, encode_text(clip, prompt),
+                                  encode_text(clip, negative), latent, denoise=1.0, disable_pbar=True, seed=seed)
+    return vae.decode(samples)[:1]

@@ -1,0 +1,17 @@
+"""The ComfyUI extension: the list of LoRA Lab nodes (their ids and input order are public API)."""
+
+from __future__ import annotations
+
+from .apply_lora_stack import ApplyLoraStack
+from .caption import Caption
+from .comfy_bridge import ComfyExtension, io
+from .load_dataset import LoadDataset
+from .sample_checkpoint import SampleCheckpoint
+from .train_lora import TrainLora
+
+NODES: list[type[io.ComfyNode]] = [LoadDataset, Caption, TrainLora, SampleCheckpoint, ApplyLoraStack]
+
+
+class LoraLabExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

@@ -1,0 +1,81 @@
+"""Load Dataset: a folder of images + .txt captions (kohya N_name repeats honoured), or an IMAGE
+batch from the graph with optional captions; reports how the dataset measures up to the guide."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from ..trainer.config import FAMILY_RESOLUTIONS
+from ..trainer.data import IMAGE_EXTENSIONS, Dataset, dataset_from_images, scan_folder
+from ..trainer.errors import LoraLabError
+from ..trainer.quality import quality_report
+from .comfy_bridge import DATASET, images_to_pil, input_directory, io
+from .values import DatasetValue
+
+
+def resolve_folder(folder: str) -> Path:
+    """An absolute folder as given, or a folder inside ComfyUI's input directory."""
+    path = Path(folder.strip()).expanduser()
+    return path if path.is_absolute() else input_directory() / path
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """Changes when any image or caption is added, removed, resized or touched."""
+    digest = hashlib.sha256()
+    if folder.is_dir():
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in (*IMAGE_EXTENSIONS, ".txt") and path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(folder)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+class LoadDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLabLoadDataset", display_name="Load Dataset", category="LoRA Lab",
+            description="Images and captions to train a LoRA on, with a quality report.",
+            inputs=[
+                io.String.Input("folder", default="", tooltip="Folder of images with same-name .txt captions; "
+                                "N_name subfolders repeat their images N times. A relative path is read from "
+                                "ComfyUI's input folder. Leave empty to use the images input."),
+                io.Combo.Input("lora_type", options=["style", "character", "object", "likeness"], default="style",
+                               tooltip="What you are training: the report compares the image count with the "
+                                       "guide's recommendation for it."),
+                io.String.Input("trigger_word", default="", tooltip="The trigger word the report checks for "
+                                "(empty = the N_name folder name, if there is one)."),
+                io.Combo.Input("family", options=["sd15", "sdxl", "flux"], default="sd15",
+                               tooltip="The base model family: the report flags images below its resolution."),
+                io.Image.Input("images", optional=True, tooltip="Train on these images instead of a folder."),
+                io.String.Input("captions", optional=True, multiline=True, default="",
+                                tooltip="One caption per line for the images input."),
+            ],
+            outputs=[DATASET.Output(display_name="dataset"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str = "", **_: object) -> str:
+        return folder_fingerprint(resolve_folder(folder)) if folder.strip() else ""
+
+    @classmethod
+    def execute(cls, folder: str, lora_type: str, trigger_word: str, family: str, images=None,
+                captions: str = "") -> io.NodeOutput:
+        if folder.strip():
+            root = resolve_folder(folder)
+            dataset = scan_folder(root)
+            value = DatasetValue(dataset, str(root), folder_fingerprint(root))
+        elif images is not None:
+            lines = [line for line in (captions or "").splitlines() if line.strip()]
+            dataset = dataset_from_images(images_to_pil(images), lines)
+            value = DatasetValue(dataset, "graph images", hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest())
+        else:
+            raise LoraLabError("Load Dataset needs a folder or an images input; set the folder to your dataset.")
+        trigger = trigger_word.strip() or _single(dataset)
+        report = quality_report(dataset, lora_type, trigger, FAMILY_RESOLUTIONS[family])
+        return io.NodeOutput(value, report, ui={"text": (report,)})
+
+
+def _single(dataset: Dataset) -> str:
+    return dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else ""

@@ -1,0 +1,92 @@
+"""Sample Checkpoint: a grid of checkpoint × strength × prompt, each cell sampled exactly as
+LoraLoader + KSampler would with the same settings and seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..trainer.errors import LoraLabError
+from ..trainer.sampling import fill_trigger, labelled_grid
+from . import comfy_bridge as comfy
+from .comfy_bridge import RUN, io, ui
+from .values import TrainingRun
+
+DEFAULT_STRENGTHS = "0, 0.4, 0.7, 1.0"  # the guide: start at 0.7, try 0.4-1.0
+
+
+def parse_strengths(text: str) -> list[float]:
+    try:
+        strengths = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise LoraLabError(f"strengths {text!r} must be numbers separated by commas, e.g. {DEFAULT_STRENGTHS}."
+                           ) from None
+    if not strengths or any(not -10 <= s <= 10 for s in strengths):
+        raise LoraLabError(f"strengths {text!r}: give one or more values between -10 and 10.")
+    return strengths
+
+
+def checkpoints_to_sample(run: TrainingRun | None, lora_names: str) -> list[tuple[str, Path, tuple[str, ...]]]:
+    """(row label, file, trigger words) for every checkpoint of the run, then every named file."""
+    rows = [(f"step {step}", path, run.trigger_words) for step, path in run.checkpoints] if run else []
+    for name in (line.strip() for line in lora_names.splitlines()):
+        if name:
+            rows.append((Path(name).stem, comfy.lora_path(name), ()))
+    if not rows:
+        raise LoraLabError("Nothing to sample: connect a training_run or list LoRA files in lora_names.")
+    return rows
+
+
+class SampleCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLabSampleCheckpoint", display_name="Sample Checkpoint", category="LoRA Lab",
+            description="Compare checkpoints and strengths side by side in one labelled grid.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model the LoRAs are applied to (loaded once)."),
+                io.Clip.Input("clip", tooltip="The base text encoder."),
+                io.Vae.Input("vae", tooltip="Decodes the samples."),
+                io.String.Input("prompts", multiline=True, default="{trigger}",
+                                tooltip="One prompt per line; {trigger} becomes the LoRA's trigger word(s)."),
+                io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for every cell."),
+                io.String.Input("strengths", default=DEFAULT_STRENGTHS, tooltip="LoRA strengths, one column each."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The same seed for every cell."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps, as in KSampler."),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance, as in KSampler."),
+                io.Combo.Input("sampler_name", options=comfy.SAMPLERS, default="euler", tooltip="As in KSampler."),
+                io.Combo.Input("scheduler", options=comfy.SCHEDULERS, default="normal", tooltip="As in KSampler."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+                RUN.Input("training_run", optional=True, tooltip="Every checkpoint of a Train LoRA run."),
+                io.String.Input("lora_names", optional=True, multiline=True, default="",
+                                tooltip="LoRA files from the loras folder, one per line (as LoraLoader lists them)."),
+            ],
+            outputs=[io.Image.Output(display_name="grid"), io.Image.Output(display_name="images")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, prompts: str, negative: str, strengths: str, seed: int, steps: int,
+                cfg: float, sampler_name: str, scheduler: str, width: int, height: int,
+                training_run: TrainingRun | None = None, lora_names: str = "") -> io.NodeOutput:
+        strength_values = parse_strengths(strengths)
+        prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()] or ["{trigger}"]
+        rows, cells = [], []
+        for label, path, triggers in checkpoints_to_sample(training_run, lora_names):
+            lora = comfy.load_lora_file(path)
+            for prompt in prompt_lines:
+                text = fill_trigger(prompt, triggers)
+                images = []
+                for strength in strength_values:
+                    patched_model, patched_clip = comfy.apply_lora(model, clip, lora, strength, strength)
+                    images.append(comfy.sample_image(patched_model, patched_clip, vae, text, negative, seed, steps,
+                                                     cfg, sampler_name, scheduler, width, height))
+                cells += images
+                rows.append((label + (f" | {text}" if len(prompt_lines) > 1 else ""),
+                             [comfy.images_to_pil(image)[0] for image in images]))
+        grid = comfy.pil_to_images([labelled_grid(rows, [f"strength {s:g}" for s in strength_values],
+                                                  cell_size=min(256, max(width, height)))])
+        return io.NodeOutput(grid, torch.cat(cells), ui=ui.PreviewImage(grid, cls=cls))

@@ -1,0 +1,29 @@
+"""Node widgets made from the trainer's own settings, so names, defaults, ranges, choices and
+tooltips are the trainer's (one source of truth)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..trainer.config import field_specs
+from .comfy_bridge import io
+
+
+def setting_widget(name: str, **overrides: Any) -> Any:
+    """An input widget for the trainer setting `name` (overrides replace default/min/max/tooltip)."""
+    _, spec = field_specs()[name]
+    meta = spec.metadata
+    default = overrides.pop("default", spec.default)
+    tooltip = overrides.pop("tooltip", meta["help"])
+    if meta["choices"]:
+        return io.Combo.Input(name, options=list(meta["choices"]), default=default, tooltip=tooltip)
+    if isinstance(default, bool):
+        return io.Boolean.Input(name, default=default, tooltip=tooltip)
+    if isinstance(default, int):
+        return io.Int.Input(name, default=default, min=int(overrides.pop("min", meta["low"] or 0)),
+                            max=int(overrides.pop("max", meta["high"] or 2**31 - 1)), tooltip=tooltip)
+    if isinstance(default, float):
+        return io.Float.Input(name, default=default, min=overrides.pop("min", meta["low"] or 0.0),
+                              max=overrides.pop("max", meta["high"] or 1e9), step=overrides.pop("step", 0.01),
+                              round=overrides.pop("round", False), tooltip=tooltip)
+    return io.String.Input(name, default=default, tooltip=tooltip)

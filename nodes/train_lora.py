@@ -1,0 +1,92 @@
+"""Train LoRA: trains on the graph's own MODEL, CLIP and VAE and hands the result straight on
+(MODEL and CLIP with the LoRA applied), with progress, live loss and a Cancel that saves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..trainer.config import TrainingConfig, build_config
+from ..trainer.run import TrainingResult, train_lora
+from ..trainer.sampling import loss_plot
+from . import comfy_bridge as comfy
+from .comfy_bridge import DATASET, RUN, io, ui
+from .settings_widgets import setting_widget
+from .values import DatasetValue, TrainingRun
+
+# Widgets in this order are public API: workflow files store widget values by position.
+SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "batch_size", "optimizer",
+            "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
+            "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing")
+FROM_PRESET = 0  # rank / learning_rate widget value meaning "the preset's value"
+
+
+def unique_name(folder: Path, name: str) -> str:
+    """`name`, or `name_2`, `name_3`, ... so an earlier run is never overwritten."""
+    candidate, number = name, 1
+    while (folder / candidate).exists():
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
+
+
+def node_config(values: dict, output_dir: Path) -> TrainingConfig:
+    settings = {k: v for k, v in values.items() if not (k in ("rank", "learning_rate") and v == FROM_PRESET)}
+    settings["output_dir"] = str(output_dir)
+    settings["name"] = unique_name(output_dir, str(values["name"]).strip() or "my_lora")
+    return build_config(settings)
+
+
+def run_value(result: TrainingResult) -> TrainingRun:
+    return TrainingRun(result.config.output.name, tuple((c.step, c.path) for c in result.checkpoints),
+                       result.trigger_words, result.stopped)
+
+
+class TrainLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraLabTrainLora", display_name="Train LoRA", category="LoRA Lab",
+            description="Train a LoRA on this graph's model; checkpoints go to models/loras/lora_lab/<name>/.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model from your checkpoint loader: the LoRA is trained "
+                               "on exactly this model."),
+                io.Clip.Input("clip", tooltip="Encodes the captions (once, before training)."),
+                io.Vae.Input("vae", tooltip="Encodes the images (once, before training)."),
+                DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
+                setting_widget("preset"),
+                setting_widget("steps"),
+                setting_widget("rank", default=FROM_PRESET, min=0, tooltip="LoRA rank (0 = the preset's; 32 "
+                               "without a preset). 8-16 simple styles, 32 most LoRAs, 64-128 complex subjects."),
+                setting_widget("alpha", step=1.0),
+                setting_widget("learning_rate", default=0.0, min=0.0, step=1e-5, round=1e-7,
+                               tooltip="Learning rate (0 = the preset's; 1e-4 without a preset). 1.0 with Prodigy."),
+                *(setting_widget(name) for name in SETTINGS[5:12]),
+                setting_widget("name", default="my_lora"),
+                *(setting_widget(name) for name in SETTINGS[13:]),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
+                     RUN.Output(display_name="training_run"), io.Image.Output(display_name="loss_curve"),
+                     io.String.Output(display_name="lora_name")],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset: DatasetValue, **settings) -> io.NodeOutput:
+        config = node_config(settings, comfy.lora_root() / comfy.LORA_SUBFOLDER)
+        events = comfy.NodeEvents(cls.hidden.unique_id, config.train.steps or 1)
+        try:
+            with comfy.training_mode():
+                result = train_lora(config, events, model=comfy.loaded_model(model, clip, vae),
+                                    dataset=dataset.dataset)
+        finally:
+            comfy.release_training_memory()
+        if result.stopped:
+            comfy.send("lora_lab.stopped", {"node": cls.hidden.unique_id, "path": str(result.final_path)})
+            comfy.raise_interrupted()
+        lora = comfy.load_lora_file(result.final_path)
+        model_out, clip_out = comfy.apply_lora(model, clip, lora, 1.0, 1.0)
+        curve = comfy.pil_to_images([loss_plot(result.losses, title=f"{result.config.output.name}: loss")])
+        name = comfy.lora_display_name(result.final_path)
+        return io.NodeOutput(model_out, clip_out, run_value(result), curve, name,
+                             ui=ui.PreviewImage(curve, cls=cls))

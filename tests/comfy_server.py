@@ -1,0 +1,136 @@
+"""Test helper: a real ComfyUI server on this CPU with LoRA Lab mounted, and a random SD 1.5-
+compatible checkpoint built at test time (no download): a 1-level 320-channel UNet with 768-wide
+cross-attention in the original layout, and full-size random CLIP-L and VAE."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build_sd15_checkpoint(path: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .ldm_layout import write_ldm_checkpoint
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(320,), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "sd15" / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIGS / "sd15" / "text_encoder"))
+    for module in (unet, vae, text_encoder):
+        module.to(torch.float16)
+    write_ldm_checkpoint(unet, vae, text_encoder, path)
+
+
+class ComfyServer:
+    """`python main.py --cpu` in its own base directory, with this repository as a custom node."""
+
+    def __init__(self, comfy_dir: Path, base: Path, python: str) -> None:
+        self.comfy_dir, self.base, self.python = comfy_dir, base, python
+        for folder in ("models/checkpoints", "models/loras", "input", "output", "custom_nodes"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        link = base / "custom_nodes" / "lora-lab"
+        if not link.exists():
+            link.symlink_to(REPO, target_is_directory=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.client_id = uuid.uuid4().hex
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> None:
+        log = self.log_path.open("w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+             "--base-directory", str(self.base), "--disable-api-nodes", "--preview-method", "none"],
+            cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited:\n{self.log()}")
+            try:
+                self.get("/object_info/LoraLabTrainLora")
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError(f"ComfyUI did not start:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, route: str) -> dict:
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return json.loads(response.read())
+
+    def get_bytes(self, route: str) -> bytes:
+        with urllib.request.urlopen(self.url + route, timeout=30) as response:
+            return response.read()
+
+    def post(self, route: str, body: dict) -> dict:
+        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            text = response.read()
+        return json.loads(text) if text else {}
+
+    def websocket(self):
+        import websocket
+
+        return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=600)
+
+    def run(self, prompt: dict, on_message=None, timeout: float = 900) -> tuple[str, list[dict]]:
+        """Queue a prompt and collect its websocket messages until it finishes; returns (id, messages)."""
+        ws = self.websocket()
+        try:
+            prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]
+            messages, deadline = [], time.time() + timeout
+            while time.time() < deadline:
+                raw = ws.recv()
+                if not isinstance(raw, str):
+                    continue
+                message = json.loads(raw)
+                messages.append(message)
+                if on_message:
+                    on_message(self, message)
+                data = message.get("data", {})
+                if data.get("prompt_id") != prompt_id:
+                    continue
+                if message["type"] in ("execution_error", "execution_interrupted"):
+                    return prompt_id, messages
+                if message["type"] == "executing" and data.get("node") is None:
+                    return prompt_id, messages
+            raise TimeoutError("prompt did not finish")
+        finally:
+            ws.close()
+
+
+def comfy_python(comfy_dir: Path) -> str:
+    return os.environ.get("COMFYUI_PYTHON") or shutil.which("python") or sys.executable

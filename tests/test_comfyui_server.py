@@ -1,0 +1,185 @@
+"""LoRA Lab inside a real ComfyUI server (CPU), with a random SD 1.5-compatible model built here.
+
+Skipped unless COMFYUI_DIR points at a ComfyUI checkout (its Python: COMFYUI_PYTHON, default the
+`python` on PATH; it needs ComfyUI's requirements plus diffusers and peft). Runs an API twin of
+example workflow (a) at 64 px, then interrupts a long run.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from lora_lab.trainer import embedded
+from PIL import Image
+
+from .comfy_server import REPO, ComfyServer, build_sd15_checkpoint, comfy_python
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")]
+sys.path.insert(0, str(REPO / "scripts"))
+from build_example_workflows import WIDGET_TYPES, input_specs  # noqa: E402
+
+CHECKPOINT = "random_sd15.safetensors"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    build_sd15_checkpoint(base / "models" / "checkpoints" / CHECKPOINT)
+    shutil.copytree(embedded.CONCEPT_DATASET, base / "input" / "concept")
+    comfy = ComfyServer(Path(COMFYUI_DIR), base, comfy_python(Path(COMFYUI_DIR)))
+    started = time.time()
+    comfy.start()
+    print(f"server started in {time.time() - started:.0f} s")
+    yield comfy
+    comfy.stop()
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """A UI-format workflow as the API prompt the frontend would queue."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        connected = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
+        values = iter(node["widgets_values"])
+        inputs = {}
+        for name, kind, options in input_specs(object_info[node["type"]]):
+            if name in connected:
+                inputs[name] = [str(connected[name][1]), connected[name][2]]
+            elif kind in WIDGET_TYPES:
+                inputs[name] = next(values)
+                if options.get("control_after_generate"):
+                    next(values)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.ndarray]:
+    outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"][node]["images"]
+    return [np.asarray(Image.open(io.BytesIO(server.get_bytes(
+        f"/view?filename={i['filename']}&subfolder={i['subfolder']}&type={i['type']}"))).convert("RGB"), np.int16)
+        for i in outputs]
+
+
+def test_examples_load_with_no_missing_node_types(server):
+    object_info = server.get("/object_info")
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        workflow = json.loads(path.read_text())
+        missing = {node["type"] for node in workflow["nodes"]} - set(object_info)
+        assert not missing, f"{path.name}: {missing}"
+        ui_to_api(workflow, object_info)  # every widget value lines up with an input
+
+
+def test_train_sample_and_apply_in_one_graph(server):
+    object_info = server.get("/object_info")
+    prompt = ui_to_api(json.loads((REPO / "example_workflows" / "train_and_test_lora.json").read_text()),
+                       object_info)
+    prompt["1"]["inputs"]["ckpt_name"] = CHECKPOINT
+    prompt["2"]["inputs"].update(folder="concept", trigger_word="zkw_toy")
+    prompt["3"]["inputs"].update(trigger_word="zkw_toy")
+    prompt["4"]["inputs"].update(steps=6, save_every=3, resolution=64, batch_size=2, rank=4, learning_rate=0.01,
+                                 name="server_test")
+    sample = dict(seed=0, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal")
+    prompt["5"]["inputs"].update(prompts="{trigger}", strengths="0, 1", width=64, height=64, **sample)
+    prompt["9"]["inputs"].update(width=64, height=64)
+    prompt["10"]["inputs"].update(**sample)
+    # A plain KSampler on the base model, with the settings of Sample Checkpoint's cells.
+    prompt.update({
+        "20": {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": ["1", 1]}},
+        "21": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
+        "22": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "23": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["20", 0], "negative": ["21", 0],
+                                                    "latent_image": ["22", 0], "denoise": 1.0, **sample}},
+        "24": {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}},
+        "25": {"class_type": "PreviewImage", "inputs": {"images": ["24", 0]}},
+        "26": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
+    })
+    queued = time.time()
+    first_step: list[float] = []
+
+    def note_first_step(_, message):
+        if message["type"] == "lora_lab.progress" and not first_step:
+            first_step.append(time.time())
+
+    prompt_id, messages = server.run(prompt, on_message=note_first_step)
+    wall = time.time() - queued
+    status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "success", server.log()[-3000:]
+    progress = [m for m in messages if m["type"] == "lora_lab.progress"]
+    assert [m["data"]["step"] for m in progress] == [1, 2, 3, 4, 5, 6]
+    assert any(m["type"] == "progress" and m["data"].get("node") == "4" for m in messages)
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "server_test"
+    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["server_test-step000003.safetensors",
+                                                                      "server_test.safetensors"]
+    log = server.log()
+    assert "lora key not loaded" not in log and "NOT LOADED" not in log
+    base_image = output_images(server, prompt_id, "25")[0]
+    cells = output_images(server, prompt_id, "26")  # step 3 at 0 and 1, final at 0 and 1
+    assert len(cells) == 4
+    assert np.array_equal(cells[0], base_image) and np.array_equal(cells[2], base_image)
+    assert np.abs(cells[3] - base_image).mean() > 0.5
+    print(f"workflow (a) wall {wall:.1f} s; queue to first training step {first_step[0] - queued:.1f} s")
+
+
+def test_sample_checkpoint_overhead_per_cell(server):
+    """Not a pass/fail timing: prints Sample Checkpoint's time per cell next to a plain KSampler's."""
+    lora = "lora_lab/server_test/server_test.safetensors"
+    sample = dict(seed=1, steps=4, cfg=7.0, sampler_name="euler", scheduler="normal")
+    grid = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            "2": {"class_type": "LoraLabSampleCheckpoint", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "prompts": "a\nb", "negative": "",
+                "strengths": "0.5, 1", "width": 64, "height": 64, "lora_names": lora, **sample}},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+    plain = {"1": grid["1"],
+             "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora,
+                                                          "strength_model": 0.7, "strength_clip": 0.7}},
+             "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "c", "clip": ["2", 1]}},
+             "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["2", 1]}},
+             "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+             "6": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0],
+                                                        "latent_image": ["5", 0], "denoise": 1.0, **sample}},
+             "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+             "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}}
+    times = []
+    for prompt in (plain, grid):
+        before = len(re.findall(r"Prompt executed in ([\d.]+) seconds", server.log()))
+        prompt_id, _ = server.run(prompt)
+        assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success"
+        time.sleep(0.5)
+        times.append(float(re.findall(r"Prompt executed in ([\d.]+) seconds", server.log())[before]))
+    print(f"plain LoraLoader+KSampler {times[0]:.2f} s per image; Sample Checkpoint {times[1] / 4:.2f} s per cell")
+
+
+def test_cancel_saves_a_checkpoint_and_reports_interrupted(server):
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+              "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
+                                                                   "trigger_word": "", "family": "sd15"}},
+              "3": {"class_type": "LoraLabTrainLora", "inputs": {
+                  "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "preset": "none",
+                  "steps": 5000, "rank": 4, "alpha": 0.0, "learning_rate": 0.0, "resolution": 64, "batch_size": 1,
+                  "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 4000,
+                  "seed": 1, "name": "cancelled", "gradient_checkpointing": False, "mixed_precision": "auto",
+                  "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True}}}
+    interrupted = []
+
+    def cancel_after_three_steps(comfy, message):
+        if message["type"] == "lora_lab.progress" and message["data"]["step"] == 3 and not interrupted:
+            interrupted.append(comfy.post("/interrupt", {}))
+
+    _, messages = server.run(prompt, on_message=cancel_after_three_steps)
+    assert any(m["type"] == "execution_interrupted" for m in messages)
+    saved = sorted((server.base / "models" / "loras" / "lora_lab" / "cancelled").glob("cancelled-step*.safetensors"))
+    assert len(saved) == 1
+    step = int(saved[0].stem.rsplit("step", 1)[1])
+    assert 3 <= step <= 5  # within a step or two of the Cancel

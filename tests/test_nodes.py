@@ -1,0 +1,192 @@
+"""The nodes without ComfyUI (stubbed): ids and input order (public API), widget defaults equal
+the trainer's, each execute makes the right trainer call and wraps its result, bad input reads
+well, and the stack node never changes its input."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import pytest
+import torch
+from lora_lab.trainer.config import TrainingConfig, field_specs
+from lora_lab.trainer.errors import LoraLabError
+from safetensors.torch import save_file
+
+from . import comfy_stubs
+
+# Node ids and the order of their inputs are public API: workflow files store widget values by position.
+EXPECTED_INPUTS = {
+    "LoraLabLoadDataset": ["folder", "lora_type", "trigger_word", "family", "images", "captions"],
+    "LoraLabCaption": ["dataset", "trigger_word", "family", "template", "write_txt_files"],
+    "LoraLabTrainLora": ["model", "clip", "vae", "dataset", "preset", "steps", "rank", "alpha", "learning_rate",
+                         "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
+                         "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
+                         "noise_offset", "bucketing"],
+    "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
+                                "sampler_name", "scheduler", "width", "height", "training_run", "lora_names"],
+    "LoraLabApplyLoraStack": ["model", "clip", "auto_strengths", "lora_1", "model_strength_1", "clip_strength_1",
+                              "enabled_1", "lora_2", "model_strength_2", "clip_strength_2", "enabled_2", "lora_3",
+                              "model_strength_3", "clip_strength_3", "enabled_3", "lora_stack", "training_run"],
+}
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    saved = dict(sys.modules)
+    loras, inputs = tmp_path / "loras", tmp_path / "input"
+    loras.mkdir()
+    inputs.mkdir()
+    recorder = comfy_stubs.install(loras, inputs)
+    yield recorder
+    for name in list(sys.modules):
+        if name not in saved:
+            del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.fixture
+def nodes(stubs):
+    return importlib.import_module("lora_lab.nodes.extension")
+
+
+def _schemas(nodes):
+    return {node.define_schema().node_id: node.define_schema() for node in nodes.NODES}
+
+
+def test_ids_are_prefixed_and_inputs_stable(nodes):
+    schemas = _schemas(nodes)
+    assert {node_id: [i.id for i in schema.inputs] for node_id, schema in schemas.items()} == EXPECTED_INPUTS
+    for schema in schemas.values():
+        assert schema.node_id.startswith("LoraLab") and schema.category == "LoRA Lab" and schema.display_name
+        assert all(i.options.get("tooltip") for i in schema.inputs), schema.node_id
+
+
+def test_train_widget_defaults_are_the_trainers(nodes, tmp_path):
+    from lora_lab.nodes.train_lora import node_config
+
+    schema = _schemas(nodes)["LoraLabTrainLora"]
+    defaults = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
+    config = node_config(defaults, tmp_path)
+    expected = TrainingConfig()
+    for section in ("lora", "optimizer", "train", "data"):
+        ours, theirs = getattr(config, section), getattr(expected, section)
+        for name in vars(theirs):
+            if name not in ("dataset", "cache_dir"):
+                assert getattr(ours, name) == getattr(theirs, name), name
+    for widget in schema.inputs:
+        if widget.id in field_specs() and "min" in widget.options and widget.id not in ("rank", "learning_rate"):
+            assert widget.options["min"] == field_specs()[widget.id][1].metadata["low"]
+
+
+def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeypatch):
+    from lora_lab.nodes import comfy_bridge, train_lora
+    from lora_lab.nodes.values import DatasetValue
+    from lora_lab.trainer.data import Dataset
+    from lora_lab.trainer.loop import Checkpoint
+
+    calls = {}
+    run_dir = stubs.loras / "lora_lab" / "mine"
+
+    def fake_train(config, events, model, dataset):
+        calls.update(config=config, model=model, dataset=dataset)
+        run_dir.mkdir(parents=True)
+        final = run_dir / "mine.safetensors"
+        save_file({"x": torch.zeros(1)}, str(final))
+        return types_result(config, [Checkpoint(5, run_dir / "mine-step000005.safetensors", False),
+                                     Checkpoint(10, final, True)])
+
+    monkeypatch.setattr(train_lora, "train_lora", fake_train)
+    monkeypatch.setattr(comfy_bridge, "loaded_model", lambda model, clip, vae: ("loaded", model))
+    monkeypatch.setattr(comfy_bridge, "training_mode", _nullcontext)
+    monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
+    monkeypatch.setattr(comfy_bridge, "NodeEvents", lambda node, total: "events")
+    dataset = DatasetValue(Dataset(items=[]), "folder", "f")
+    schema = _schemas(nodes)["LoraLabTrainLora"]
+    widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
+    widgets.update(name="mine", rank=8, preset="style", steps=10)
+    output = train_lora.TrainLora.execute("MODEL", "CLIP", "VAE", dataset, **widgets)
+    config = calls["config"]
+    assert config.lora.rank == 8 and config.optimizer.learning_rate == 1e-4 and config.train.preset == "style"
+    assert config.output.output_dir == str(stubs.loras / "lora_lab") and calls["model"] == ("loaded", "MODEL")
+    model_out, clip_out, run, curve, name = output.values
+    assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
+    assert [step for step, _ in run.checkpoints] == [5, 10] and name == "lora_lab/mine/mine.safetensors"
+    assert curve.shape[-1] == 3
+
+
+def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):
+    from lora_lab.nodes.train_lora import unique_name
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine_2").mkdir()
+    assert unique_name(tmp_path, "mine") == "mine_3" and unique_name(tmp_path, "other") == "other"
+
+
+def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
+    from lora_lab.nodes.apply_lora_stack import ApplyLoraStack
+    from lora_lab.trainer.export import save_lora
+
+    for name, words in (("a.safetensors", '["aaa"]'), ("b.safetensors", '["bbb"]')):
+        save_lora(stubs.loras / name, {"x": torch.zeros(1)}, {"lora_lab.trigger_words": words})
+    incoming = [("a.safetensors", 1.0, 0.5)]
+    slots = {"lora_1": "b.safetensors", "model_strength_1": 0.9, "clip_strength_1": 0.8, "enabled_1": True,
+             "lora_2": "None", "model_strength_2": 0.5, "clip_strength_2": 0.5, "enabled_2": True,
+             "lora_3": "a.safetensors", "model_strength_3": 0.5, "clip_strength_3": 0.5, "enabled_3": False}
+    output = ApplyLoraStack.execute("MODEL", "CLIP", False, lora_stack=incoming, **slots)
+    model, clip, stack, words = output.values
+    assert incoming == [("a.safetensors", 1.0, 0.5)]  # unchanged
+    assert stack == [("a.safetensors", 1.0, 0.5), ("b.safetensors", 0.9, 0.8)] and words == "aaa, bbb"
+    assert [(a[0].rsplit("/", 1)[1], a[1], a[2]) for a in stubs.applied] == [("a.safetensors", 1.0, 0.5),
+                                                                             ("b.safetensors", 0.9, 0.8)]
+    auto = ApplyLoraStack.execute("MODEL", "CLIP", True, lora_stack=incoming, **slots).values[2]
+    assert [(s[1], s[2]) for s in auto] == [(0.7, 0.7), (0.5, 0.5)]  # the guide's stacking rule
+    assert "not in the loras folder" in ApplyLoraStack.validate_inputs(lora_1="missing.safetensors")
+    with pytest.raises(LoraLabError, match="LORA_STACK list"):
+        ApplyLoraStack.execute("MODEL", "CLIP", False, lora_stack="junk", **slots)
+
+
+def test_load_dataset_and_caption_nodes(nodes, stubs, tmp_path):
+    from lora_lab.nodes.caption import Caption
+    from lora_lab.nodes.load_dataset import LoadDataset
+    from lora_lab.trainer import embedded
+
+    folder = str(embedded.CONCEPT_DATASET)
+    dataset, report = LoadDataset.execute(folder, "style", "", "sd15").values
+    assert len(dataset.dataset.items) == 12 and report.startswith("Ready to train.")
+    assert "12 images" in report and "below 512 px" in report
+    assert LoadDataset.fingerprint_inputs(folder=folder) == LoadDataset.fingerprint_inputs(folder=folder)
+    with pytest.raises(LoraLabError, match="needs a folder or an images input"):
+        LoadDataset.execute("", "style", "", "sd15")
+    before = [item.caption for item in dataset.dataset.items]
+    captioned, text = Caption.execute(dataset, "zkw_toy", "sdxl", "{trigger}", False).values
+    assert all(item.caption.startswith("zkw_toy ") and item.caption.count("zkw_toy") == 1
+               for item in captioned.dataset.items)
+    assert [item.caption for item in dataset.dataset.items] == before  # input untouched
+    assert captioned.dataset.items[0].caption == before[0].replace("zkw_toy,", "zkw_toy")
+
+
+def test_sample_checkpoint_rejects_bad_strengths(nodes):
+    from lora_lab.nodes.sample_checkpoint import checkpoints_to_sample, parse_strengths
+
+    assert parse_strengths("0, 0.4, 0.7, 1.0") == [0, 0.4, 0.7, 1.0]
+    with pytest.raises(LoraLabError, match="numbers separated by commas"):
+        parse_strengths("strong")
+    with pytest.raises(LoraLabError, match="Nothing to sample"):
+        checkpoints_to_sample(None, "")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def types_result(config, checkpoints):
+    from lora_lab.trainer.run import TrainingResult
+
+    return TrainingResult(config=config, run_dir=checkpoints[-1].path.parent, checkpoints=checkpoints,
+                          losses=[(1, 0.5, 1e-4), (2, 0.4, 1e-4)], stopped=False, trigger_words=("mine",),
+                          seconds=1.0, loop_seconds=1.0, model=None)
