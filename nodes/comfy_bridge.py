@@ -130,6 +130,19 @@ def _diffusers_unet_config(unet_config: dict) -> dict:
     }
 
 
+def _leave_inference_mode(module: torch.nn.Module) -> None:
+    """Weights loaded while ComfyUI was in inference mode cannot take part in autograd. Swap each
+    for a normal tensor of the same values, one at a time, so no second copy of the model exists."""
+    for owner in module.modules():
+        for name, tensor in list(owner.named_parameters(recurse=False)) + list(owner.named_buffers(recurse=False)):
+            if tensor.is_inference():
+                fresh = tensor.detach().clone()
+                if isinstance(tensor, torch.nn.Parameter):
+                    setattr(owner, name, torch.nn.Parameter(fresh, requires_grad=False))
+                else:
+                    owner.register_buffer(name, fresh)
+
+
 def shared_diffusers_unet(model: Any) -> torch.nn.Module:
     """A diffusers UNet whose weights *are* the ComfyUI model's tensors (no copy, no extra memory)."""
     from diffusers import UNet2DConditionModel
@@ -137,6 +150,8 @@ def shared_diffusers_unet(model: Any) -> torch.nn.Module:
     unet_config = model.model.model_config.unet_config
     with torch.device("meta"):
         unet = UNet2DConditionModel(**_diffusers_unet_config(unet_config))
+    unet.requires_grad_(False)
+    _leave_inference_mode(model.model.diffusion_model)
     ldm = model.model.diffusion_model.state_dict(keep_vars=True)
     mapping = comfy.utils.unet_to_diffusers(unet_config)
     state = {name: ldm[ldm_name] for name, ldm_name in mapping.items() if ldm_name in ldm}

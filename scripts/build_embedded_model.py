@@ -1,7 +1,7 @@
 """Build the embedded default: a tiny SD 1.5-architecture model pre-trained on the synthetic
 shape world, and the small concept dataset the demo trains a LoRA on.
 
-Run once by a developer (about 25 minutes on 2 CPU cores); its outputs are committed under
+Run once by a developer (about 25 minutes on 2 quiet CPU cores); its outputs are committed under
 trainer/embedded/assets/. Everything is generated here: no download, no hub.
 
     python scripts/build_embedded_model.py [--unet-steps 2000]
@@ -66,6 +66,14 @@ def image_batch(rng: random.Random, count: int) -> tuple[torch.Tensor, list[str]
     return torch.from_numpy(pixels).permute(0, 3, 1, 2), list(captions)
 
 
+def vae_batch(rng: random.Random, count: int) -> torch.Tensor:
+    """Half base-world images, half shapes of any colour: the VAE must represent colours the base
+    model never saw, or no LoRA could ever produce them."""
+    images = [synthetic.base_sample(rng)[0] if i % 2 else synthetic.any_colour_sample(rng) for i in range(count)]
+    pixels = np.stack([np.asarray(im, np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2)
+
+
 def train_vae(rng: random.Random, steps: int) -> AutoencoderKL:
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=synthetic.IMAGE_SIZE,
@@ -75,7 +83,7 @@ def train_vae(rng: random.Random, steps: int) -> AutoencoderKL:
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for step in range(steps):
-        pixels, _ = image_batch(rng, 32)
+        pixels = vae_batch(rng, 32)
         posterior = vae.encode(pixels).latent_dist
         loss = (vae.decode(posterior.sample()).sample - pixels).abs().mean() + 1e-6 * posterior.kl().mean()
         loss.backward()
@@ -151,7 +159,7 @@ def build_concept_dataset(folder: Path, count: int = 12) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae-steps", type=int, default=600)
+    parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=2000)
     parser.add_argument("--pool", type=int, default=16384, help="number of pre-encoded training images")
     parser.add_argument("--out", type=Path, default=ASSETS)

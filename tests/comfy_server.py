@@ -107,7 +107,16 @@ class ComfyServer:
         return websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=600)
 
     def run(self, prompt: dict, on_message=None, timeout: float = 900) -> tuple[str, list[dict]]:
-        """Queue a prompt and collect its websocket messages until it finishes; returns (id, messages)."""
+        """Queue a prompt and collect its websocket messages until it finishes and its history is
+        written; returns (prompt id, messages)."""
+        prompt_id, messages = self._run(prompt, on_message, timeout)
+        for _ in range(100):
+            if prompt_id in self.get(f"/history/{prompt_id}"):
+                break
+            time.sleep(0.1)
+        return prompt_id, messages
+
+    def _run(self, prompt: dict, on_message, timeout: float) -> tuple[str, list[dict]]:
         ws = self.websocket()
         try:
             prompt_id = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})["prompt_id"]

@@ -128,7 +128,8 @@ def test_train_sample_and_apply_in_one_graph(server):
     cells = output_images(server, prompt_id, "26")  # step 3 at 0 and 1, final at 0 and 1
     assert len(cells) == 4
     assert np.array_equal(cells[0], base_image) and np.array_equal(cells[2], base_image)
-    assert np.abs(cells[3] - base_image).mean() > 0.5
+    # A few steps on a random model change the image only a little, but they must change it.
+    assert np.abs(cells[3] - base_image).mean() > 0.1 and not np.array_equal(cells[1], base_image)
     print(f"workflow (a) wall {wall:.1f} s; queue to first training step {first_step[0] - queued:.1f} s")
 
 

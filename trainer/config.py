@@ -80,7 +80,7 @@ class DataSettings(_Section):
 @dataclass(frozen=True)
 class LoraSettings(_Section):
     rank: int = setting(32, "LoRA rank: 8-16 simple styles, 32 most LoRAs, 64-128 complex subjects.", low=1, high=256)
-    alpha: float = setting(AUTO, "LoRA alpha; the LoRA's effect is scaled by alpha/rank (0 = same as rank).",
+    alpha: float = setting(0.0, "LoRA alpha; the LoRA's effect is scaled by alpha/rank (0 = same as rank).",
                            low=0, high=1024)
     targets: str = setting("attention", "Which denoiser layers get LoRA: attention (q/k/v/out projections), "
                            "attention_mlp (plus feed-forward), or a comma list of module name endings.")
@@ -93,7 +93,7 @@ class OptimizerSettings(_Section):
                              "use learning_rate 1.0).", choices=("adamw", "adamw8bit", "prodigy"))
     learning_rate: float = setting(1e-4, "Learning rate: 1e-4 first attempt, 2e-4-3e-4 if not learning, "
                                    "5e-5-1e-4 if overfitting, 1.0 with Prodigy.", low=1e-7, high=10.0)
-    text_encoder_lr: float = setting(AUTO, "Text-encoder learning rate (0 = half the learning rate).", low=0, high=10.0)
+    text_encoder_lr: float = setting(0.0, "Text-encoder learning rate (0 = half the learning rate).", low=0, high=10.0)
     lr_scheduler: str = setting("constant", "Learning-rate schedule after warm-up.",
                                 choices=("constant", "cosine", "linear"))
     warmup_steps: int = setting(0, "Steps over which the learning rate ramps up from 0.", low=0, high=100_000)

@@ -24,7 +24,8 @@ def add_lora(model: LoadedModel, rank: int, alpha: float, targets: str, train_te
     """Freeze the base model and add a LoRA (A random, B zero: the model starts unchanged)."""
     family = model.family
     for module in (model.denoiser, model.vae, *model.text_encoders):
-        module.requires_grad_(False)
+        if module is not None:  # no VAE when outside encoders (ComfyUI's) do the encoding
+            module.requires_grad_(False)
     jobs = [(model.denoiser, family.targets(targets))]
     if train_text_encoder:
         jobs += [(encoder, list(family.text_encoder_targets)) for encoder in model.text_encoders]

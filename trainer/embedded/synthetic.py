@@ -53,6 +53,21 @@ def base_sample(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Image
     return image, f"{colour} {shape}, {background} background"
 
 
+def any_colour_sample(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """Shapes of any colour on a background of any colour: what the tiny VAE learns on, so that it
+    can encode and decode colours the base world never shows (the concept's among them)."""
+    image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randint(1, 3)):
+        box = _random_box(rng, size, size)
+        _draw_shape(draw, rng.choice(SHAPES), box, tuple(rng.randrange(256) for _ in range(3)))
+        if rng.random() < 0.3:  # a ring: a hole of yet another colour
+            inset = (box[2] - box[0]) * rng.uniform(0.15, 0.35)
+            draw.ellipse((box[0] + inset, box[1] + inset, box[2] - inset, box[3] - inset),
+                         fill=tuple(rng.randrange(256) for _ in range(3)))
+    return image
+
+
 def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
     """One image of the concept (magenta ring, cyan dot) and its caption with the trigger word."""
     background = rng.choice(list(BACKGROUNDS))
