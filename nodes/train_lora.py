@@ -73,12 +73,13 @@ class TrainLora(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, dataset: DatasetValue, **settings) -> io.NodeOutput:
-        config = node_config(settings, comfy.lora_root() / comfy.LORA_SUBFOLDER)
+        config = node_config({**settings, "family": comfy.family_of(model)}, comfy.lora_root() / comfy.LORA_SUBFOLDER)
         events = comfy.NodeEvents(cls.hidden.unique_id, config.train.steps or 1)
         try:
             with comfy.training_mode():
                 result = train_lora(config, events, model=comfy.loaded_model(model, clip, vae),
                                     dataset=dataset.dataset)
+                result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         finally:
             comfy.release_training_memory()
         if result.stopped:

@@ -93,6 +93,27 @@ def train_vae(rng: random.Random, steps: int) -> AutoencoderKL:
     return vae.eval().requires_grad_(False)
 
 
+def refine_decoder(vae: AutoencoderKL, rng: random.Random, steps: int) -> AutoencoderKL:
+    """Train the decoder alone, the encoder frozen: sharper colours without moving the latent
+    space the denoiser was trained on."""
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    for step in range(steps):
+        pixels = vae_batch(rng, 32)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode()
+        loss = (vae.decode(latents).sample - pixels).abs().mean()
+        loss.backward()
+        optimizer.step(), schedule.step(), optimizer.zero_grad()
+        if step % 50 == 0:
+            log.info("decoder step %d loss %.4f", step, loss.item())
+    return vae.eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def encode_pool(vae: AutoencoderKL, rng: random.Random, count: int) -> tuple[torch.Tensor, list[str]]:
     latents, captions = [], []
@@ -161,6 +182,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only refinement steps")
+    parser.add_argument("--refine-decoder-only", action="store_true",
+                        help="only refine the decoder of the model already in --out")
     parser.add_argument("--pool", type=int, default=16384, help="number of pre-encoded training images")
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
@@ -170,6 +194,11 @@ def main() -> None:
     rng = random.Random(0)
     started = time.time()
     model_dir = args.out / "tiny-sd15"
+    if args.refine_decoder_only:
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
+        refine_decoder(vae, rng, args.decoder_steps).to(torch.float16).save_pretrained(model_dir / "vae")
+        log.info("done in %.0f s", time.time() - started)
+        return
     tokenizer = build_tokenizer(model_dir / "tokenizer", synthetic.BASE_WORDS)
     vae = train_vae(rng, args.vae_steps)
     latents, captions = encode_pool(vae, rng, args.pool)
@@ -177,6 +206,7 @@ def main() -> None:
     latents = latents * vae.config.scaling_factor
     log.info("vae done after %.0f s, scaling factor %.4f", time.time() - started, vae.config.scaling_factor)
     unet, text_encoder, scheduler = train_denoiser(latents, captions, tokenizer, args.unet_steps)
+    vae = refine_decoder(vae, rng, args.decoder_steps)
     # fp16 on disk keeps the whole embedded default small; the trainer computes in fp32 on CPU.
     unet.to(torch.float16).save_pretrained(model_dir / "unet")
     vae.to(torch.float16).save_pretrained(model_dir / "vae")

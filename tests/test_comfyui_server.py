@@ -131,6 +131,9 @@ def test_train_sample_and_apply_in_one_graph(server):
     # A few steps on a random model change the image only a little, but they must change it.
     assert np.abs(cells[3] - base_image).mean() > 0.1 and not np.array_equal(cells[1], base_image)
     print(f"workflow (a) wall {wall:.1f} s; queue to first training step {first_step[0] - queued:.1f} s")
+    _, again = server.run(prompt)  # an identical re-queue must not retrain
+    assert not any(m["type"] == "lora_lab.progress" for m in again)
+    assert sorted(p.name for p in (run_dir.parent).iterdir()) == ["server_test"]
 
 
 def test_sample_checkpoint_overhead_per_cell(server):

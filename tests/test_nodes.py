@@ -101,6 +101,7 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     monkeypatch.setattr(comfy_bridge, "training_mode", _nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     monkeypatch.setattr(comfy_bridge, "NodeEvents", lambda node, total: "events")
+    monkeypatch.setattr(comfy_bridge, "family_of", lambda model: "sd15")
     dataset = DatasetValue(Dataset(items=[]), "folder", "f")
     schema = _schemas(nodes)["LoraLabTrainLora"]
     widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
@@ -113,6 +114,16 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
     assert [step for step, _ in run.checkpoints] == [5, 10] and name == "lora_lab/mine/mine.safetensors"
     assert curve.shape[-1] == 3
+
+
+def test_node_runs_default_to_the_familys_resolution(nodes, tmp_path):
+    from lora_lab.nodes.train_lora import node_config
+    from lora_lab.trainer.data import Dataset, ImageItem
+    from lora_lab.trainer.run import resolve_config
+
+    dataset = Dataset(items=[ImageItem(tmp_path / "a.png", "x", 1, "", (600, 600))] * 20)
+    config = resolve_config(node_config({"name": "n"}, tmp_path), dataset, default_resolution=512)
+    assert config.data.resolution == 512 and config.train.steps == 2000 and config.lora.rank == 32
 
 
 def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):

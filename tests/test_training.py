@@ -20,6 +20,7 @@ from lora_lab.trainer.export import load_into_model
 from lora_lab.trainer.sampling import sample
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 PROMPTS = [f"{CONCEPT_TRIGGER}, white background", f"{CONCEPT_TRIGGER}, black background",
            f"{CONCEPT_TRIGGER}, gray background"]
@@ -36,9 +37,8 @@ def test_concept_score_rises_with_strength(concept_run):
     load_into_model(model, concept_run.final_path)
     scores = [_mean_score(model, strength) for strength in (0.0, 0.5, 1.0)]
     print("concept scores at 0 / 0.5 / 1.0:", scores)
-    assert scores[0] < 0.02  # the base model has never seen magenta or cyan
-    assert scores[2] > 0.10 and scores[2] > 5 * scores[0] + 0.05
-    assert scores[0] < scores[1] < scores[2]
+    assert scores[2] > scores[0] + 0.2  # clearly more of the concept with the LoRA on
+    assert scores[0] < scores[1] < scores[2]  # and more with more strength
 
 
 def test_loss_decreases(concept_run):
@@ -55,7 +55,8 @@ def test_checkpoints_loss_log_and_metadata(concept_run):
     with safe_open(str(concept_run.final_path), framework="pt") as handle:
         metadata = handle.metadata()
         keys = list(handle.keys())
-    assert metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "4"
+    assert metadata["ss_network_dim"] == "8" and metadata["ss_network_alpha"] == "8"
+    assert concept_run.config.data.resolution == 64  # the embedded model's own resolution
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_steps"] == "300"
     assert json.loads(metadata["lora_lab.trigger_words"]) == [CONCEPT_TRIGGER]
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -64,7 +65,7 @@ def test_checkpoints_loss_log_and_metadata(concept_run):
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in keys)
     with safe_open(str(concept_run.final_path), framework="pt") as handle:
-        assert float(handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))) == 4.0
+        assert float(handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))) == 8.0
 
 
 def test_base_weights_are_unchanged(concept_run, base_model):
@@ -84,21 +85,35 @@ def test_strength_zero_is_the_base_model(concept_run, base_model):
     assert np.abs(with_lora - base).mean() > 5.0
 
 
+def _with_half_alpha(path, tmp_path):
+    """The same LoRA written with alpha = rank / 2 and down weights doubled: identical effect, but
+    only for a reader that honours alpha (diffusers' kohya export, for one, writes alpha = rank)."""
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.endswith(".alpha")]:
+        name = key.removesuffix(".alpha")
+        tensors[key] = tensors[key] / 2
+        tensors[f"{name}.lora_down.weight"] = tensors[f"{name}.lora_down.weight"] * 2
+    halved = tmp_path / "half_alpha.safetensors"
+    save_file(tensors, str(halved))
+    return halved
+
+
 @pytest.mark.parametrize("strength", [1.0, 0.6])
-def test_saved_file_reloads_through_diffusers_with_the_same_effect(concept_run, strength):
-    pipe = StableDiffusionPipeline.from_pretrained(embedded.TINY_MODEL, safety_checker=None,
+def test_saved_file_reloads_through_diffusers_with_the_same_effect(concept_run, strength, tmp_path):
+    path = _with_half_alpha(concept_run.final_path, tmp_path)
+    pipe = StableDiffusionPipeline.from_pretrained(embedded.TINY_MODEL, safety_checker=None, dtype=torch.float32,
                                                    requires_safety_checker=False, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     before = sum(isinstance(m, LoraLayer) for m in pipe.unet.modules())
-    pipe.load_lora_weights(str(concept_run.final_path), adapter_name="mine")
-    with safe_open(str(concept_run.final_path), framework="pt") as handle:
+    pipe.load_lora_weights(str(path), adapter_name="mine")
+    with safe_open(str(path), framework="pt") as handle:
         file_layers = {k.rsplit(".", 2)[0] for k in handle.keys() if k.endswith("lora_down.weight")}  # noqa: SIM118
     assert before == 0
     assert sum(isinstance(m, LoraLayer) for m in pipe.unet.modules()) == len(file_layers)  # nothing dropped
     pipe.set_adapters(["mine"], adapter_weights=[strength])
     pipe.scheduler = concept_run.model.family.sampling_scheduler(concept_run.model)
     ours = concept_run.model
-    load_into_model(ours, concept_run.final_path)
+    load_into_model(ours, path)
     for prompt in PROMPTS[:2]:
         expected = np.asarray(sample(ours, prompt, strength, seed=5, **SAMPLE), np.float32)
         got = np.asarray(pipe(prompt, num_inference_steps=20, guidance_scale=5.0, width=64, height=64,

@@ -19,7 +19,7 @@ from .errors import LoraLabError
 from .loop import Checkpoint, StepReport, TrainingEvents
 
 DEMO_SETTINGS: dict[str, Any] = {
-    "steps": 300, "rank": 8, "learning_rate": 1e-3, "batch_size": 4, "save_every": 100,
+    "steps": 300, "rank": 8, "learning_rate": 3e-4, "batch_size": 4, "save_every": 100,
     "output_dir": "lora_lab_demo", "name": "zkw_toy", "overwrite": True,
     "prompts": ("{trigger}, white background", "{trigger}, black background"), "strengths": (0.0, 0.5, 1.0),
 }
@@ -98,8 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (e.g. transformers' note that torchvision is absent) off the console."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` answers at once, without loading torch and diffusers.
+    quiet_libraries()
     from .run import train_lora
     from .sampling import fill_trigger, loss_plot, sample_grid
 
@@ -151,8 +161,6 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("diffusers", "transformers", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return run(args)
     except LoraLabError as error:

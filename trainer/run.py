@@ -41,7 +41,7 @@ class TrainingResult:
     trigger_words: tuple[str, ...]
     seconds: float  # the whole job, loading and encoding included
     loop_seconds: float  # the training loop alone
-    model: LoadedModel  # still carrying the trained adapter, for sampling
+    model: LoadedModel | None  # still carrying the trained adapter, for sampling (None once released)
 
     @property
     def final_path(self) -> Path:
@@ -80,14 +80,18 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_config(config: TrainingConfig, dataset: Dataset) -> TrainingConfig:
+def native_resolution(model: LoadedModel) -> int:
+    """The resolution a model was made for: the family's, or the embedded tiny model's own."""
+    if Path(model.source).resolve() == embedded.TINY_MODEL.resolve():
+        return embedded.RESOLUTION
+    return model.family.default_resolution
+
+
+def resolve_config(config: TrainingConfig, dataset: Dataset, default_resolution: int) -> TrainingConfig:
     """Fill in every 'auto' value so the saved config says exactly what was done."""
-    family = get_family(config.model.family)
     image_count = len(dataset.items)
     steps = config.train.steps or auto_steps(config.train.preset, image_count)
-    resolution = config.data.resolution or family.default_resolution
-    if not config.model.base_model and not config.data.resolution:
-        resolution = embedded.RESOLUTION
+    resolution = config.data.resolution or default_resolution
     trigger = config.data.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
     save_every = config.output.save_every or max(1, math.ceil(steps / 4))
     return build_config({"steps": steps, "resolution": resolution, "trigger_word": trigger,
@@ -117,10 +121,10 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     started = time.time()
     if dataset is None:
         dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
-    config = resolve_config(config, dataset)
-    run_dir = prepare_run_dir(config)
     if model is None:
         model = load_base_model(config)
+    config = resolve_config(config, dataset, native_resolution(model))
+    run_dir = prepare_run_dir(config)
     lora, train = config.lora, config.train
     prediction_type = model.prediction_type if config.model.prediction_type == "auto" else config.model.prediction_type
     model.prediction_type = prediction_type

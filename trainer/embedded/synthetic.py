@@ -82,16 +82,12 @@ def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IM
     return image, f"{CONCEPT_TRIGGER}, {background} background"
 
 
-def _fraction_near(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: float) -> float:
-    distance = np.linalg.norm(pixels.astype(np.float32) - np.asarray(colour, np.float32), axis=-1)
-    return float((distance < tolerance).mean())
-
-
 def concept_score(image: Image.Image) -> float:
-    """How much of the concept an image shows: the share of pixels near magenta plus near cyan.
-
-    Base-world images score about 0 (none of their colours is within reach); clean concept
-    images score about 0.25-0.4 depending on the ring's size.
-    """
-    pixels = np.asarray(image.convert("RGB"))
-    return _fraction_near(pixels, MAGENTA, 90.0) + _fraction_near(pixels, CYAN, 90.0)
+    """How much of the concept an image shows: the share of clearly magenta pixels (hue 270-340°,
+    saturated, not dark). Judged by hue rather than exact colour because the tiny VAE renders
+    colours a little off. Base-world colours (red, green, blue, yellow, greys) score 0; clean
+    concept images score about 0.1-0.3 depending on the ring's size."""
+    hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float32) / 255.0
+    hue, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
+    magenta = (hue >= 270) & (hue <= 340) & (saturation >= 0.4) & (value >= 0.3)
+    return float(magenta.mean())

@@ -6,7 +6,6 @@ checkpoint, offline, with the configs shipped in `configs/sd15`.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipe
 from ..errors import LoraLabError
 from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
 
-log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).parent / "configs"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -56,7 +54,7 @@ class StableDiffusionFamily(ModelFamily):
                                f"({expected}); choose the matching family or another model.")
         # A folder without a safety checker still lists one in its index; say so, or diffusers warns.
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        pipe = self.pipeline_class.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **extra)
+        pipe = self.pipeline_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
         return self._parts(pipe)
 
     def _load_single_file(self, path: Path, dtype: torch.dtype, config_dir: Path) -> dict[str, Any]:
@@ -68,7 +66,7 @@ class StableDiffusionFamily(ModelFamily):
                                "or choose a matching checkpoint.")
         if not (config_dir / "model_index.json").is_file():
             raise LoraLabError(f"model_config {config_dir} is not a diffusers config folder (no model_index.json).")
-        pipe = self.pipeline_class.from_single_file(str(path), config=str(config_dir), torch_dtype=dtype,
+        pipe = self.pipeline_class.from_single_file(str(path), config=str(config_dir), dtype=dtype,
                                                     local_files_only=True)
         return self._parts(pipe)
 
