@@ -46,11 +46,15 @@ def test_disk_cache_is_reused(make_config, fresh_model, base_model, tmp_path, ca
 
     cache = tmp_path / "cache"
     train_lora(make_config(**QUICK, cache_dir=str(cache), name="a"), model=fresh_model)
+    from lora_lab.trainer import embedded
+    from lora_lab.trainer.data import scan_folder
+
+    captions = {item.caption for item in scan_folder(embedded.CONCEPT_DATASET).items}
     entries = sorted(cache.iterdir())
-    assert len(entries) == 12 + 12  # latents and captions of the 12 concept images
+    assert len(entries) == 12 + len(captions)  # the latents of 12 images, each distinct caption once
     with caplog.at_level(logging.INFO, logger="lora_lab.trainer.examples"):
         train_lora(make_config(**QUICK, cache_dir=str(cache), name="b"), model=copy.deepcopy(base_model))
-    assert "24 reused, 0 computed" in caplog.text
+    assert f"{len(entries)} reused, 0 computed" in caplog.text
 
 
 def test_adamw8bit_explains_what_it_needs(make_config, fresh_model):
