@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import time
@@ -14,9 +15,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .config import build_config, field_specs, load_settings_file
-from .errors import LoraLabError
-from .loop import Checkpoint, StepReport, TrainingEvents
+# Library chatter (transformers' note that torchvision is absent, loading bars) stays off the
+# console; these must be set before diffusers and transformers are first imported, just below.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from .config import build_config, field_specs, load_settings_file  # noqa: E402
+from .errors import LoraLabError  # noqa: E402
+from .loop import Checkpoint, StepReport, TrainingEvents  # noqa: E402
 
 DEMO_SETTINGS: dict[str, Any] = {
     "steps": 300, "rank": 8, "learning_rate": 3e-4, "batch_size": 4, "save_every": 100,
@@ -99,12 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (e.g. transformers' note that torchvision is absent) off the console."""
+    """No loading bars from the libraries: the CLI shows its own progress."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
 
 def run(args: argparse.Namespace) -> int:
