@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,6 @@ from PIL import Image
 from ..trainer.errors import LoraLabError
 from ..trainer.families import LoadedModel, get_family
 from ..trainer.loop import Checkpoint, StepReport, TrainingEvents
-
-log = logging.getLogger(__name__)
 
 __all__ = ["ComfyExtension", "io", "ui", "SAMPLERS", "SCHEDULERS", "DATASET", "RUN", "STACK"]
 SAMPLERS = comfy.samplers.KSampler.SAMPLERS

@@ -21,7 +21,7 @@ from .data import BatchOrder
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .families import LoadedModel
-from .lora import lora_layers, lora_parameters
+from .lora import lora_parameters
 from .objectives import noise_batch, weighted_mse
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,10 @@ class LoopResult:
 
 def build_optimizer(config: TrainingConfig, model: LoadedModel) -> torch.optim.Optimizer:
     settings = config.optimizer
-    groups = [{"params": lora_parameters(model, denoiser_only=True), "lr": settings.learning_rate}]
-    text_parameters = [p for _, encoder in model.lora_modules()[1:] for _, layer in lora_layers(encoder)
-                       for p in layer.parameters() if p.requires_grad]
+    denoiser = lora_parameters(model, denoiser_only=True)
+    groups = [{"params": denoiser, "lr": settings.learning_rate}]
+    in_denoiser = {id(p) for p in denoiser}
+    text_parameters = [p for p in lora_parameters(model) if id(p) not in in_denoiser]
     if text_parameters:
         groups.append({"params": text_parameters, "lr": settings.text_encoder_lr or settings.learning_rate / 2})
     if settings.optimizer == "adamw":

@@ -7,8 +7,6 @@ per-layer scaling (strength · alpha / rank), the same maths ComfyUI applies to 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -16,7 +14,6 @@ from peft.tuners.lora import LoraLayer
 from .errors import LoraLabError
 from .families import LoadedModel
 
-log = logging.getLogger(__name__)
 ADAPTER = "lora_lab"
 
 

@@ -9,7 +9,6 @@ The noise/target/weighting maths lives in `objectives.py` and is shared by all f
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,6 @@ import torch
 from safetensors import safe_open
 
 from ..errors import LoraLabError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
