@@ -27,7 +27,8 @@ from .loop import Checkpoint, StepReport, TrainingEvents  # noqa: E402
 DEMO_SETTINGS: dict[str, Any] = {
     "steps": 300, "rank": 8, "learning_rate": 3e-4, "batch_size": 4, "save_every": 100,
     "output_dir": "lora_lab_demo", "name": "zkw_toy", "overwrite": True,
-    "prompts": ("{trigger}, white background", "{trigger}, black background"), "strengths": (0.0, 0.5, 1.0),
+    "prompts": ("{trigger}, white background", "{trigger}, black background", "{trigger}, gray background"),
+    "strengths": (0.0, 0.5, 1.0),
 }
 
 
