@@ -125,6 +125,10 @@ class OutputSettings(_Section):
     save_every: int = setting(AUTO, "Save a checkpoint every N steps (0 = four checkpoints over the run).",
                               low=0, high=100_000)
     overwrite: bool = setting(False, "Replace an existing run folder of the same name instead of refusing.")
+    resume: str = setting("", "Continue a run where it stopped: 'latest' = the newest checkpoint of the run called "
+                          "name, or the path of a checkpoint (.safetensors or its .resume file). Empty = new run.")
+    resume_with_changes: bool = setting(False, "Allow resuming with changed settings or dataset (recorded in the "
+                                        "LoRA's metadata); off refuses and lists what changed.")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 optimizer, report, and save on schedule or when asked to stop.
 
 Out: `TrainingEvents` (step, checkpoint). In: `TrainingEvents.should_stop()`, polled every step.
+Every save hands the caller a `RunState` (weights, optimizer, scheduler, RNGs, position in the
+data), and a loop given one continues exactly where it was taken.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from .data import BatchOrder
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .families import LoadedModel
-from .lora import lora_parameters
+from .lora import lora_parameters, named_lora_parameters
 from .objectives import noise_batch, weighted_mse
+from .resume import RunState, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +126,17 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint is kept and the run can be "
+                        "resumed. To fit: turn on gradient_checkpointing, lower batch_size (raise "
+                        "gradient_accumulation to keep the effective batch), lower resolution or rank, or close "
+                        "other programs using the GPU.")
+
+
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
-             save_every: int, save: Callable[[int, bool], Path], events: TrainingEvents,
-             loss_log: Path | None = None) -> LoopResult:
-    """Train for `total_steps` optimizer steps; `save(step, final)` writes a checkpoint file."""
+             save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
+             loss_log: Path | None = None, resume: RunState | None = None) -> LoopResult:
+    """Train up to `total_steps` optimizer steps, from the start or from `resume`;
+    `save(step, final, state)` writes a checkpoint and returns the LoRA file's path."""
     train = config.train
     device = model.device
     compute_dtype = resolve_precision(train.mixed_precision, device)
@@ -143,15 +153,27 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
     generator = torch.Generator().manual_seed(train.seed)
     order = BatchOrder(examples.buckets, examples.repeats, train.batch_size, train.seed)
-    model.denoiser.train()
     result = LoopResult()
+    first_step, batch_number = 1, 0
+    if resume is not None:
+        first_step, batch_number = resume.step + 1, resume.batch_number
+        _restore(resume, model, optimizer, scheduler, scaler, generator)
+        result.losses = [tuple(row) for row in resume.losses]
+
+    def snapshot(step: int) -> RunState:
+        return RunState(step=step, batch_number=batch_number,
+                        lora={name: p.detach() for name, p in named_lora_parameters(model)},
+                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict(), rng=capture_rng(generator), losses=list(result.losses))
+
+    model.denoiser.train()
     log_file = loss_log.open("w", encoding="utf-8") if loss_log else None
-    if log_file:
-        log_file.write("step,loss,lr\n")
+    if log_file:  # a resumed run rewrites the log up to its step, so it never holds a discarded future
+        log_file.write("step,loss,lr\n" + "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in result.losses))
     started = time.perf_counter()
-    batch_number = 0
+    step = first_step - 1
     try:
-        for step in range(1, total_steps + 1):
+        for step in range(first_step, total_steps + 1):
             step_started = time.perf_counter()
             step_loss = 0.0
             for _ in range(train.gradient_accumulation):
@@ -187,13 +209,16 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             stop = events.should_stop()
             final = step == total_steps
             if final or stop or step % save_every == 0:
-                checkpoint = Checkpoint(step, save(step, final), final)
+                checkpoint = Checkpoint(step, save(step, final, snapshot(step)), final)
                 result.checkpoints.append(checkpoint)
                 events.on_checkpoint(checkpoint)
             if stop and not final:
                 result.stopped = True
                 log.info("Stopped at step %d of %d; checkpoint saved.", step, total_steps)
                 break
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        raise LoraLabError(OUT_OF_MEMORY_ADVICE.format(step=step)) from None
     finally:
         if log_file:
             log_file.close()
@@ -202,3 +227,24 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             model.denoiser.disable_gradient_checkpointing()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _restore(state: RunState, model: LoadedModel, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+             generator: torch.Generator) -> None:
+    """Put a saved state back: weights, optimizer, schedule, grad scaler and every RNG."""
+    parameters = dict(named_lora_parameters(model))
+    if set(parameters) != set(state.lora):
+        raise LoraLabError("The resume file's LoRA layers differ from this model's (another base model, rank or "
+                           "targets); resume from a checkpoint of this run, or start a new run.")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if parameter.shape != state.lora[name].shape:
+                raise LoraLabError(f"The resume file's layer {name} has shape {tuple(state.lora[name].shape)}, "
+                                   f"the model's {tuple(parameter.shape)}; resume with the same rank and model.")
+            parameter.copy_(state.lora[name])
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    if state.scaler:
+        scaler.load_state_dict(state.scaler)
+    restore_rng(state.rng, generator)

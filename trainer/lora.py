@@ -52,6 +52,13 @@ def lora_parameters(model: LoadedModel, denoiser_only: bool = False) -> list[tor
             for p in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters())]
 
 
+def named_lora_parameters(model: LoadedModel) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable LoRA parameters with stable names, in `lora_parameters` order."""
+    return [(f"{prefix}.{path}.{kind}", p) for prefix, module in model.lora_modules()
+            for path, layer in lora_layers(module)
+            for kind, p in (("lora_A", layer.lora_A[ADAPTER].weight), ("lora_B", layer.lora_B[ADAPTER].weight))]
+
+
 def set_strength(model: LoadedModel, strength: float) -> None:
     """Scale the LoRA's effect: 0 is the base model, 1 the LoRA as trained."""
     for _, module in model.lora_modules():

@@ -29,6 +29,7 @@ class RunFacts:
     prediction_type: str
     started_at: float
     session_id: str = ""
+    resume_history: tuple[dict, ...] = ()  # settings or dataset changes accepted on resume
 
 
 def new_session_id() -> str:
@@ -86,4 +87,5 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int) -> dict[s
         "lora_lab.step": str(step),
         "lora_lab.dataset_fingerprint": facts.dataset_fingerprint,
         "lora_lab.config": config.to_json(),
+        **({"lora_lab.resume_history": metadata_json(list(facts.resume_history))} if facts.resume_history else {}),
     }

@@ -8,6 +8,7 @@ hold a model or dataset (the nodes do) pass them in; otherwise they are loaded f
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import shutil
@@ -27,6 +28,17 @@ from .families import LoadedModel, get_family
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
 from .metadata import RunFacts, build_metadata, new_session_id
+from .resume import (
+    SUFFIX,
+    RunState,
+    dataset_changes,
+    dataset_listing,
+    latest_state,
+    read_state,
+    settings_changes,
+    state_path,
+    write_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +85,20 @@ def load_base_model(config: TrainingConfig, device: torch.device | None = None) 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
     """Changes whenever an image, caption or repeat count changes (names, sizes, captions)."""
-    digest = hashlib.sha256()
-    for item in dataset.items:
-        size = item.path.stat().st_size if item.image is None and item.path.exists() else 0
-        digest.update(f"{item.path.name}|{size}|{item.repeats}|{item.caption}\n".encode())
-    return digest.hexdigest()[:16]
+    return hashlib.sha256(json.dumps(dataset_listing(dataset)).encode()).hexdigest()[:16]
+
+
+WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def check_output_name(name: str) -> str:
+    """A run name that is one plain folder name on every system, or a clear error."""
+    if (not name or name.strip() != name or name.endswith(".") or name.startswith(("-", "."))
+            or any(c in name for c in '/\\:*?"<>|') or any(ord(c) < 32 for c in name) or len(name) > 120
+            or name.split(".")[0].lower() in WINDOWS_RESERVED):
+        raise LoraLabError(f"Output name {name!r} is not a plain file name; use letters, digits, '-' and '_' "
+                           "(at most 120 characters, not starting with '.' or '-').")
+    return name
 
 
 def native_resolution(model: LoadedModel) -> int:
@@ -98,20 +119,47 @@ def resolve_config(config: TrainingConfig, dataset: Dataset, default_resolution:
                          "alpha": config.alpha, "save_every": save_every}, base=config)
 
 
-def prepare_run_dir(config: TrainingConfig) -> Path:
-    name = config.output.name
-    if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|') or len(name) > 120:
-        raise LoraLabError(f"Output name {name!r} is not a plain file name; use letters, digits, '-' and '_' "
-                           "(at most 120 characters).")
-    run_dir = Path(config.output.output_dir).expanduser() / name
-    existing = sorted(run_dir.glob("*.safetensors")) if run_dir.is_dir() else []
+def prepare_run_dir(config: TrainingConfig, resuming: bool = False) -> Path:
+    run_dir = Path(config.output.output_dir).expanduser() / check_output_name(config.output.name)
+    existing = sorted(run_dir.glob("*.safetensors")) if run_dir.is_dir() and not resuming else []
     if existing and not config.output.overwrite:
-        raise LoraLabError(f"A run named {name!r} already exists in {run_dir} ({len(existing)} LoRA files). "
-                           "Choose another name, or set overwrite to replace it.")
+        raise LoraLabError(f"A run named {config.output.name!r} already exists in {run_dir} ({len(existing)} LoRA "
+                           "files). Choose another name, set resume to 'latest' to continue it, or set overwrite "
+                           "to replace it.")
     if existing:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def resume_file(config: TrainingConfig) -> Path:
+    """The resume file that `config.output.resume` names ('latest' or a checkpoint path)."""
+    choice = config.output.resume.strip()
+    if choice == "latest":
+        return latest_state(Path(config.output.output_dir).expanduser() / check_output_name(config.output.name))
+    path = Path(choice).expanduser()
+    if path.suffix.lower() == ".safetensors":
+        return state_path(path)
+    if path.suffix.lower() == SUFFIX:
+        return path
+    raise LoraLabError(f"resume = {choice!r}: use 'latest' or the path of a checkpoint (.safetensors or {SUFFIX}).")
+
+
+def check_resume(state: RunState, config: TrainingConfig, listing: list[list]) -> list[dict]:
+    """Refuse a resume whose settings or dataset changed, unless allowed; returns the run's history
+    of such changes (recorded in the metadata)."""
+    changes = settings_changes(state.config, config.to_dict()) + dataset_changes(state.dataset, listing)
+    if state.step >= config.train.steps:
+        raise LoraLabError(f"The checkpoint is at step {state.step} and the run has {config.train.steps} steps: "
+                           "nothing left to train. To train further, raise steps and turn on resume_with_changes.")
+    if not changes:
+        return state.history
+    if not config.output.resume_with_changes:
+        raise LoraLabError(f"Cannot resume from step {state.step}: " + "; ".join(changes) + ". Put the settings "
+                           "and dataset back as they were, or turn on resume_with_changes to continue with the "
+                           "new ones.")
+    log.warning("Resuming from step %d with changes: %s", state.step, "; ".join(changes))
+    return [*state.history, {"step": state.step, "changes": changes}]
 
 
 def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
@@ -124,7 +172,14 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     if model is None:
         model = load_base_model(config)
     config = resolve_config(config, dataset, native_resolution(model))
-    run_dir = prepare_run_dir(config)
+    listing = dataset_listing(dataset)
+    resume, history = None, []
+    if config.output.resume:
+        source = resume_file(config)
+        resume = read_state(source)
+        history = check_resume(resume, config, listing)
+        log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
+    run_dir = prepare_run_dir(config, resuming=resume is not None)
     lora, train = config.lora, config.train
     prediction_type = model.prediction_type if config.model.prediction_type == "auto" else config.model.prediction_type
     model.prediction_type = prediction_type
@@ -137,18 +192,22 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
                      tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(dataset),
-                     prediction_type=prediction_type, started_at=started, session_id=new_session_id())
+                     prediction_type=prediction_type, started_at=started, session_id=new_session_id(),
+                     resume_history=tuple(history))
     name = config.output.name
 
-    def save(step: int, final: bool) -> Path:
+    def save(step: int, final: bool, state: RunState) -> Path:
+        """The LoRA file, then its resume file: a resume file never exists without its LoRA."""
         path = run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
         tensors = lora_state_dict(model, config.alpha, SAVE_DTYPES["fp16"])
         save_lora(path, tensors, build_metadata(config, facts, step))
+        state.config, state.dataset, state.history = config.to_dict(), listing, history
+        write_state(state_path(path), state)
         log.info("Saved %s", path)
         return path
 
     loop = run_loop(model, examples, config, train.steps, config.output.save_every, save, events,
-                    loss_log=run_dir / f"{name}-loss.csv")
+                    loss_log=run_dir / f"{name}-loss.csv", resume=resume)
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
                           loop_seconds=loop.seconds, model=model)

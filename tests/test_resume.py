@@ -1,0 +1,137 @@
+"""Exact resume: a run stopped at step k and resumed ends with the same LoRA as a run that was never
+stopped, wherever k falls; changed settings or data are refused unless allowed, and recorded."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lora_lab.trainer.data import scan_folder
+from lora_lab.trainer.errors import LoraLabError
+from lora_lab.trainer.examples import TrainingSet
+from lora_lab.trainer.export import read_metadata
+from lora_lab.trainer.loop import TrainingEvents
+from lora_lab.trainer.resume import read_state, state_path
+from lora_lab.trainer.run import train_lora
+from PIL import Image, ImageDraw
+
+STEPS = 12
+# A warm-up and cosine schedule, noise offset and min-SNR: every piece of state a resume must restore.
+SETTINGS = {"steps": STEPS, "rank": 4, "learning_rate": 5e-4, "batch_size": 2, "save_every": 4, "seed": 7,
+            "lr_scheduler": "cosine", "warmup_steps": 3, "noise_offset": 0.05, "min_snr_gamma": 5.0, "name": "run"}
+
+
+class StopAt(TrainingEvents):
+    def __init__(self, step: int) -> None:
+        self.stop_step, self.step = step, 0
+
+    def on_step(self, report) -> None:
+        self.step = report.step
+
+    def should_stop(self) -> bool:
+        return self.step == self.stop_step
+
+
+@pytest.fixture(scope="module")
+def two_bucket_dataset(tmp_path_factory):
+    """Square and wide images, so batches switch between two buckets."""
+    folder = tmp_path_factory.mktemp("data") / "2_zkw_thing"
+    folder.mkdir()
+    for index in range(7):
+        size = (64, 64) if index < 4 else (128, 64)
+        image = Image.new("RGB", size, (40 * index, 200, 255 - 30 * index))
+        ImageDraw.Draw(image).ellipse((8, 8, 48, 48), fill=(255, 0, 255))
+        image.save(folder / f"img{index}.png")
+        (folder / f"img{index}.txt").write_text(f"zkw thing, picture {index}")
+    return folder.parent
+
+
+def _train(make_config, base_model, dataset_dir, events=None, **settings):
+    config = make_config(dataset=str(dataset_dir), **{**SETTINGS, **settings})
+    return train_lora(config, events, model=copy.deepcopy(base_model))
+
+
+def _final_weights(result) -> dict[str, torch.Tensor]:
+    return read_state(state_path(result.final_path)).lora
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, base_model, two_bucket_dataset):
+    from lora_lab.trainer.config import build_config
+
+    out = tmp_path_factory.mktemp("reference")
+    config = build_config({**SETTINGS, "dataset": str(two_bucket_dataset), "output_dir": str(out)})
+    return train_lora(config, model=copy.deepcopy(base_model))
+
+
+def _bucket_change_step(base_model, dataset_dir) -> int:
+    """A step k whose next batch comes from another bucket than batch k."""
+    from lora_lab.trainer.data import BatchOrder
+
+    model = copy.deepcopy(base_model)
+    examples = TrainingSet(model, scan_folder(dataset_dir), 64, True, True, "", False)
+    order = BatchOrder(examples.buckets, examples.repeats, SETTINGS["batch_size"], SETTINGS["seed"])
+    buckets = [examples.buckets[order.batch(n)[0]] for n in range(STEPS)]
+    return next(k for k in range(2, STEPS) if buckets[k - 1] != buckets[k] and k % 4)
+
+
+def _assert_same(result, reference) -> None:
+    got, expected = _final_weights(result), _final_weights(reference)
+    assert got.keys() == expected.keys()
+    worst = max((got[name] - expected[name]).abs().max().item() for name in got)
+    print(f"largest difference from the uninterrupted run: {worst:.3g}")
+    assert worst <= 1e-6
+    assert [round(loss, 6) for _, loss, _ in result.losses] == [round(loss, 6) for _, loss, _ in reference.losses]
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "checkpoint", "bucket change"])
+def test_stop_and_resume_matches_an_uninterrupted_run(where, make_config, base_model, two_bucket_dataset,
+                                                      reference):
+    stop = {"mid-epoch": 3, "checkpoint": 8, "bucket change": None}[where]
+    stop = stop or _bucket_change_step(base_model, two_bucket_dataset)
+    first = _train(make_config, base_model, two_bucket_dataset, StopAt(stop))
+    assert first.stopped and first.checkpoints[-1].step == stop
+    resumed = _train(make_config, base_model, two_bucket_dataset, resume="latest")
+    assert [c.step for c in resumed.checkpoints] == [s for s in (4, 8, 12) if s > stop]
+    _assert_same(resumed, reference)
+    lines = (resumed.run_dir / "run-loss.csv").read_text().splitlines()
+    assert len(lines) == STEPS + 1  # the loss log covers the whole run, once
+
+
+def test_resume_of_a_resume_and_from_a_chosen_checkpoint(make_config, base_model, two_bucket_dataset, reference):
+    _train(make_config, base_model, two_bucket_dataset, StopAt(2))
+    second = _train(make_config, base_model, two_bucket_dataset, StopAt(6), resume="latest")
+    assert second.stopped and second.checkpoints[-1].step == 6
+    _assert_same(_train(make_config, base_model, two_bucket_dataset, resume="latest"), reference)
+    # A chosen earlier checkpoint (by its LoRA file) gives the same end as well.
+    chosen = second.run_dir / "run-step000004.safetensors"
+    _assert_same(_train(make_config, base_model, two_bucket_dataset, resume=str(chosen)), reference)
+
+
+def test_changed_settings_or_data_are_refused_unless_allowed(make_config, base_model, two_bucket_dataset, tmp_path):
+    _train(make_config, base_model, two_bucket_dataset, StopAt(2))
+    with pytest.raises(LoraLabError, match=r"learning_rate: 0.0005 -> 0.001.*resume_with_changes"):
+        _train(make_config, base_model, two_bucket_dataset, resume="latest", learning_rate=1e-3)
+    changed = tmp_path / "changed"
+    import shutil
+
+    shutil.copytree(two_bucket_dataset, changed)
+    (changed / "2_zkw_thing" / "img1.txt").write_text("another caption")
+    (changed / "2_zkw_thing" / "img6.png").unlink()
+    with pytest.raises(LoraLabError, match=r"1 image\(s\) removed \(2_zkw_thing/img6.png\).*1 image\(s\) re-captioned"):
+        _train(make_config, base_model, changed, resume="latest")
+    result = _train(make_config, base_model, two_bucket_dataset, resume="latest", learning_rate=1e-3,
+                    resume_with_changes=True)
+    assert result.checkpoints[-1].step == STEPS
+    assert "learning_rate: 0.0005 -> 0.001" in read_metadata(result.final_path)["lora_lab.resume_history"]
+
+
+def test_resume_errors_say_what_to_do(make_config, base_model, two_bucket_dataset, reference):
+    with pytest.raises(LoraLabError, match="Nothing to resume"):
+        _train(make_config, base_model, two_bucket_dataset, resume="latest", name="never_ran")
+    with pytest.raises(LoraLabError, match="nothing left to train"):
+        _train(make_config, base_model, two_bucket_dataset, resume=str(reference.final_path))
+    _train(make_config, base_model, two_bucket_dataset, StopAt(1))
+    with pytest.raises(LoraLabError, match="already exists.*set resume to 'latest'"):
+        _train(make_config, base_model, two_bucket_dataset)
