@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"Loss curve diagnosis: {diagnose_loss([loss for _, loss, _ in result.losses])}")
     if result.stopped:
-        print(f"Stopped at step {result.checkpoints[-1].step}; saved {result.final_path}.")
+        print(f"Stopped at step {result.checkpoints[-1].step}; saved {result.final_path}. Continue with the same "
+              "command plus --resume latest.")
     if not args.no_samples and not result.stopped:
         sample_settings = result.config.sample
         prompts = [fill_trigger(p, result.trigger_words) for p in sample_settings.prompts]

@@ -129,6 +129,8 @@ def prepare_run_dir(config: TrainingConfig, resuming: bool = False) -> Path:
     if existing:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in run_dir.glob(".*.tmp"):  # half-written files of a run that was killed while saving
+        leftover.unlink(missing_ok=True)
     return run_dir
 
 
