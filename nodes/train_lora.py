@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from ..trainer.config import TrainingConfig, build_config
+from ..trainer.errors import LoraLabError
+from ..trainer.resume import SUFFIX
 from ..trainer.run import TrainingResult, train_lora
 from ..trainer.sampling import loss_plot
 from . import comfy_bridge as comfy
@@ -16,8 +19,11 @@ from .values import DatasetValue, TrainingRun
 # Widgets in this order are public API: workflow files store widget values by position.
 SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "batch_size", "optimizer",
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
-            "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing")
+            "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes")
 FROM_PRESET = 0  # rank / learning_rate widget value meaning "the preset's value"
+NEW_RUN, LATEST = "off", "latest"
+
+log = logging.getLogger(__name__)
 
 
 def unique_name(folder: Path, name: str) -> str:
@@ -29,10 +35,36 @@ def unique_name(folder: Path, name: str) -> str:
     return candidate
 
 
+def resume_choices(output_dir: Path) -> list[str]:
+    """The resume widget's options: a new run, the latest checkpoint of the named run, or any
+    checkpoint that has a resume file (as '<run>/<file>')."""
+    found = sorted(output_dir.glob(f"*/*{SUFFIX}")) if output_dir.is_dir() else []
+    return [NEW_RUN, LATEST, *(f"{path.parent.name}/{path.name}" for path in found)]
+
+
+def chosen_checkpoint(output_dir: Path, choice: str) -> Path:
+    """A '<run>/<file>.resume' choice as a path, which must lie inside the LoRA Lab folder: the
+    choice may come from a stranger's workflow."""
+    root = output_dir.resolve()
+    path = (output_dir / choice).resolve()
+    if not path.is_relative_to(root) or path.suffix != SUFFIX or not path.is_file():
+        raise LoraLabError(f"resume = {choice!r} is not a checkpoint of a run in {output_dir}; choose 'latest' or "
+                           "one of the listed checkpoints (refresh the page to see new ones).")
+    return path
+
+
 def node_config(values: dict, output_dir: Path) -> TrainingConfig:
     settings = {k: v for k, v in values.items() if not (k in ("rank", "learning_rate") and v == FROM_PRESET)}
     settings["output_dir"] = str(output_dir)
-    settings["name"] = unique_name(output_dir, str(values["name"]).strip() or "my_lora")
+    name = str(values.get("name", "my_lora")).strip() or "my_lora"
+    resume = str(values.get("resume", NEW_RUN))
+    if resume == NEW_RUN:
+        settings.update(resume="", name=unique_name(output_dir, name))
+    elif resume == LATEST:
+        settings.update(resume=LATEST, name=name)
+    else:  # a chosen checkpoint continues in its own run folder
+        path = chosen_checkpoint(output_dir, resume)
+        settings.update(resume=str(path), name=path.parent.name)
     return build_config(settings)
 
 
@@ -62,7 +94,12 @@ class TrainLora(io.ComfyNode):
                                tooltip="Learning rate (0 = the preset's; 1e-4 without a preset). 1.0 with Prodigy."),
                 *(setting_widget(name) for name in SETTINGS[5:12]),
                 setting_widget("name", default="my_lora"),
-                *(setting_widget(name) for name in SETTINGS[13:]),
+                *(setting_widget(name) for name in SETTINGS[13:18]),
+                io.Combo.Input("resume", options=resume_choices(comfy.lora_root() / comfy.LORA_SUBFOLDER),
+                               default=NEW_RUN, tooltip="Continue a stopped run exactly where it stopped: 'latest' "
+                               "= the newest checkpoint of the run called name, or a chosen checkpoint. 'off' "
+                               "starts a new run (an existing name gets _2, _3, ...)."),
+                setting_widget("resume_with_changes"),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      RUN.Output(display_name="training_run"), io.Image.Output(display_name="loss_curve"),
@@ -83,7 +120,12 @@ class TrainLora(io.ComfyNode):
         finally:
             comfy.release_training_memory()
         if result.stopped:
-            comfy.send("lora_lab.stopped", {"node": cls.hidden.unique_id, "path": str(result.final_path)})
+            step = result.checkpoints[-1].step
+            message = (f"Stopped at step {step} of {result.config.train.steps}; saved {result.final_path.name}. "
+                       f"To continue, set resume to 'latest' (name {result.config.output.name}) and queue again.")
+            log.info(message)
+            comfy.send("lora_lab.stopped", {"node": cls.hidden.unique_id, "path": str(result.final_path),
+                                            "message": message})
             comfy.raise_interrupted()
         lora = comfy.load_lora_file(result.final_path)
         model_out, clip_out = comfy.apply_lora(model, clip, lora, 1.0, 1.0)

@@ -22,7 +22,7 @@ EXPECTED_INPUTS = {
     "LoraLabTrainLora": ["model", "clip", "vae", "dataset", "preset", "steps", "rank", "alpha", "learning_rate",
                          "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
-                         "noise_offset", "bucketing"],
+                         "noise_offset", "bucketing", "resume", "resume_with_changes"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
                                 "sampler_name", "scheduler", "width", "height", "training_run", "lora_names"],
     "LoraLabApplyLoraStack": ["model", "clip", "auto_strengths", "lora_1", "model_strength_1", "clip_strength_1",
@@ -132,6 +132,27 @@ def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine_2").mkdir()
     assert unique_name(tmp_path, "mine") == "mine_3" and unique_name(tmp_path, "other") == "other"
+
+
+def test_resume_choices_keep_the_run_and_stay_inside_the_lora_folder(nodes, tmp_path):
+    from lora_lab.nodes.train_lora import node_config, resume_choices
+    from lora_lab.trainer.errors import LoraLabError
+
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "mine-step000010.resume").write_bytes(b"x")
+    (run / "mine-step000010.safetensors").write_bytes(b"x")
+    assert resume_choices(tmp_path) == ["off", "latest", "mine/mine-step000010.resume"]
+    assert node_config({"name": "mine"}, tmp_path).output.name == "mine_2"  # a new run never reuses a name
+    latest = node_config({"name": "mine", "resume": "latest"}, tmp_path).output
+    assert (latest.name, latest.resume) == ("mine", "latest")
+    chosen = node_config({"name": "other", "resume": "mine/mine-step000010.resume"}, tmp_path).output
+    assert chosen.name == "mine" and chosen.resume == str((run / "mine-step000010.resume").resolve())
+    outside = tmp_path.parent / "elsewhere.resume"
+    outside.write_bytes(b"x")
+    for hostile in ("../elsewhere.resume", str(outside), "mine/mine-step000010.safetensors", "mine/none.resume"):
+        with pytest.raises(LoraLabError, match="not a checkpoint of a run"):
+            node_config({"name": "mine", "resume": hostile}, tmp_path)
 
 
 def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):

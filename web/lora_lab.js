@@ -28,7 +28,7 @@ api.addEventListener("lora_lab.checkpoint", ({ detail }) => {
 
 api.addEventListener("lora_lab.stopped", ({ detail }) => {
   const node = nodeById(detail.node);
-  if (node?.loraLab) node.loraLab.status = `stopped, saved ${detail.path}`;
+  if (node?.loraLab) node.loraLab.status = detail.message ?? `stopped, saved ${detail.path}`;
 });
 
 app.registerExtension({
