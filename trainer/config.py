@@ -115,6 +115,8 @@ class TrainSettings(_Section):
     min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", low=0, high=100.0)
     noise_offset: float = setting(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).",
                                   low=0, high=1.0)
+    check_memory: bool = setting(True, "Estimate peak memory before training and refuse a run that will not fit, "
+                                 "saying which settings would (off = try anyway).")
     seed: int = setting(42, "Random seed: the same seed and settings give the same LoRA.", low=0, high=2**31 - 1)
 
 

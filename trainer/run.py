@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import embedded
+from .budget import check_disk, check_memory, planned_disk_bytes
 from .config import TrainingConfig, auto_steps, build_config
 from .data import Dataset, scan_folder
 from .errors import LoraLabError
@@ -190,6 +191,8 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     examples = TrainingSet(model, dataset, config.data.resolution, config.data.bucketing, config.data.cache,
                            config.data.cache_dir, lora.train_text_encoder)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
+    check_memory(model, examples, config, resolve_precision(train.mixed_precision, model.device))
+    check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
     facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,

@@ -1,0 +1,77 @@
+"""Memory and disk checks before training, and out-of-memory during it: estimates that track the
+settings, refusals that say which settings fit, and the last checkpoint kept."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+
+import pytest
+import torch
+from lora_lab.trainer import budget, loop
+from lora_lab.trainer.data import scan_folder
+from lora_lab.trainer.embedded import CONCEPT_DATASET
+from lora_lab.trainer.errors import LoraLabError
+from lora_lab.trainer.examples import TrainingSet
+from lora_lab.trainer.lora import add_lora
+from lora_lab.trainer.run import train_lora
+
+
+def _estimate(model, make_config, **settings):
+    config = make_config(**{"rank": 8, "batch_size": 1, **settings})
+    examples = TrainingSet(model, scan_folder(CONCEPT_DATASET), 64, True, True, "", False)
+    return budget.estimate_memory(model, examples, config, torch.float32)
+
+
+def test_estimate_follows_batch_checkpointing_and_rank(fresh_model, make_config):
+    add_lora(fresh_model, 8, 8, "attention", False)
+    one = _estimate(fresh_model, make_config)
+    four = _estimate(fresh_model, make_config, batch_size=4)
+    checkpointed = _estimate(fresh_model, make_config, batch_size=4, gradient_checkpointing=True)
+    print("activations MiB, batch 1 / 4 / 4 checkpointed:",
+          [round(e.activations / 2**20, 1) for e in (one, four, checkpointed)])
+    assert 3 * one.activations < four.activations < 5 * one.activations
+    assert checkpointed.activations < 0.6 * four.activations
+    assert one.adapters == 2 * sum(p.numel() * 4 for n, p in fresh_model.denoiser.named_parameters() if "lora_" in n)
+    assert one.optimizer == one.adapters  # AdamW: two fp32 moments per weight, as many bytes as weights + grads
+    assert one.base > 10 * one.adapters and "GiB" in one.describe()
+
+
+def test_a_run_that_will_not_fit_is_refused_with_settings_that_fit(make_config, fresh_model, monkeypatch):
+    config = make_config(steps=2, rank=8, batch_size=4)
+    examples = TrainingSet(fresh_model, scan_folder(CONCEPT_DATASET), 64, True, True, "", False)
+    add_lora(fresh_model, 8, 8, "attention", False)
+    needed = budget.estimate_memory(fresh_model, examples, config, torch.float32)
+    fitting = budget.estimate_memory(fresh_model, examples, make_config(steps=2, rank=8, batch_size=4,
+                                                                        gradient_checkpointing=True), torch.float32)
+    monkeypatch.setattr(budget, "free_memory", lambda device: (needed.training + fitting.training) // 2)
+    with pytest.raises(LoraLabError, match="To fit: turn on gradient_checkpointing.*check_memory"):
+        budget.check_memory(fresh_model, examples, config, torch.float32)
+    budget.check_memory(fresh_model, examples, make_config(steps=2, rank=8, batch_size=4, check_memory=False),
+                        torch.float32)  # the user may try anyway
+
+
+def test_too_little_disk_is_refused_before_training(make_config, fresh_model, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(LoraLabError, match="need about .* GiB but .* free.*save_every"):
+        train_lora(make_config(steps=4, rank=8), model=fresh_model)
+
+
+def test_out_of_memory_keeps_the_last_checkpoint_and_advises(make_config, fresh_model, monkeypatch):
+    calls = {"n": 0}
+    predict = fresh_model.family.predict
+
+    def failing_predict(model, noisy, *args):
+        calls["n"] += noisy.device.type != "meta"  # the memory estimate's dry run does not count
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(model, noisy, *args)
+
+    monkeypatch.setattr(fresh_model.family, "predict", failing_predict)
+    config = make_config(steps=4, rank=8, save_every=2, name="oom")
+    with pytest.raises(LoraLabError, match="Out of memory at step 3.*resumed.*gradient_checkpointing"):
+        train_lora(config, model=fresh_model)
+    run_dir = loop.Path(config.output.output_dir) / "oom"
+    assert sorted(p.name for p in run_dir.glob("oom*")) == ["oom-loss.csv", "oom-step000002.resume",
+                                                         "oom-step000002.safetensors"]

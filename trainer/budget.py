@@ -1,0 +1,203 @@
+"""Will the run fit? Peak memory and disk space, estimated before the first step and compared with
+what the device and the output folder have free.
+
+Activations are measured, not guessed: a copy of the denoiser built on PyTorch's meta device (no
+memory, no arithmetic) runs one forward pass at the real batch shape, and every tensor autograd
+keeps for the backward pass is counted. Attention is counted as the memory-efficient kernels used
+in training keep it (query, key, value, output and a log-sum-exp), not as the full score matrix
+the meta device's fallback would keep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import TrainingConfig, build_config
+from .errors import LoraLabError
+from .examples import TrainingSet
+from .families import LoadedModel
+from .lora import add_lora, lora_parameters
+
+log = logging.getLogger(__name__)
+
+GIB = 2**30
+OPTIMIZER_BYTES_PER_PARAMETER = {"adamw": 8, "prodigy": 16, "adamw8bit": 2}  # state kept per LoRA weight
+CUDA_OVERHEAD = 600 * 2**20  # CUDA context, cuBLAS workspace and allocator slack
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    base: int  # frozen model weights held on the device
+    adapters: int  # LoRA weights and their gradients (fp32)
+    optimizer: int
+    activations: int  # kept for the backward pass, plus the largest temporary of the backward pass
+    overhead: int
+
+    @property
+    def training(self) -> int:
+        """What training adds on top of the loaded model."""
+        return self.adapters + self.optimizer + self.activations + self.overhead
+
+    @property
+    def total(self) -> int:
+        return self.base + self.training
+
+    def describe(self) -> str:
+        parts = [("base model", self.base), ("LoRA + gradients", self.adapters), ("optimizer", self.optimizer),
+                 ("activations", self.activations)] + ([("runtime", self.overhead)] if self.overhead else [])
+        return " + ".join(f"{name} {size / GIB:.2f}" for name, size in parts) + f" = {self.total / GIB:.2f} GiB"
+
+
+def _size(tensors: Iterator[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class _EfficientAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention on the meta device: the output shape, and the
+    tensors flash / memory-efficient attention save for backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):  # type: ignore[override]
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+@contextlib.contextmanager
+def _efficient_attention() -> Iterator[None]:
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query, key, value, *args, **kwargs):
+        return _EfficientAttention.apply(query, key, value)
+
+    torch.nn.functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def measure_activations(model: LoadedModel, config: TrainingConfig, latents: torch.Tensor,
+                        conditioning: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for one step's backward pass, measured on a meta-device copy."""
+    with torch.device("meta"):
+        denoiser = type(model.denoiser).from_config(model.denoiser.config)
+    denoiser.to(compute_dtype)
+    probe = dataclasses.replace(model, denoiser=denoiser, text_encoders=[], vae=None,
+                                prompt_encoder=None, image_encoder=None)
+    add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, train_text_encoder=False)
+    if config.train.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    parameters = {id(p) for p in denoiser.parameters()}
+    kept: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(tensor) not in parameters and id(base) not in parameters:  # weights are counted as the model
+            kept.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    batch = config.train.batch_size
+    meta = {key: torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
+            for key, value in conditioning.items()}
+    noisy = torch.empty((batch, *latents.shape[1:]), dtype=compute_dtype, device="meta")
+    timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
+    with _efficient_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = model.family.predict(probe, noisy, timesteps, meta)
+    # The backward pass briefly holds gradients for the output and the largest kept tensor.
+    return sum(kept) + 2 * max(kept, default=0) + 2 * output.numel() * 4
+
+
+def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConfig,
+                    compute_dtype: torch.dtype) -> MemoryEstimate:
+    largest = max(range(len(examples.examples)), key=lambda i: math.prod(examples.examples[i].bucket))
+    with torch.no_grad():
+        latents, conditioning = examples.batch([largest], compute_dtype)
+    modules = [m for m in (model.denoiser, model.vae, *model.text_encoders) if m is not None]
+    on_device = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device == model.device]
+    lora = lora_parameters(model)
+    lora_bytes = _size(iter(lora))
+    return MemoryEstimate(
+        base=_size(iter(on_device)) - lora_bytes,
+        adapters=2 * lora_bytes,
+        optimizer=sum(p.numel() for p in lora) * OPTIMIZER_BYTES_PER_PARAMETER[config.optimizer.optimizer],
+        activations=measure_activations(model, config, latents, conditioning, compute_dtype),
+        overhead=CUDA_OVERHEAD if model.device.type == "cuda" else 0)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on the device (for the CPU: available RAM), or None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _alternatives(config: TrainingConfig) -> list[tuple[str, TrainingConfig]]:
+    """Settings that need less memory, mildest first, each with the words that suggest it."""
+    train, options = config.train, []
+    if not train.gradient_checkpointing:
+        options.append(("turn on gradient_checkpointing", {"gradient_checkpointing": True}))
+    if train.batch_size > 1:
+        options.append((f"set batch_size 1 and gradient_accumulation {train.batch_size * train.gradient_accumulation}"
+                        " (same effective batch)",
+                        {"batch_size": 1, "gradient_accumulation": train.batch_size * train.gradient_accumulation}))
+    combined = {k: v for _, change in options for k, v in change.items()}
+    if len(options) > 1:
+        options.append((" and ".join(text for text, _ in options), combined))
+    return [(text, build_config(change, base=config)) for text, change in options]
+
+
+def check_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConfig,
+                 compute_dtype: torch.dtype) -> MemoryEstimate:
+    """Log the estimate; refuse a run whose extra memory exceeds what is free, saying what fits."""
+    estimate = estimate_memory(model, examples, config, compute_dtype)
+    free = free_memory(model.device)
+    log.info("Memory estimate: %s (%s free: %s)", estimate.describe(), model.device.type,
+             f"{free / GIB:.2f} GiB" if free is not None else "unknown")
+    if free is None or estimate.training <= free or not config.train.check_memory:
+        return estimate
+    advice = "lower resolution, rank or batch_size"
+    for text, alternative in _alternatives(config):
+        if estimate_memory(model, examples, alternative, compute_dtype).training <= free:
+            advice = text
+            break
+    raise LoraLabError(f"This run needs about {estimate.training / GIB:.1f} GiB more {model.device.type} memory "
+                       f"but {free / GIB:.1f} GiB is free ({estimate.describe()}). To fit: {advice}. Turn off "
+                       "check_memory to try anyway.")
+
+
+def planned_disk_bytes(model: LoadedModel, config: TrainingConfig, first_step: int) -> int:
+    """LoRA files and their resume files for every checkpoint still to be written."""
+    steps, every = config.train.steps, config.output.save_every
+    checkpoints = len({s for s in range(first_step, steps + 1) if s % every == 0} | {steps})
+    weights = sum(p.numel() for p in lora_parameters(model))
+    per_checkpoint = weights * (2 + 4 + OPTIMIZER_BYTES_PER_PARAMETER[config.optimizer.optimizer]) + 2**20
+    return checkpoints * per_checkpoint
+
+
+def check_disk(run_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(run_dir).free
+    if needed > free:
+        raise LoraLabError(f"The run's checkpoints need about {needed / GIB:.2f} GiB but {run_dir} has "
+                           f"{free / GIB:.2f} GiB free. Free some space, save less often (save_every), or choose "
+                           "another output folder.")
