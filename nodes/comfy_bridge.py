@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from PIL import Image
 from ..trainer.errors import LoraLabError
 from ..trainer.families import LoadedModel, get_family
 from ..trainer.loop import Checkpoint, StepReport, TrainingEvents
+from ..trainer.lora_files import check_lora
 
 __all__ = ["ComfyExtension", "io", "ui", "SAMPLERS", "SCHEDULERS", "DATASET", "RUN", "STACK"]
 SAMPLERS = comfy.samplers.KSampler.SAMPLERS
@@ -49,8 +51,11 @@ def lora_names() -> list[str]:
 
 
 def lora_path(name: str) -> Path:
+    """A LoRA name as LoraLoader lists it, as a file inside one of the loras folders (a name
+    from a stranger's workflow or another node's stack may try to point elsewhere)."""
     path = folder_paths.get_full_path("loras", name)
-    if path is None:
+    roots = [os.path.abspath(root) for root in folder_paths.get_folder_paths("loras")]
+    if path is None or not any(os.path.abspath(path).startswith(root + os.sep) for root in roots):
         raise LoraLabError(f"LoRA {name!r} is not in the loras folder; refresh the page (R) or pick another.")
     return Path(path)
 
@@ -244,6 +249,7 @@ def raise_interrupted() -> None:
 # --- applying LoRAs and sampling --------------------------------------------------------------
 
 def load_lora_file(path: Path) -> dict[str, torch.Tensor]:
+    check_lora(path)  # a malformed file is refused with its fault named, before ComfyUI reads it
     try:
         return comfy.utils.load_torch_file(str(path), safe_load=True)
     except Exception as error:

@@ -24,8 +24,8 @@ def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys):
     assert code == 0
     run_dir = tmp_path / "zkw_toy"
     names = sorted(p.name for p in run_dir.iterdir())
-    assert names == ["zkw_toy-grid.png", "zkw_toy-loss.csv", "zkw_toy-loss.png", "zkw_toy-step000002.safetensors",
-                     "zkw_toy.safetensors"]
+    assert names == ["zkw_toy-grid.png", "zkw_toy-loss.csv", "zkw_toy-loss.png", "zkw_toy-step000002.resume",
+                     "zkw_toy-step000002.safetensors", "zkw_toy.resume", "zkw_toy.safetensors"]
     out = capsys.readouterr().out
     assert "Concept score at strength 1" in out and "Loss curve diagnosis" in out
 

@@ -84,11 +84,12 @@ def test_reading_a_mismatched_file_is_refused(tmp_path, lora_model, fresh_model)
         load_into_model(fresh_model, path)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(LoraLabError, match="not a readable LoRA"):
+    with pytest.raises(LoraLabError, match="junk.safetensors is not a usable LoRA file"):
         load_into_model(fresh_model, junk)
     extra = tmp_path / "extra.safetensors"
     tensors = lora_state_dict(lora_model, alpha=2.0)
-    save_file({**tensors, "lora_unet_mystery.lora_down.weight": torch.zeros(1)}, str(extra))
+    save_file({**tensors, "lora_unet_mystery.lora_down.weight": torch.zeros(1, 4),
+               "lora_unet_mystery.lora_up.weight": torch.zeros(4, 1)}, str(extra))
     with pytest.raises(LoraLabError, match="layers this model's adapter lacks.*lora_unet_mystery"):
         load_into_model(fresh_model, extra)
 
@@ -97,14 +98,15 @@ def test_existing_run_is_never_overwritten_silently(make_config):
     config = make_config(name="mine")
     run_dir = prepare_run_dir(config)
     (run_dir / "mine.safetensors").write_bytes(b"precious")
-    with pytest.raises(LoraLabError, match="already exists.*Choose another name, or set overwrite"):
+    with pytest.raises(LoraLabError, match="already exists.*Choose another name, set resume to 'latest'.*or set overwrite"):
         prepare_run_dir(config)
     assert (run_dir / "mine.safetensors").read_bytes() == b"precious"
     prepare_run_dir(make_config(name="mine", overwrite=True))
     assert not (run_dir / "mine.safetensors").exists()
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "C:evil", "", "x" * 200, ".."])
+@pytest.mark.parametrize("name", ["../escape", "a/b", "C:evil", "", "x" * 200, "..", "CON", "nul.txt", " lead",
+                                  "trail.", "-flag", "tab\tname", ".hidden", "a\\b"])
 def test_output_names_must_be_plain(make_config, name):
     with pytest.raises(LoraLabError, match="not a plain file name"):
         prepare_run_dir(make_config(name=name))

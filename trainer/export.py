@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import LoraLabError
 from .families import LoadedModel
 from .lora import ADAPTER, LoraLayer, lora_layers
+from .lora_files import check_lora, read_header
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
@@ -88,16 +88,13 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def read_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:
-        raise LoraLabError(f"{path} is not a readable LoRA .safetensors file ({error}).") from None
+    return dict(read_header(path)["__metadata__"])
 
 
 def load_into_model(model: LoadedModel, path: Path) -> None:
     """Put a saved LoRA file's weights and alphas into the model's adapter. The file must match
     the adapter layer for layer; it is checked whole before anything is changed."""
+    check_lora(path)
     try:
         tensors = load_file(str(path))
     except Exception as error:

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from .data import Dataset
 from .errors import LoraLabError
 from .export import atomic_write
+from .lora_files import read_header
 
 SUFFIX = ".resume"
 FORMAT_VERSION = 1
@@ -134,6 +135,7 @@ def read_state(path: Path) -> RunState:
     if not path.is_file():
         raise LoraLabError(f"Resume file {path} does not exist; it is written beside each checkpoint "
                            f"(<checkpoint name>{SUFFIX}). Choose a checkpoint that has one, or start a new run.")
+    read_header(path, suffixes=(SUFFIX,))  # a damaged or hostile file is refused before any tensor is read
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
