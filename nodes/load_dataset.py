@@ -15,9 +15,16 @@ from .values import DatasetValue
 
 
 def resolve_folder(folder: str) -> Path:
-    """An absolute folder as given, or a folder inside ComfyUI's input directory."""
+    """An absolute folder as given (the user names their dataset; it is only read), or a folder
+    inside ComfyUI's input directory; a relative path may not climb out of it."""
     path = Path(folder.strip()).expanduser()
-    return path if path.is_absolute() else input_directory() / path
+    if path.is_absolute():
+        return path
+    inside = (input_directory() / path).resolve()
+    if not inside.is_relative_to(input_directory().resolve()):
+        raise LoraLabError(f"Dataset folder {folder!r} points outside ComfyUI's input folder; give a folder inside "
+                           "it (e.g. my_dataset) or an absolute path.")
+    return inside
 
 
 def folder_fingerprint(folder: Path) -> str:

@@ -83,8 +83,9 @@ def test_captions_in_other_encodings(tmp_path):
     assert any("a.txt is not UTF-8" in w and "Re-save it as UTF-8" in w for w in dataset.warnings)
     _image(tmp_path / "d.png")
     (tmp_path / "d.txt").write_bytes(b"\x81\x8d\x8f\x90")  # undefined in Windows-1252 as well
-    with pytest.raises(LoraLabError, match="d.txt is not UTF-8.*save it as UTF-8"):
-        scan_folder(tmp_path)
+    dataset = scan_folder(tmp_path)  # the image with an unreadable caption is skipped, by name
+    assert "d.png" not in {item.path.name for item in dataset.items}
+    assert any("Skipped d: its caption d.txt is not text" in w and "save it as UTF-8" in w for w in dataset.warnings)
 
 
 def test_image_modes_become_rgb(tmp_path):

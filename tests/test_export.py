@@ -98,7 +98,7 @@ def test_existing_run_is_never_overwritten_silently(make_config):
     config = make_config(name="mine")
     run_dir = prepare_run_dir(config)
     (run_dir / "mine.safetensors").write_bytes(b"precious")
-    with pytest.raises(LoraLabError, match="already exists.*Choose another name, set resume to 'latest'.*or set overwrite"):
+    with pytest.raises(LoraLabError, match="already exists.*another name, set resume to 'latest'.*or set overwrite"):
         prepare_run_dir(config)
     assert (run_dir / "mine.safetensors").read_bytes() == b"precious"
     prepare_run_dir(make_config(name="mine", overwrite=True))

@@ -196,6 +196,9 @@ def test_load_dataset_and_caption_nodes(nodes, stubs, tmp_path):
                for item in captioned.dataset.items)
     assert [item.caption for item in dataset.dataset.items] == before  # input untouched
     assert captioned.dataset.items[0].caption == before[0].replace("zkw_toy,", "zkw_toy")
+    for hostile in ("../../etc", "../outside"):  # a stranger's workflow may not climb out of input/
+        with pytest.raises(LoraLabError, match="points outside ComfyUI's input folder"):
+            LoadDataset.execute(hostile, "style", "", "sd15")
 
 
 def test_sample_checkpoint_rejects_bad_strengths(nodes):

@@ -85,24 +85,38 @@ def load_image(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_caption(path: Path, warnings: list[str]) -> str:
-    """A caption file's text. UTF-8 (with or without BOM) and UTF-16 with BOM are read as is;
-    other text is read as Windows-1252 with a warning, since that is what older editors write."""
+MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line or a paragraph; far more is not a caption file
+
+
+def read_caption(path: Path, warnings: list[str]) -> str | None:
+    """A caption file's text, or None (with a warning naming it) when it cannot be a caption.
+    UTF-8 (with or without BOM) and UTF-16 are read as is; other text is read as Windows-1252
+    with a warning, since that is what older editors write."""
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        warnings.append(f"Skipped {path.with_suffix('').name}: its caption {path.name} is over "
+                        f"{MAX_CAPTION_BYTES // 1024} KB, which is not a caption; shorten it.")
+        return None
     raw = path.read_bytes()
+    text = None
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return raw.decode("utf-16").strip()
-    try:
-        return raw.decode("utf-8-sig").strip()
-    except UnicodeDecodeError:
-        pass
-    try:
-        text = raw.decode("cp1252").strip()
-    except UnicodeDecodeError:
-        raise LoraLabError(f"Caption {path} is not UTF-8 text and could not be read; open it in a text editor "
-                           "and save it as UTF-8.") from None
-    warnings.append(f"Caption {path.name} is not UTF-8; read it as Windows-1252. Re-save it as UTF-8 if "
-                    "accented letters look wrong.")
-    return text
+        text = raw.decode("utf-16", errors="replace")
+    elif b"\x00" in raw and len(raw) % 2 == 0:  # UTF-16 without a BOM: every other byte is zero
+        text = raw.decode("utf-16-le" if raw[1::2].count(0) > raw[0::2].count(0) else "utf-16-be", errors="replace")
+    else:
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            try:
+                text = raw.decode("cp1252")
+                warnings.append(f"Caption {path.name} is not UTF-8; read it as Windows-1252. Re-save it as UTF-8 if "
+                                "accented letters look wrong.")
+            except UnicodeDecodeError:
+                warnings.append(f"Skipped {path.with_suffix('').name}: its caption {path.name} is not text "
+                                "(not UTF-8, UTF-16 or Windows-1252); open it in a text editor and save it as UTF-8.")
+                return None
+    # Control characters (a stray NUL, escape codes) mean nothing to a text encoder.
+    cleaned = "".join(c if c.isprintable() or c in "\n\t" else " " for c in text)
+    return cleaned.strip()
 
 
 def scan_folder(folder: str | Path) -> Dataset:
@@ -140,6 +154,8 @@ def scan_folder(folder: str | Path) -> Dataset:
             captioned = caption_path.is_file()
             if captioned:
                 caption = read_caption(caption_path, dataset.warnings)
+                if caption is None:
+                    continue
             else:
                 caption = name
                 dataset.warnings.append(f"{path.name} has no caption file {caption_path.name}; "
