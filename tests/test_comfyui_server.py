@@ -165,16 +165,17 @@ def test_sample_checkpoint_overhead_per_cell(server):
     print(f"plain LoraLoader+KSampler {times[0]:.2f} s per image; Sample Checkpoint {times[1] / 4:.2f} s per cell")
 
 
-def test_cancel_saves_a_checkpoint_and_reports_interrupted(server):
+def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
               "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
                                                                    "trigger_word": "", "family": "sd15"}},
               "3": {"class_type": "LoraLabTrainLora", "inputs": {
                   "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "preset": "none",
-                  "steps": 5000, "rank": 4, "alpha": 0.0, "learning_rate": 0.0, "resolution": 64, "batch_size": 1,
-                  "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 4000,
+                  "steps": 30, "rank": 4, "alpha": 0.0, "learning_rate": 0.0, "resolution": 64, "batch_size": 1,
+                  "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 20,
                   "seed": 1, "name": "cancelled", "gradient_checkpointing": False, "mixed_precision": "auto",
-                  "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True}}}
+                  "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
+                  "resume_with_changes": False}}}
     interrupted = []
 
     def cancel_after_three_steps(comfy, message):
@@ -183,7 +184,17 @@ def test_cancel_saves_a_checkpoint_and_reports_interrupted(server):
 
     _, messages = server.run(prompt, on_message=cancel_after_three_steps)
     assert any(m["type"] == "execution_interrupted" for m in messages)
-    saved = sorted((server.base / "models" / "loras" / "lora_lab" / "cancelled").glob("cancelled-step*.safetensors"))
-    assert len(saved) == 1
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "cancelled"
+    saved = sorted(run_dir.glob("cancelled-step*.safetensors"))
+    assert len(saved) == 1 and saved[0].with_suffix(".resume").is_file()
     step = int(saved[0].stem.rsplit("step", 1)[1])
     assert 3 <= step <= 5  # within a step or two of the Cancel
+    stopped = next(m for m in messages if m["type"] == "lora_lab.stopped")
+    assert "set resume to 'latest'" in stopped["data"]["message"]
+    # Queue again with resume = latest: training continues at the next step and finishes.
+    prompt["3"]["inputs"]["resume"] = "latest"
+    prompt_id, messages = server.run(prompt)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    steps = [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"]
+    assert steps == list(range(step + 1, 31))
+    assert (run_dir / "cancelled.safetensors").is_file() and (run_dir / "cancelled-step000020.safetensors").is_file()
