@@ -191,7 +191,8 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
                 raise LoraLabError(
                     f"The loss became {step_loss} at step {step}; training stopped and the last saved checkpoint "
                     "is kept. Likely causes: learning rate too high (lower it, e.g. halve it), or fp16 overflow "
-                    "(use mixed_precision bf16, or a lower learning rate).")
+                    "(use mixed_precision bf16, or a lower learning rate). To go on from the last checkpoint, set "
+                    "resume to 'latest' with resume_with_changes on and the new setting.")
             if config.optimizer.max_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(parameters, config.optimizer.max_grad_norm)
