@@ -6,7 +6,7 @@ import pytest
 import torch
 from lora_lab.trainer import export
 from lora_lab.trainer.errors import LoraLabError
-from lora_lab.trainer.export import kohya_name, load_into_model, lora_state_dict, save_lora
+from lora_lab.trainer.export import load_into_model, lora_state_dict, save_lora
 from lora_lab.trainer.lora import ADAPTER, add_lora, lora_layers, set_strength
 from lora_lab.trainer.run import prepare_run_dir
 from safetensors.torch import load_file, save_file
@@ -36,10 +36,11 @@ def test_kohya_names_and_true_alpha(lora_model):
 
 
 def test_unnameable_layer_raises_before_writing(tmp_path, lora_model, monkeypatch):
+    family = lora_model.family
     with pytest.raises(LoraLabError, match="Cannot name LoRA layer"):
-        kohya_name("lora_unet", "blocks.0.weird-name")
-    original = export.kohya_name
-    monkeypatch.setattr(export, "kohya_name", lambda p, m: original(p, m.replace("attn1", "attn-1")))
+        family.layer_name("lora_unet", "blocks.0.weird-name")
+    original = type(family).export_path
+    monkeypatch.setattr(type(family), "export_path", lambda self, p, m: original(self, p, m.replace("attn1", "attn-1")))
     with pytest.raises(LoraLabError, match="nothing was written"):
         lora_state_dict(lora_model, alpha=2.0)
 

@@ -58,7 +58,7 @@ class ModelSettings(_Section):
     model_config: str = setting("", "Folder of diffusers config files used to read a single-file checkpoint "
                                 "(empty = the ones shipped for the family; set it for unusual variants).")
     prediction_type: str = setting("auto", "What the base model predicts: auto reads it from the model; set "
-                                   "v_prediction for v-models (SD 2.x-style finetunes).",
+                                   "v_prediction for v-models (SD 2.x-style finetunes). FLUX is always flow.",
                                    choices=("auto", "epsilon", "v_prediction"))
 
 
@@ -117,6 +117,10 @@ class TrainSettings(_Section):
                                   low=0, high=1.0)
     check_memory: bool = setting(True, "Estimate peak memory before training and refuse a run that will not fit, "
                                  "saying which settings would (off = try anyway).")
+    flow_shift: float = setting(0.0, "FLUX: timestep shift of the flow objective (0 = FLUX.1-dev's own shift at "
+                                "the image's size: 3.16 at 1024 px, 1.9 at 512 px; 1 = no shift).", low=0, high=100.0)
+    train_guidance: float = setting(1.0, "FLUX.1-dev: the distilled guidance value the model sees while training "
+                                    "(1.0, as kohya and ai-toolkit recommend; sample with 3-4).", low=0, high=30.0)
     seed: int = setting(42, "Random seed: the same seed and settings give the same LoRA.", low=0, high=2**31 - 1)
 
 

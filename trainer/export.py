@@ -1,9 +1,12 @@
-"""LoRA files: kohya-format keys and metadata, written atomically, and read back strictly.
+"""LoRA files: keys and metadata, written atomically, and read back strictly.
 
-Keys are `<prefix>_<module path with dots as underscores>.lora_down.weight / .lora_up.weight /
-.alpha` (prefix `lora_unet`, `lora_te`, ...), the format ComfyUI's LoraLoader, A1111/Forge, kohya
-and diffusers all read. The exporter is strict: a layer it cannot name uniquely raises before
-anything is written, and the true alpha is always written (a file whose alpha silently equals
+Keys are named as each family's readers expect (ModelFamily.layer_name): for SD 1.5 and SDXL
+kohya's `<prefix>_<module path with dots as underscores>.lora_down.weight / .lora_up.weight /
+.alpha` (prefix `lora_unet`, `lora_te1`, ...); for FLUX `transformer.<module path>.lora_A.weight
+/ .lora_B.weight / .alpha`. ComfyUI's LoraLoader, A1111/Forge and diffusers read both.
+
+The exporter is strict: a layer it cannot name uniquely raises before anything is written, and
+the true alpha is always written (a file whose alpha silently equals
 its rank would change the LoRA's effect whenever they differ).
 """
 
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,22 +27,14 @@ from .lora import ADAPTER, LoraLayer, lora_layers
 from .lora_files import check_lora, read_header
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.]+$")
-
-
-def kohya_name(prefix: str, module_path: str) -> str:
-    if not _SAFE_NAME.match(module_path):
-        raise LoraLabError(f"Cannot name LoRA layer {module_path!r} in kohya format (unexpected characters); "
-                           "nothing was written. Please report this model.")
-    return f"{prefix}_{module_path.replace('.', '_')}"
 
 
 def named_layers(model: LoadedModel) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer of the model with its kohya name; raises if two would share a name."""
+    """Every LoRA layer of the model with its name in files; raises if two would share a name."""
     named: dict[str, LoraLayer] = {}
     for prefix, module in model.lora_modules():
         for path, layer in lora_layers(module):
-            name = kohya_name(prefix, model.family.export_path(prefix, path))
+            name = model.family.layer_name(prefix, path)
             if name in named:
                 raise LoraLabError(f"Two LoRA layers would share the name {name}; nothing was written. "
                                    "Please report this model.")
@@ -51,9 +45,10 @@ def named_layers(model: LoadedModel) -> list[tuple[str, LoraLayer]]:
 def lora_state_dict(model: LoadedModel, alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """The LoRA as kohya-named tensors. Raises before returning anything if a layer cannot be named."""
     tensors: dict[str, torch.Tensor] = {}
+    down, up = model.family.lora_suffixes
     for name, layer in named_layers(model):
-        tensors[f"{name}.lora_down.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.{down}"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.{up}"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
     if not tensors:
         raise LoraLabError("The model has no LoRA layers to save; nothing was written.")
@@ -100,10 +95,11 @@ def load_into_model(model: LoadedModel, path: Path) -> None:
     except Exception as error:
         raise LoraLabError(f"{path} is not a readable LoRA .safetensors file ({error}).") from None
     updates, expected = [], set()
+    down_suffix, up_suffix = model.family.lora_suffixes
     for name, layer in named_layers(model):
-        expected.update(f"{name}.{suffix}" for suffix in ("lora_down.weight", "lora_up.weight", "alpha"))
+        expected.update(f"{name}.{suffix}" for suffix in (down_suffix, up_suffix, "alpha"))
         try:
-            down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+            down, up = tensors[f"{name}.{down_suffix}"], tensors[f"{name}.{up_suffix}"]
         except KeyError:
             raise LoraLabError(f"{path.name} has no weights for layer {name}: it was trained with other "
                                "targets or on another model.") from None

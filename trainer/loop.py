@@ -180,7 +180,7 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
                 latents, conditioning = examples.batch(order.batch(batch_number), compute_dtype)
                 batch_number += 1
                 noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type, generator,
-                                     train.noise_offset, train.min_snr_gamma)
+                                     train.noise_offset, train.min_snr_gamma, train.flow_shift)
                 with autocast:
                     prediction = model.family.predict(model, noised.noisy.to(compute_dtype), noised.timesteps,
                                                       conditioning)

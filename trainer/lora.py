@@ -27,7 +27,9 @@ def add_lora(model: LoadedModel, rank: int, alpha: float, targets: str, train_te
     if train_text_encoder:
         jobs += [(encoder, list(family.text_encoder_targets)) for encoder in model.text_encoders]
     for module, target_modules in jobs:
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True)
+        excluded = family.excluded_modules if module is model.denoiser else None
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, init_lora_weights=True,
+                            exclude_modules=excluded)
         try:
             # inject_adapter_in_model works for diffusers and transformers modules alike (transformers
             # 5.x's own add_adapter refuses current peft releases).

@@ -135,6 +135,20 @@ def prepare_run_dir(config: TrainingConfig, resuming: bool = False) -> Path:
     return run_dir
 
 
+def check_family_settings(config: TrainingConfig, model: LoadedModel) -> None:
+    """Settings that mean nothing for this model are refused rather than silently ignored."""
+    if model.prediction_type == "flow":
+        wrong = [(name, value) for name, value in (("min_snr_gamma", config.train.min_snr_gamma),
+                                                   ("prediction_type", config.model.prediction_type != "auto"),
+                                                   ("train_text_encoder", config.lora.train_text_encoder)) if value]
+        if wrong:
+            raise LoraLabError(f"{', '.join(name for name, _ in wrong)} do(es) not apply to {model.family.name} "
+                               "(a flow-matching model whose LoRA trains the transformer only); reset to the "
+                               "default (0, auto, off).")
+    elif config.train.flow_shift:
+        raise LoraLabError(f"flow_shift applies to FLUX only; set it to 0 for {model.family.name}.")
+
+
 def resume_file(config: TrainingConfig) -> Path:
     """The resume file that `config.output.resume` names ('latest' or a checkpoint path)."""
     choice = config.output.resume.strip()
@@ -184,8 +198,10 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
     run_dir = prepare_run_dir(config, resuming=resume is not None)
     lora, train = config.lora, config.train
+    check_family_settings(config, model)
     prediction_type = model.prediction_type if config.model.prediction_type == "auto" else config.model.prediction_type
     model.prediction_type = prediction_type
+    model.guidance = train.train_guidance
     torch.manual_seed(train.seed)
     log.info("Encoding %d images at %d px", len(dataset.items), config.data.resolution)
     examples = TrainingSet(model, dataset, config.data.resolution, config.data.bucketing, config.data.cache,

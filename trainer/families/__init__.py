@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from ..errors import LoraLabError
 from .base import LoadedModel, ModelFamily
+from .flux import FluxFamily
 from .sd15 import StableDiffusionFamily
+from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (StableDiffusionFamily(),)}
+FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (StableDiffusionFamily(),
+                                                                        StableDiffusionXLFamily(), FluxFamily())}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -21,7 +24,8 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
     # The width of the UNet's cross-attention keys is the text conditioning width: 768 for SD 1.x.
     cross_attention = [key for key in keys if key.startswith("model.diffusion_model.")
                        and key.endswith(".attn2.to_k.weight")]
-    if any(key.endswith("double_blocks.0.img_attn.qkv.weight") for key in keys):
+    if any(key.endswith(("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.add_q_proj.weight"))
+           for key in keys):
         return "flux"
     if any(key.startswith(("conditioner.embedders.1", "model.diffusion_model.label_emb")) for key in keys):
         return "sdxl"

@@ -9,6 +9,7 @@ The noise/target/weighting maths lives in `objectives.py` and is shared by all f
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ class LoadedModel:
     noise_scheduler: Any
     prediction_type: str  # "epsilon", "v_prediction" or "flow"
     source: str  # what was loaded, for metadata and cache keys
+    guidance: float = 1.0  # the distilled-guidance value guidance-distilled models (FLUX.1-dev) train with
     # Replace the family's encoders, e.g. with a ComfyUI graph's own CLIP and VAE, so the
     # conditioning trained on is exactly what that graph will sample with.
     prompt_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
@@ -70,6 +72,11 @@ class ModelFamily:
     # Named sets of denoiser module-name endings that get LoRA; "attention" is the default.
     target_sets: ClassVar[dict[str, tuple[str, ...]]]
     text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # Modules never given LoRA although a target ending matches them (a regex on the full name).
+    excluded_modules: ClassVar[str | None] = None
+    # How LoRA files name layers: "kohya" (`lora_unet_down_blocks_0_..` + lora_down/lora_up) or
+    # "peft" (`transformer.transformer_blocks.0.attn.to_q` + lora_A/lora_B); always with `.alpha`.
+    key_style: ClassVar[str] = "kohya"
 
     def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
         """Load a diffusers folder or a single-file checkpoint (read with the configs in
@@ -81,8 +88,12 @@ class ModelFamily:
         raise NotImplementedError
 
     def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled latents for a batch of (B, 3, H, W) images in [-1, 1]."""
-        raise NotImplementedError
+        """Scaled latents for a batch of (B, 3, H, W) images in [-1, 1] (the distribution's mode,
+        shifted and scaled as the VAE's config says)."""
+        vae = model.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * vae.config.scaling_factor
 
     def image_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                            target_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -108,6 +119,20 @@ class ModelFamily:
             return f"text_model.{module_path}"
         return module_path
 
+    @property
+    def lora_suffixes(self) -> tuple[str, str]:
+        """The (down, up) weight suffixes of this family's LoRA files."""
+        return ("lora_down.weight", "lora_up.weight") if self.key_style == "kohya" else ("lora_A.weight",
+                                                                                         "lora_B.weight")
+
+    def layer_name(self, prefix: str, module_path: str) -> str:
+        """A LoRA layer's name in files, as ComfyUI, diffusers and A1111/Forge read it for this family."""
+        path = self.export_path(prefix, module_path)
+        if not _SAFE_PATH.match(path):
+            raise LoraLabError(f"Cannot name LoRA layer {path!r} (unexpected characters); nothing was written. "
+                               "Please report this model.")
+        return f"{prefix}_{path.replace('.', '_')}" if self.key_style == "kohya" else f"{prefix}.{path}"
+
     def targets(self, spec: str) -> list[str]:
         """Module-name endings for a named target set or a comma list of endings."""
         if spec in self.target_sets:
@@ -117,6 +142,9 @@ class ModelFamily:
             raise LoraLabError(f"targets = {spec!r} names no layers; use one of {', '.join(self.target_sets)} "
                                "or a comma list of module name endings such as to_q,to_v.")
         return endings
+
+
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9_.]+$")
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:

@@ -81,12 +81,6 @@ class StableDiffusionFamily(ModelFamily):
                         return_tensors="pt").input_ids.to(model.device)
         return {"prompt_embeds": encoder(ids)[0]}
 
-    def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-        vae = model.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        shift = vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
     def predict(self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
         return model.denoiser(noisy, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample

@@ -1,0 +1,117 @@
+"""FLUX.1-dev: FluxTransformer2DModel + a 16-channel AutoencoderKL + CLIP-L (pooled) and T5 (sequence).
+
+The transformer works on packed latents (2x2 patches as tokens, with their row and column as
+image ids), takes the flow time σ directly and, being guidance-distilled, a guidance value. The
+objective is rectified flow (see objectives.py). LoRA files use diffusers/PEFT names with a
+`transformer.` prefix and an `.alpha` per layer, which ComfyUI, Forge and diffusers all map.
+
+Loads a diffusers folder, or a transformer-only single file (BFL layout, as ComfyUI's
+models/diffusion_models holds it) with `model_config` naming a FLUX diffusers folder for the VAE,
+text encoders and tokenizers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+from ..errors import LoraLabError
+from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
+
+CONFIGS = Path(__file__).parent / "configs"
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
+T5_MAX_TOKENS = 512  # FLUX.1-dev's text length
+
+
+class FluxFamily(ModelFamily):
+    name = "flux"
+    default_resolution = 1024
+    base_model_version = "flux1"
+    architecture = "flux-1-dev/lora"
+    denoiser_prefix = "transformer"
+    text_encoder_prefixes = ()
+    target_sets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP}
+    excluded_modules = r"proj_out"  # the final layer shares the single blocks' "proj_out" ending
+    key_style = "peft"
+
+    # --- loading ---------------------------------------------------------------------------
+    def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            index = read_model_index(path)
+            if index.get("_class_name") != "FluxPipeline":
+                raise LoraLabError(f"{path} holds a {index.get('_class_name')} model, not FLUX (FluxPipeline); "
+                                   "choose the matching family or another model.")
+            pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+        elif path.is_file():
+            pipe = self._load_transformer_file(path, dtype, Path(config_dir) if config_dir else None)
+        else:
+            raise LoraLabError(f"Base model {path} does not exist; give a FLUX diffusers folder or a FLUX "
+                               "transformer .safetensors file.")
+        return LoadedModel(family=self, denoiser=pipe.transformer, vae=pipe.vae,
+                           text_encoders=[pipe.text_encoder, pipe.text_encoder_2],
+                           tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
+                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
+                           prediction_type="flow", source=str(path))
+
+    def _load_transformer_file(self, path: Path, dtype: torch.dtype, parts_folder: Path | None) -> Any:
+        from . import detect_family
+
+        found = detect_family(read_safetensors_header(path))
+        if found != self.name:
+            raise LoraLabError(f"{path.name} looks like a {found} model, not FLUX; set family to {found}.")
+        if parts_folder is None or not (parts_folder / "model_index.json").is_file():
+            raise LoraLabError(f"{path.name} holds only the FLUX transformer. Set model_config to a FLUX.1-dev "
+                               "diffusers folder for its VAE, text encoders and tokenizers (the transformer "
+                               "weights there are not read), or train in ComfyUI, where Train LoRA uses the "
+                               "graph's own CLIP and VAE.")
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(path), config=str(CONFIGS / self.name), subfolder="transformer", torch_dtype=dtype,
+            local_files_only=True)
+        return FluxPipeline.from_pretrained(parts_folder, transformer=transformer, dtype=dtype, local_files_only=True)
+
+    # --- encoding and prediction ------------------------------------------------------------
+    def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = model.tokenizers, model.text_encoders
+        clip_ids = clip_tokenizer(captions, padding="max_length", max_length=clip_tokenizer.model_max_length,
+                                  truncation=True, return_tensors="pt").input_ids.to(model.device)
+        length = min(T5_MAX_TOKENS, t5_tokenizer.model_max_length)
+        t5_ids = t5_tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                              return_tensors="pt").input_ids.to(model.device)
+        return {"prompt_embeds": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output}
+
+    def predict(self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch, channels, height, width = noisy.shape
+        packed = (noisy.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+                  .reshape(batch, (height // 2) * (width // 2), channels * 4))
+        image_ids = torch.zeros(height // 2, width // 2, 3, device=noisy.device, dtype=noisy.dtype)
+        image_ids[..., 1] += torch.arange(height // 2, device=noisy.device, dtype=noisy.dtype)[:, None]
+        image_ids[..., 2] += torch.arange(width // 2, device=noisy.device, dtype=noisy.dtype)[None, :]
+        text = conditioning["prompt_embeds"]
+        text_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        guidance = None
+        if model.denoiser.config.guidance_embeds:
+            guidance = torch.full((batch,), model.guidance, device=noisy.device, dtype=torch.float32)
+        output = model.denoiser(hidden_states=packed, timestep=timesteps.to(noisy.dtype), guidance=guidance,
+                                pooled_projections=conditioning["pooled_projections"], encoder_hidden_states=text,
+                                txt_ids=text_ids, img_ids=image_ids.reshape(-1, 3), return_dict=False)[0]
+        return (output.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+                .reshape(batch, channels, height, width))
+
+    def pipeline(self, model: LoadedModel) -> Any:
+        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config),
+                            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
+                            text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1],
+                            transformer=model.denoiser)
+
+    def pixel_multiple(self, model: LoadedModel) -> int:
+        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
+        return vae_factor * 2  # latents are packed in 2x2 patches
+
+
+
