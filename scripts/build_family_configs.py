@@ -1,5 +1,6 @@
 """Write the configs that let single-file checkpoints load offline (diffusers' `from_single_file`
-needs a local `config=` folder or it goes to the hub), into trainer/families/configs/<family>/.
+needs a local `config=` folder or it goes to the hub), into trainer/families/configs/<family>/
+(SD 1.5 and SDXL: every component; FLUX: the transformer, VAE and scheduler).
 
 The configs are the published architecture values of each base model. The CLIP tokenizer files
 are derived from the CLIP BPE merges file that the `open-clip-torch` wheel carries:
@@ -59,6 +60,57 @@ SD15 = {
     },
 }
 
+CLIP_L = SD15["text_encoder/config.json"]
+SDXL = {
+    "model_index.json": {
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "addition_embed_type": "text_time",
+        "addition_embed_type_num_heads": 64, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280], "center_input_sample": False, "cross_attention_dim": 2048,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+        "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+        "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+        "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], "use_linear_projection": True,
+    },
+    "vae/config.json": {**SD15["vae/config.json"], "sample_size": 1024, "scaling_factor": 0.13025,
+                        "force_upcast": True},
+    "text_encoder/config.json": CLIP_L,
+    "text_encoder_2/config.json": {
+        **CLIP_L, "architectures": ["CLIPTextModelWithProjection"], "hidden_act": "gelu", "hidden_size": 1280,
+        "intermediate_size": 5120, "num_attention_heads": 20, "num_hidden_layers": 32, "projection_dim": 1280,
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+        "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+    },
+}
+FLUX = {
+    "transformer/config.json": {
+        "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+        "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096, "num_attention_heads": 24,
+        "num_layers": 19, "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768,
+    },
+    "vae/config.json": {
+        **SD15["vae/config.json"], "latent_channels": 16, "sample_size": 1024, "scaling_factor": 0.3611,
+        "shift_factor": 0.1159, "use_quant_conv": False, "use_post_quant_conv": False, "force_upcast": True,
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+        "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+        "use_dynamic_shifting": True,
+    },
+}
+
 TOKENIZER_CONFIG = {
     "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
     "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
@@ -86,12 +138,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--open-clip-wheel", type=Path, required=True)
     args = parser.parse_args()
-    for name, files in {"sd15": SD15}.items():
+    for name, files in {"sd15": SD15, "sdxl": SDXL, "flux": FLUX}.items():
         for relative, content in files.items():
             path = CONFIGS / name / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(content, indent=2) + "\n")
-        write_clip_tokenizer(args.open_clip_wheel, CONFIGS / name / "tokenizer")
+    # One copy of the CLIP tokenizer serves every family (SDXL's second one differs only in padding).
+    write_clip_tokenizer(args.open_clip_wheel, CONFIGS / "sd15" / "tokenizer")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Test helper: write a diffusers SD 1.5-style model as one original-format (ldm) checkpoint, the
+"""Test helper: write a diffusers SD 1.5 or SDXL model as one original-format checkpoint, the
 layout people download and ComfyUI loads, so single-file loading is tested with no download.
 
 Key names follow the original Stable Diffusion code: `model.diffusion_model.` (UNet),
-`first_stage_model.` (VAE), `cond_stage_model.transformer.text_model.` (CLIP).
+`first_stage_model.` (VAE), `cond_stage_model.transformer.text_model.` (CLIP); SDXL's
+generative-models layout has `conditioner.embedders.0.transformer.text_model.` (CLIP-L) and
+`conditioner.embedders.1.model.` (OpenCLIP-G, fused attention projections).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def unet_key(key: str, config) -> str:
     per_block = config.layers_per_block
     parts = key.split(".")
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
     for new, old in fixed.items():
         if key.startswith(new + "."):
@@ -77,7 +80,29 @@ def vae_key(key: str, levels: int) -> str:
     return key
 
 
-def write_ldm_checkpoint(unet, vae, text_encoder, path: Path) -> None:
+OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def open_clip_tensors(encoder) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection in OpenCLIP's layout (as SDXL checkpoints hold CLIP-G)."""
+    state = {k.removeprefix("text_model."): v for k, v in encoder.state_dict().items()}
+    out = {"token_embedding.weight": state["embeddings.token_embedding.weight"],
+           "positional_embedding": state["embeddings.position_embedding.weight"],
+           "ln_final.weight": state["final_layer_norm.weight"], "ln_final.bias": state["final_layer_norm.bias"],
+           "text_projection": state["text_projection.weight"].T.contiguous()}
+    for layer in range(encoder.config.num_hidden_layers):
+        source, target = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
+        for kind in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{kind}"] = torch.cat(
+                [state[f"{source}self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            for new, old in OPEN_CLIP_LAYER.items():
+                out[f"{target}{old}.{kind}"] = state[f"{source}{new}.{kind}"]
+    return out
+
+
+def write_ldm_checkpoint(unet, vae, text_encoder, path: Path, text_encoder_2=None) -> None:
+    """SD 1.5 layout, or SDXL's when a second (OpenCLIP-G) text encoder is given."""
     tensors: dict[str, torch.Tensor] = {}
     for key, value in unet.state_dict().items():
         tensors["model.diffusion_model." + unet_key(key, unet.config)] = value
@@ -87,7 +112,11 @@ def write_ldm_checkpoint(unet, vae, text_encoder, path: Path) -> None:
         if ".mid.attn_1." in name and value.ndim == 2:
             value = value[:, :, None, None]  # the original VAE attention uses 1×1 convolutions
         tensors["first_stage_model." + name] = value
+    clip_l = "conditioner.embedders.0.transformer." if text_encoder_2 is not None else "cond_stage_model.transformer."
     for key, value in text_encoder.state_dict().items():
         key = key if key.startswith("text_model.") else "text_model." + key
-        tensors["cond_stage_model.transformer." + key] = value
+        tensors[clip_l + key] = value
+    if text_encoder_2 is not None:
+        for key, value in open_clip_tensors(text_encoder_2).items():
+            tensors["conditioner.embedders.1.model." + key] = value
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))

@@ -79,6 +79,36 @@ def test_single_file_checkpoint_loads_offline_and_matches_the_folder(tmp_path, b
         assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
 
 
+def test_sdxl_single_file_checkpoint_loads_offline_and_matches_the_folder(tmp_path):
+    from .ldm_layout import write_ldm_checkpoint
+    from .tiny_models import build_sdxl
+
+    folder = build_sdxl(tmp_path / "tiny-sdxl")
+    reference = load_base_model(build_config({"family": "sdxl", "base_model": str(folder)}), torch.device("cpu"))
+    path = tmp_path / "tiny-sdxl.safetensors"
+    write_ldm_checkpoint(reference.denoiser, reference.vae, reference.text_encoders[0], path,
+                         text_encoder_2=reference.text_encoders[1])
+    with pytest.raises(LoraLabError, match="looks like a sdxl model, not sd15; set family to sdxl"):
+        load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
+    config = build_config({"family": "sdxl", "base_model": str(path), "model_config": str(folder)})
+    loaded = load_base_model(config, torch.device("cpu"))
+    pairs = [(loaded.denoiser, reference.denoiser), (loaded.vae, reference.vae),
+             *zip(loaded.text_encoders, reference.text_encoders, strict=True)]
+    for ours, theirs in pairs:
+        expected = theirs.state_dict()
+        assert ours.state_dict().keys() == expected.keys()
+        assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
+
+
+def test_shipped_sdxl_config_gets_the_shipped_tokenizers():
+    from lora_lab.trainer.families.sd15 import CONFIGS
+
+    tokenizers = get_family("sdxl")._tokenizers(CONFIGS / "sdxl")
+    assert set(tokenizers) == {"tokenizer", "tokenizer_2"}
+    assert tokenizers["tokenizer"].pad_token == "<|endoftext|>" and tokenizers["tokenizer_2"].pad_token == "!"
+    assert tokenizers["tokenizer_2"].convert_tokens_to_ids("!") == 0  # OpenCLIP pads with token 0
+
+
 def test_shipped_sd15_configs_and_clip_tokenizer():
     from diffusers import UNet2DConditionModel
     from lora_lab.trainer.families.sd15 import CONFIGS

@@ -67,8 +67,18 @@ class StableDiffusionFamily(ModelFamily):
         if not (config_dir / "model_index.json").is_file():
             raise LoraLabError(f"model_config {config_dir} is not a diffusers config folder (no model_index.json).")
         pipe = self.pipeline_class.from_single_file(str(path), config=str(config_dir), dtype=dtype,
-                                                    local_files_only=True)
+                                                    local_files_only=True, **self._tokenizers(config_dir))
         return self._parts(pipe)
+
+    def _tokenizers(self, config_dir: Path) -> dict[str, Any]:
+        """Tokenizers a config folder lacks, from the one CLIP tokenizer shipped (SDXL's second one
+        pads with "!", as OpenCLIP does)."""
+        from transformers import CLIPTokenizer
+
+        names = [name for name in ("tokenizer", "tokenizer_2") if name in read_model_index(config_dir)]
+        shipped = CONFIGS / "sd15" / "tokenizer"
+        return {name: CLIPTokenizer.from_pretrained(shipped, **({"pad_token": "!"} if name == "tokenizer_2" else {}))
+                for name in names if not (config_dir / name).is_dir()}
 
     def _parts(self, pipe: Any) -> dict[str, Any]:
         return {"denoiser": pipe.unet, "vae": pipe.vae, "text_encoders": [pipe.text_encoder],
