@@ -63,7 +63,8 @@ SD15 = {
 CLIP_L = SD15["text_encoder/config.json"]
 SDXL = {
     "model_index.json": {
-        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1", "force_zeros_for_empty_prompt": True,
+        "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+        "force_zeros_for_empty_prompt": True,
         "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],

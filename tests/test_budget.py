@@ -75,3 +75,13 @@ def test_out_of_memory_keeps_the_last_checkpoint_and_advises(make_config, fresh_
     run_dir = loop.Path(config.output.output_dir) / "oom"
     assert sorted(p.name for p in run_dir.glob("oom*")) == ["oom-loss.csv", "oom-step000002.resume",
                                                          "oom-step000002.safetensors"]
+
+
+def test_fp8_base_is_suggested_when_only_a_smaller_base_fits(make_config, fresh_model, monkeypatch):
+    config = make_config(steps=2, rank=8, batch_size=1, gradient_checkpointing=True)
+    examples = TrainingSet(fresh_model, scan_folder(CONCEPT_DATASET), 64, True, True, "", False)
+    add_lora(fresh_model, 8, 8, "attention", False)
+    needed = budget.estimate_memory(fresh_model, examples, config, torch.float32)
+    monkeypatch.setattr(budget, "free_memory", lambda device: needed.training - 1000)
+    with pytest.raises(LoraLabError, match="To fit: turn on fp8_base"):
+        budget.check_memory(fresh_model, examples, config, torch.float32)

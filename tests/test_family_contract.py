@@ -112,3 +112,17 @@ def test_export_reloads_through_diffusers_with_the_same_outputs(family_model, tm
         set_strength(model, 0.0)
         zero = model.family.predict(model, noised.noisy, noised.timesteps, conditioning)
         torch.testing.assert_close(zero, base_output, atol=0, rtol=0)  # strength 0 is the base model
+
+
+def test_fp8_base_trains_with_a_quarter_of_the_fp32_linear_memory(family_model, tmp_path):
+    name, folder, base = family_model
+    model = copy.deepcopy(base)
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.denoiser.modules() if type(m) is torch.nn.Linear)
+    before = sum(t.numel() * t.element_size() for t in model.denoiser.state_dict().values())
+    config = build_config({"family": name, "base_model": str(folder), "steps": 3, "rank": 4, "batch_size": 2,
+                           "resolution": RESOLUTION, "output_dir": str(tmp_path), "name": name, "fp8_base": True})
+    result = train_lora(config, model=model)
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss, _ in result.losses)
+    after = sum(t.numel() * t.element_size() for k, t in model.denoiser.state_dict().items() if "lora_" not in k)
+    assert before - after >= 0.7 * linear_bytes  # 4 bytes -> 1 byte (+ a scale per row)
+    assert result.final_path.is_file()

@@ -152,19 +152,25 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def _alternatives(config: TrainingConfig) -> list[tuple[str, TrainingConfig]]:
-    """Settings that need less memory, mildest first, each with the words that suggest it."""
-    train, options = config.train, []
+def _alternatives(model: LoadedModel, config: TrainingConfig) -> list[tuple[str, TrainingConfig, int]]:
+    """Settings that need less memory, mildest first: (advice, config, bytes it frees in the base)."""
+    train, changes = config.train, []
     if not train.gradient_checkpointing:
-        options.append(("turn on gradient_checkpointing", {"gradient_checkpointing": True}))
+        changes.append(("turn on gradient_checkpointing", {"gradient_checkpointing": True}))
     if train.batch_size > 1:
-        options.append((f"set batch_size 1 and gradient_accumulation {train.batch_size * train.gradient_accumulation}"
-                        " (same effective batch)",
-                        {"batch_size": 1, "gradient_accumulation": train.batch_size * train.gradient_accumulation}))
-    combined = {k: v for _, change in options for k, v in change.items()}
-    if len(options) > 1:
-        options.append((" and ".join(text for text, _ in options), combined))
-    return [(text, build_config(change, base=config)) for text, change in options]
+        accumulation = train.batch_size * train.gradient_accumulation
+        changes.append((f"set batch_size 1 and gradient_accumulation {accumulation} (same effective batch)",
+                        {"batch_size": 1, "gradient_accumulation": accumulation}))
+    if len(changes) > 1:
+        changes.append((" and ".join(text for text, _ in changes), {k: v for _, c in changes for k, v in c.items()}))
+    options = [(text, build_config(change, base=config), 0) for text, change in changes]
+    if not train.fp8_base:  # the base shrinks to one byte per linear weight
+        freed = sum(m.weight.numel() * (m.weight.element_size() - 1) for m in model.denoiser.modules()
+                    if type(m) is torch.nn.Linear)
+        all_changes = {k: v for _, c in changes for k, v in c.items()}
+        options.append(("turn on fp8_base" + (" and " + " and ".join(t for t, _ in changes[:2]) if changes else ""),
+                        build_config({**all_changes, "fp8_base": True}, base=config), freed))
+    return options
 
 
 def check_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConfig,
@@ -177,8 +183,8 @@ def check_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConf
     if free is None or estimate.training <= free or not config.train.check_memory:
         return estimate
     advice = "lower resolution, rank or batch_size"
-    for text, alternative in _alternatives(config):
-        if estimate_memory(model, examples, alternative, compute_dtype).training <= free:
+    for text, alternative, freed in _alternatives(model, config):
+        if estimate_memory(model, examples, alternative, compute_dtype).training <= free + freed:
             advice = text
             break
     raise LoraLabError(f"This run needs about {estimate.training / GIB:.1f} GiB more {model.device.type} memory "

@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
         prompts = [fill_trigger(p, result.trigger_words) for p in sample_settings.prompts]
         size = (result.config.data.resolution,) * 2
         rows = [(f"step {c.step}", c.path) for c in result.checkpoints]
+        result.model.place_encoders(result.model.device)  # back beside the denoiser after training
         grid, cells = sample_grid(result.model, rows, prompts, sample_settings.strengths, size,
                                   sample_settings.sample_steps, sample_settings.guidance_scale,
                                   sample_settings.sample_seed)

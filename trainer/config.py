@@ -110,6 +110,8 @@ class TrainSettings(_Section):
     batch_size: int = setting(1, "Images per step.", low=1, high=64)
     gradient_accumulation: int = setting(1, "Batches accumulated per optimizer step.", low=1, high=128)
     gradient_checkpointing: bool = setting(False, "Trade ~35 % more time for less memory.")
+    fp8_base: bool = setting(False, "Hold the frozen base model's linear layers in 8-bit float (half the memory of "
+                             "bf16; the LoRA and all computation keep their precision). For FLUX on smaller GPUs.")
     mixed_precision: str = setting("auto", "Compute precision: auto = bf16 on a GPU that supports it, fp16 on "
                                    "other GPUs, fp32 on CPU.", choices=("auto", "no", "fp16", "bf16"))
     min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", low=0, high=100.0)

@@ -26,6 +26,7 @@ from .errors import LoraLabError
 from .examples import TrainingSet
 from .export import SAVE_DTYPES, lora_state_dict, save_lora
 from .families import LoadedModel, get_family
+from .fp8 import quantize_linear_layers
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
 from .metadata import RunFacts, build_metadata, new_session_id
@@ -206,8 +207,14 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     log.info("Encoding %d images at %d px", len(dataset.items), config.data.resolution)
     examples = TrainingSet(model, dataset, config.data.resolution, config.data.bucketing, config.data.cache,
                            config.data.cache_dir, lora.train_text_encoder)
+    compute_dtype = resolve_precision(train.mixed_precision, model.device)
+    if examples.cache_latents and examples.cache_text:
+        model.place_encoders(torch.device("cpu"))  # encoded once: the training device needs only the denoiser
+    if train.fp8_base:
+        saved = quantize_linear_layers(model.denoiser, compute_dtype)
+        log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
-    check_memory(model, examples, config, resolve_precision(train.mixed_precision, model.device))
+    check_memory(model, examples, config, compute_dtype)
     check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
     facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,

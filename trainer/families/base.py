@@ -53,6 +53,13 @@ class LoadedModel:
             return self.image_encoder(pixels)
         return self.family.encode_images(self, pixels)
 
+    def place_encoders(self, device: torch.device) -> None:
+        """Move the VAE and text encoders (e.g. to the CPU once their outputs are cached, and back
+        to sample). A no-op where outside encoders (ComfyUI's) do the encoding."""
+        for module in (self.vae, *self.text_encoders):
+            if module is not None:
+                module.to(device)
+
     def lora_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(export prefix, module) for the denoiser and each text encoder."""
         prefixes = self.family.text_encoder_prefixes
