@@ -17,6 +17,7 @@ import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.sd
+import comfy.supported_models
 import comfy.utils
 import folder_paths
 import numpy as np
@@ -26,6 +27,7 @@ from PIL import Image
 
 from ..trainer.errors import LoraLabError
 from ..trainer.families import LoadedModel, get_family
+from ..trainer.fp8 import FLOAT8, Float8Linear
 from ..trainer.loop import Checkpoint, StepReport, TrainingEvents
 from ..trainer.lora_files import check_lora
 
@@ -105,11 +107,25 @@ def release_training_memory() -> None:
 
 
 def family_of(model: Any) -> str:
-    name = type(model.model.model_config).__name__
-    if name == "SD15":
+    """The trainer family of a graph's MODEL, or a clear error for models LoRA Lab does not train."""
+    config = model.model.model_config
+    supported = comfy.supported_models
+    standard_input = config.unet_config.get("in_channels") in (4, 16)  # not an inpainting / edit variant
+    if isinstance(config, supported.Flux) and standard_input:
+        return "flux"
+    if isinstance(config, supported.SDXL) and standard_input:
+        return "sdxl"
+    if type(config).__name__ == "SD15":
         return "sd15"
-    raise LoraLabError(f"Train LoRA supports SD 1.5 models in ComfyUI so far; this graph's model is {name}. "
-                       "Load an SD 1.5 checkpoint.")
+    raise LoraLabError(f"Train LoRA trains SD 1.5, SDXL and FLUX.1 models; this graph's model is "
+                       f"{type(config).__name__}. Load one of those.")
+
+
+# How ComfyUI's CLIP output becomes the trainer's conditioning, per family: the pooled vector's
+# name, and how many tokens are kept so that every caption's conditioning has one shape (77 for
+# CLIP; 256 for FLUX's T5, the length ComfyUI itself pads prompts to).
+POOLED_NAME = {"sd15": None, "sdxl": "text_embeds", "flux": "pooled_projections"}
+TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "flux": 256}
 
 
 def _diffusers_unet_config(unet_config: dict) -> dict:
@@ -121,7 +137,11 @@ def _diffusers_unet_config(unet_config: dict) -> dict:
     depth = [unet_config["transformer_depth"][i * per_block[0]] for i in range(len(channels))]
     heads = unet_config.get("num_heads", -1)
     head_dim = heads if heads != -1 else [c // unet_config["num_head_channels"] for c in channels]
+    adm = unet_config.get("adm_in_channels")  # SDXL: pooled text + size/crop ids
+    extra = ({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+              "projection_class_embeddings_input_dim": adm} if adm else {})
     return {
+        **extra,
         "sample_size": unet_config.get("image_size", 64), "in_channels": unet_config["in_channels"],
         "out_channels": unet_config["out_channels"], "block_out_channels": channels,
         "layers_per_block": per_block[0], "cross_attention_dim": unet_config["context_dim"],
@@ -165,38 +185,90 @@ def shared_diffusers_unet(model: Any) -> torch.nn.Module:
     return unet
 
 
+def shared_diffusers_flux(model: Any) -> torch.nn.Module:
+    """A diffusers FLUX transformer whose weights are views of the ComfyUI model's tensors (the
+    fused q/k/v projections are sliced, not copied); weights ComfyUI holds in fp8 stay fp8."""
+    from diffusers import FluxTransformer2DModel
+
+    config = model.model.model_config.unet_config
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=config["in_channels"] * 4, num_layers=config["depth"],
+            num_single_layers=config["depth_single_blocks"], num_attention_heads=config["num_heads"],
+            attention_head_dim=config["hidden_size"] // config["num_heads"],
+            joint_attention_dim=config["context_in_dim"], pooled_projection_dim=config["vec_in_dim"],
+            guidance_embeds=config["guidance_embed"], axes_dims_rope=tuple(config["axes_dim"]))
+    transformer.requires_grad_(False)
+    _leave_inference_mode(model.model.diffusion_model)
+    bfl = model.model.diffusion_model.state_dict(keep_vars=True)
+    wanted = transformer.state_dict().keys()
+    state = {}
+    for name, source in comfy.utils.flux_to_diffusers(config).items():
+        if name not in wanted:
+            continue
+        if isinstance(source, str):
+            state[name] = bfl[source]
+        elif source[1] is None:  # a reordered tensor (the final norm's scale/shift halves): a small copy
+            state[name] = source[2](bfl[source[0]].detach())
+        else:
+            dim, start, length = source[1]
+            state[name] = bfl[source[0]].detach().narrow(dim, start, length)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise LoraLabError(f"Could not map this FLUX model to diffusers (e.g. {missing[0]} missing); please report "
+                           "the model file.")
+    transformer.load_state_dict(state, strict=True, assign=True)
+    for module in transformer.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == FLOAT8:
+            module.register_buffer("weight_scale", torch.ones(module.out_features, device=module.weight.device))
+            module.compute_dtype = torch.bfloat16
+            module.__class__ = Float8Linear
+    for module in transformer.modules():  # other fp8 tensors (norms, embedders) are small: upcast them
+        for key, tensor in list(module.named_parameters(recurse=False)):
+            if tensor.dtype == FLOAT8 and not isinstance(module, Float8Linear):
+                setattr(module, key, torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False))
+    return transformer
+
+
 def prediction_type(model: Any) -> str:
     sampling = model.get_model_object("model_sampling")
     if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
         return "v_prediction"
     if isinstance(sampling, comfy.model_sampling.EPS):
         return "epsilon"
+    if isinstance(sampling, comfy.model_sampling.CONST):
+        return "flow"
     raise LoraLabError(f"This model predicts with {type(sampling).__name__}, which Train LoRA does not support yet.")
 
 
 def loaded_model(model: Any, clip: Any, vae: Any) -> LoadedModel:
-    """The trainer's view of a graph's MODEL, CLIP and VAE: a diffusers UNet sharing the weights,
-    and conditioning/latents computed by the graph's own CLIP and VAE."""
-    from diffusers import DDPMScheduler
+    """The trainer's view of a graph's MODEL, CLIP and VAE: a diffusers denoiser sharing the
+    weights, and conditioning/latents computed by the graph's own CLIP and VAE."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-    family = get_family(family_of(model))
+    name = family_of(model)
     free_memory_for_training(model)
-    unet = shared_diffusers_unet(model)
+    denoiser = shared_diffusers_flux(model) if name == "flux" else shared_diffusers_unet(model)
     latent_format = model.model.latent_format
+    pooled_name, tokens = POOLED_NAME[name], TEXT_TOKENS[name]
 
     def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
-        # Conditioning is cut to one 77-token window, as the diffusers path does.
-        embeds = [clip.encode_from_tokens(clip.tokenize(caption))[:, :77] for caption in captions]
-        return {"prompt_embeds": torch.cat(embeds).clone()}
+        encoded = [clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True) for caption in captions]
+        conditioning = {"prompt_embeds": torch.cat([cond[:, :tokens] for cond, _ in encoded]).clone()}
+        if pooled_name:
+            conditioning[pooled_name] = torch.cat([pooled for _, pooled in encoded]).clone()
+        return conditioning
 
     def encode_images(pixels: torch.Tensor) -> torch.Tensor:
         raw = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
         return latent_format.process_in(raw).clone()
 
-    # ComfyUI's SD 1.x sampling uses the same scaled-linear betas as diffusers' SD scheduler.
-    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              num_train_timesteps=1000, clip_sample=False)
-    return LoadedModel(family=family, denoiser=unet, vae=None, text_encoders=[], tokenizers=[],
+    if name == "flux":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    else:  # ComfyUI's SD 1.x / SDXL sampling uses the same scaled-linear betas as diffusers' scheduler
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  num_train_timesteps=1000, clip_sample=False)
+    return LoadedModel(family=get_family(name), denoiser=denoiser, vae=None, text_encoders=[], tokenizers=[],
                        noise_scheduler=scheduler, prediction_type=prediction_type(model), source="comfyui",
                        prompt_encoder=encode_prompts, image_encoder=encode_images)
 
@@ -272,6 +344,7 @@ def sample_image(model: Any, clip: Any, vae: Any, prompt: str, negative: str, se
                  sampler: str, scheduler: str, width: int, height: int) -> torch.Tensor:
     """One image exactly as EmptyLatentImage → CLIPTextEncode → KSampler → VAEDecode would make it."""
     latent = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)  # FLUX latents have 16 channels
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, encode_text(clip, prompt),
                                   encode_text(clip, negative), latent, denoise=1.0, disable_pbar=True, seed=seed)

@@ -1,6 +1,12 @@
-"""Test helper: a real ComfyUI server on this CPU with LoRA Lab mounted, and a random SD 1.5-
-compatible checkpoint built at test time (no download): a 1-level 320-channel UNet with 768-wide
-cross-attention in the original layout, and full-size random CLIP-L and VAE."""
+"""Test helper: a real ComfyUI server on this CPU with LoRA Lab mounted, and random models built
+at test time (no download), each as small as ComfyUI's model detection allows:
+
+- SD 1.5: a 1-level 320-channel UNet with 768-wide cross-attention, full-size CLIP-L and VAE;
+- SDXL: a 3-level 320-channel UNet with SDXL's conditioning (detected as Segmind Vega, an SDXL
+  variant), full-size CLIP-L, OpenCLIP-G and VAE, in the original single-file layout;
+- FLUX: a full-width transformer with one double and one single block (ComfyUI fixes the width
+  at 3072), as a diffusers-layout diffusion-model file.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +43,51 @@ def build_sd15_checkpoint(path: Path) -> None:
     for module in (unet, vae, text_encoder):
         module.to(torch.float16)
     write_ldm_checkpoint(unet, vae, text_encoder, path)
+
+
+def build_sdxl_checkpoint(path: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .ldm_layout import write_ldm_checkpoint
+
+    torch.manual_seed(0)
+    config = UNet2DConditionModel.load_config(CONFIGS / "sdxl" / "unet")
+    unet = UNet2DConditionModel.from_config({**config, "block_out_channels": [320, 320, 320],
+                                             "transformer_layers_per_block": [1, 1, 2], "attention_head_dim": 5})
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "sdxl" / "vae"))
+    clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIGS / "sdxl" / "text_encoder"))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(CONFIGS / "sdxl" / "text_encoder_2"))
+    for module in (unet, vae, clip_l, clip_g):
+        module.to(torch.float16)
+    write_ldm_checkpoint(unet, vae, clip_l, path, text_encoder_2=clip_g)
+
+
+def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
+    """A 1+1-block full-width FLUX transformer file, and a LoRA for it from LoRA Lab's exporter
+    (random, non-zero weights); returns the LoRA's layer count."""
+    from diffusers import FluxTransformer2DModel
+    from lora_lab.trainer.export import lora_state_dict, save_lora
+    from lora_lab.trainer.families import LoadedModel, get_family
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from lora_lab.trainer.lora import add_lora, lora_parameters
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = FluxTransformer2DModel.load_config(CONFIGS / "flux" / "transformer")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config({**config, "num_layers": 1, "num_single_layers": 1})
+    transformer.to_empty(device="cpu")
+    state = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16) for k, v in transformer.state_dict().items()}
+    save_file(state, str(model_path))
+    model = LoadedModel(get_family("flux"), transformer, None, [], [], None, "flow", "test")
+    add_lora(model, 4, 8.0, "attention_mlp", False)
+    for parameter in lora_parameters(model):
+        torch.nn.init.normal_(parameter, std=0.01)
+    tensors = lora_state_dict(model, alpha=8.0)
+    save_lora(lora_path, tensors, {})
+    return len(tensors) // 3
 
 
 class ComfyServer:

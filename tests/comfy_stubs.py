@@ -82,12 +82,15 @@ def install(loras: Path, input_dir: Path) -> Recorder:
     comfy = types.ModuleType("comfy")
     modules = {"comfy": comfy, "folder_paths": folder_paths, "comfy_api": types.ModuleType("comfy_api"),
                "comfy_api.latest": latest}
-    for name in ("model_management", "model_sampling", "sample", "samplers", "sd", "utils"):
+    for name in ("model_management", "model_sampling", "sample", "samplers", "sd", "supported_models", "utils"):
         module = types.ModuleType(f"comfy.{name}")
         setattr(comfy, name, module)
         modules[f"comfy.{name}"] = module
     comfy.samplers.KSampler = types.SimpleNamespace(SAMPLERS=["euler", "dpmpp_2m"], SCHEDULERS=["normal", "karras"])
     comfy.model_management.processing_interrupted = lambda: recorder.interrupted
+    for name, parent in (("SD15", object), ("SDXL", object), ("Flux", object)):  # model classes, by name
+        setattr(comfy.supported_models, name, type(name, (parent,), {}))
+    comfy.supported_models.Segmind_Vega = type("Segmind_Vega", (comfy.supported_models.SDXL,), {})
     comfy.utils.load_torch_file = lambda path, safe_load=True: {"file": str(path)}
 
     def load_lora_for_models(model, clip, lora, model_strength, clip_strength):

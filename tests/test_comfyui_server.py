@@ -1,8 +1,10 @@
-"""LoRA Lab inside a real ComfyUI server (CPU), with a random SD 1.5-compatible model built here.
+"""LoRA Lab inside a real ComfyUI server (CPU), with random SD 1.5, SDXL and FLUX models built
+here (see comfy_server.py).
 
 Skipped unless COMFYUI_DIR points at a ComfyUI checkout (its Python: COMFYUI_PYTHON, default the
 `python` on PATH; it needs ComfyUI's requirements plus diffusers and peft). Runs an API twin of
-example workflow (a) at 64 px, then interrupts a long run.
+example workflow (a) at 64 px, interrupts and resumes a run, trains SDXL through the nodes, and
+loads a FLUX LoRA from LoRA Lab's exporter.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import pytest
 from lora_lab.trainer import embedded
 from PIL import Image
 
-from .comfy_server import REPO, ComfyServer, build_sd15_checkpoint, comfy_python
+from .comfy_server import (
+    REPO,
+    ComfyServer,
+    build_flux_model_and_lora,
+    build_sd15_checkpoint,
+    build_sdxl_checkpoint,
+    comfy_python,
+)
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
@@ -198,3 +207,65 @@ def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     steps = [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"]
     assert steps == list(range(step + 1, 31))
     assert (run_dir / "cancelled.safetensors").is_file() and (run_dir / "cancelled-step000020.safetensors").is_file()
+
+
+def _unloaded_keys(server: ComfyServer, since: int) -> list[str]:
+    return [line for line in server.log()[since:].splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
+
+
+def test_sdxl_trains_through_the_nodes_and_its_lora_loads(server):
+    started = time.time()
+    build_sdxl_checkpoint(server.base / "models" / "checkpoints" / "random_sdxl.safetensors")
+    print(f"SDXL checkpoint built in {time.time() - started:.0f} s")
+    sample = dict(seed=0, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    train = {"preset": "none", "steps": 2, "rank": 4, "alpha": 0.0, "learning_rate": 0.001, "resolution": 64,
+             "batch_size": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 1,
+             "seed": 1, "name": "sdxl_test", "gradient_checkpointing": False, "mixed_precision": "auto",
+             "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
+             "resume_with_changes": False}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "random_sdxl.safetensors"}},
+        "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
+                                                             "trigger_word": "", "family": "sdxl"}},
+        "3": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                          "dataset": ["2", 0], **train}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": ["3", 1]}},
+        "5": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["3", 1]}},
+        "6": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "7": {"class_type": "KSampler", "inputs": {"model": ["3", 0], "positive": ["4", 0], "negative": ["5", 0],
+                                                   "latent_image": ["6", 0], **sample}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["7", 0], "vae": ["1", 2]}},
+        "9": {"class_type": "PreviewImage", "inputs": {"images": ["8", 0]}},
+    }
+    since = len(server.log())
+    started = time.time()
+    prompt_id, messages = server.run(prompt)
+    status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "success", server.log()[-3000:]
+    assert [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"] == [1, 2]
+    assert "Segmind_Vega" in server.log()[since:] or "SDXL" in server.log()[since:]
+    assert not _unloaded_keys(server, since)
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "sdxl_test"
+    assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["sdxl_test-step000001.safetensors",
+                                                                      "sdxl_test.safetensors"]
+    print(f"SDXL train + sample workflow {time.time() - started:.1f} s")
+
+
+def test_flux_lora_from_our_exporter_loads_every_key(server):
+    folder = server.base / "models" / "diffusion_models"
+    folder.mkdir(parents=True, exist_ok=True)
+    lora = server.base / "models" / "loras" / "flux_test.safetensors"
+    layers = build_flux_model_and_lora(folder / "flux_1x1.safetensors", lora)
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux_1x1.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "flux_test.safetensors",
+                                                              "strength_model": 1.0}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    }
+    since = len(server.log())
+    prompt_id, _ = server.run(prompt)
+    status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "success", server.log()[-3000:]
+    assert "model_type FLUX" in server.log()[since:]
+    assert not _unloaded_keys(server, since)
+    print(f"FLUX LoRA with {layers} layers: every key loaded")

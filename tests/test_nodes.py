@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import types
 
 import pytest
 import torch
@@ -132,6 +133,24 @@ def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine_2").mkdir()
     assert unique_name(tmp_path, "mine") == "mine_3" and unique_name(tmp_path, "other") == "other"
+
+
+def test_family_of_the_graphs_model(nodes):
+    import comfy.supported_models as models
+    from lora_lab.nodes.comfy_bridge import family_of
+
+    def graph_model(cls, in_channels=4):
+        config = cls()
+        config.unet_config = {"in_channels": in_channels}
+        return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+
+    assert family_of(graph_model(models.SD15)) == "sd15"
+    assert family_of(graph_model(models.Segmind_Vega)) == "sdxl"  # reduced SDXLs train as SDXL
+    assert family_of(graph_model(models.Flux, 16)) == "flux"
+    with pytest.raises(LoraLabError, match="trains SD 1.5, SDXL and FLUX.1 models; this graph's model is SDXL"):
+        family_of(graph_model(models.SDXL, 9))  # an inpainting model
+    with pytest.raises(LoraLabError, match="this graph's model is SD3"):
+        family_of(graph_model(type("SD3", (), {})))
 
 
 def test_resume_choices_keep_the_run_and_stay_inside_the_lora_folder(nodes, tmp_path):
