@@ -23,11 +23,28 @@ def test_detect_family_from_tensor_names():
         detect_family({"foo": (1,)})
 
 
+def test_family_is_detected_from_folders_and_files(tmp_path):
+    from lora_lab.trainer import embedded
+    from lora_lab.trainer.families import detect_source_family
+
+    assert detect_source_family(embedded.TINY_MODEL) == "sd15"
+    for name, key in (("xl", "conditioner.embedders.1.model.ln_final.weight"), ("bfl", "double_blocks.0.img_attn.qkv"
+                      ".weight"), ("diffusers_flux", "transformer_blocks.0.attn.add_q_proj.weight")):
+        save_file({key: torch.zeros(2)}, str(tmp_path / f"{name}.safetensors"))
+    assert detect_source_family(tmp_path / "xl.safetensors") == "sdxl"
+    assert detect_source_family(tmp_path / "bfl.safetensors") == "flux"
+    assert detect_source_family(tmp_path / "diffusers_flux.safetensors") == "flux"
+    (tmp_path / "sd3").mkdir()
+    (tmp_path / "sd3" / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    with pytest.raises(LoraLabError, match="holds a StableDiffusion3Pipeline model; LoRA Lab trains SD 1.5, SDXL"):
+        detect_source_family(tmp_path / "sd3")
+
+
 def test_wrong_family_file_is_named(tmp_path):
     path = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, str(path))
     with pytest.raises(LoraLabError, match="looks like a sdxl model, not sd15; set family to sdxl"):
-        load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
+        load_base_model(build_config({"family": "sd15", "base_model": str(path)}), torch.device("cpu"))
 
 
 def test_truncated_and_pickle_files_are_refused(tmp_path):
@@ -89,8 +106,9 @@ def test_sdxl_single_file_checkpoint_loads_offline_and_matches_the_folder(tmp_pa
     write_ldm_checkpoint(reference.denoiser, reference.vae, reference.text_encoders[0], path,
                          text_encoder_2=reference.text_encoders[1])
     with pytest.raises(LoraLabError, match="looks like a sdxl model, not sd15; set family to sdxl"):
-        load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
-    config = build_config({"family": "sdxl", "base_model": str(path), "model_config": str(folder)})
+        load_base_model(build_config({"family": "sd15", "base_model": str(path), "model_config": str(folder)}),
+                        torch.device("cpu"))
+    config = build_config({"base_model": str(path), "model_config": str(folder)})  # family auto: sdxl
     loaded = load_base_model(config, torch.device("cpu"))
     pairs = [(loaded.denoiser, reference.denoiser), (loaded.vae, reference.vae),
              *zip(loaded.text_encoders, reference.text_encoders, strict=True)]

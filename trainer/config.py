@@ -52,7 +52,8 @@ class _Section:
 
 @dataclass(frozen=True)
 class ModelSettings(_Section):
-    family: str = setting("sd15", "Base model family.", choices=("sd15", "sdxl", "flux"))
+    family: str = setting("auto", "Base model family: auto reads it from the model (folder index or the "
+                          "checkpoint's tensor names).", choices=("auto", "sd15", "sdxl", "flux"))
     base_model: str = setting("", "Base model: a diffusers folder or a single-file .safetensors checkpoint. "
                               "Empty = the tiny embedded model (demo).")
     model_config: str = setting("", "Folder of diffusers config files used to read a single-file checkpoint "

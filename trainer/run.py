@@ -25,7 +25,7 @@ from .data import Dataset, scan_folder
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .export import SAVE_DTYPES, lora_state_dict, save_lora
-from .families import LoadedModel, get_family
+from .families import LoadedModel, detect_source_family, get_family
 from .fp8 import quantize_linear_layers
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
@@ -72,8 +72,9 @@ def default_device() -> torch.device:
 
 def load_base_model(config: TrainingConfig, device: torch.device | None = None) -> LoadedModel:
     device = device or default_device()
-    family = get_family(config.model.family)
     source = config.model.base_model or str(embedded.TINY_MODEL)
+    name = config.model.family
+    family = get_family(detect_source_family(Path(source).expanduser()) if name == "auto" else name)
     if not config.model.base_model and family.name != "sd15":
         raise LoraLabError(f"The embedded demo model is SD 1.5; set base_model to a {family.name} model.")
     # On a GPU the frozen base is held in the compute dtype; LoRA weights always train in fp32.
@@ -189,7 +190,8 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
     if model is None:
         model = load_base_model(config)
-    config = resolve_config(config, dataset, native_resolution(model))
+    config = resolve_config(build_config({"family": model.family.name}, base=config), dataset,
+                            native_resolution(model))
     listing = dataset_listing(dataset)
     resume, history = None, []
     if config.output.resume:

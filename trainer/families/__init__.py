@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import LoraLabError
-from .base import LoadedModel, ModelFamily
+from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
 from .flux import FluxFamily
 from .sd15 import StableDiffusionFamily
 from .sdxl import StableDiffusionXLFamily
@@ -40,4 +42,23 @@ def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
                        "Use a full original-format checkpoint of one of those, or a diffusers folder.")
 
 
-__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "detect_family", "get_family"]
+PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionImg2ImgPipeline": "sd15",
+                     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
+                     "FluxPipeline": "flux"}
+
+
+def detect_source_family(source: Path) -> str:
+    """The family of a diffusers folder (from its pipeline class) or a checkpoint file."""
+    if source.is_dir():
+        pipeline = read_model_index(source).get("_class_name")
+        if pipeline not in PIPELINE_FAMILIES:
+            raise LoraLabError(f"{source} holds a {pipeline} model; LoRA Lab trains SD 1.5, SDXL and FLUX.1-dev "
+                               f"({', '.join(sorted(set(PIPELINE_FAMILIES)))}).")
+        return PIPELINE_FAMILIES[pipeline]
+    if not source.is_file():
+        raise LoraLabError(f"Base model {source} does not exist; give a diffusers folder or a .safetensors "
+                           "checkpoint file.")
+    return detect_family(read_safetensors_header(source))
+
+
+__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "detect_family", "detect_source_family", "get_family"]
