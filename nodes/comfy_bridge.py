@@ -176,7 +176,9 @@ def shared_diffusers_unet(model: Any) -> torch.nn.Module:
     _leave_inference_mode(model.model.diffusion_model)
     ldm = model.model.diffusion_model.state_dict(keep_vars=True)
     mapping = comfy.utils.unet_to_diffusers(unet_config)
-    state = {name: ldm[ldm_name] for name, ldm_name in mapping.items() if ldm_name in ldm}
+    # ComfyUI's map names SDXL's pooled-text/size embedding by its older diffusers name.
+    state = {name.replace("class_embedding.", "add_embedding."): ldm[ldm_name] for name, ldm_name in mapping.items()
+             if ldm_name in ldm}
     missing = sorted(set(unet.state_dict()) - set(state))
     if missing:
         raise LoraLabError(f"Could not map this model's UNet to diffusers (e.g. {missing[0]} missing); "
