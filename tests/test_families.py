@@ -137,3 +137,31 @@ def test_shipped_sd15_configs_and_clip_tokenizer():
     assert len(tokenizer) == 49408
     unet_config = UNet2DConditionModel.load_config(CONFIGS / "sd15" / "unet")
     assert unet_config["cross_attention_dim"] == 768 and unet_config["block_out_channels"] == [320, 640, 1280, 1280]
+
+
+@pytest.mark.parametrize("layout", ["original", "original with prefix", "diffusers"])
+def test_flux_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
+    from lora_lab.trainer.families.flux_layout import to_diffusers, to_original
+    from safetensors.torch import load_file
+
+    from .tiny_models import build_flux
+
+    folder = build_flux(tmp_path / "tiny-flux")
+    reference = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
+    assert reference.family.name == "flux"
+    state = reference.denoiser.state_dict()
+    config = reference.denoiser.config
+    if layout != "diffusers":
+        state = to_original(state, config.num_layers, config.num_single_layers,
+                            config.num_attention_heads * config.attention_head_dim)
+        assert to_diffusers(state).keys() == reference.denoiser.state_dict().keys()
+    if layout == "original with prefix":  # as in full checkpoints
+        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(LoraLabError, match="holds only the FLUX transformer. Set model_config"):
+        load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
+    loaded = load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
+    expected = reference.denoiser.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.denoiser.state_dict().items())
+    assert loaded.denoiser.config.guidance_embeds and load_file(str(path))

@@ -72,3 +72,15 @@ def test_shipped_full_size_configs_have_the_published_sizes():
     sizes = {name: sum(p.numel() for p in _meta_model(name).denoiser.parameters()) / 1e6 for name in PATTERNS}
     print({name: f"{size:.1f}M" for name, size in sizes.items()})
     assert round(sizes["sd15"]) == 860 and round(sizes["sdxl"]) == 2567 and round(sizes["flux"]) == 11901
+
+
+def test_flux_original_layout_round_trips_at_full_size():
+    from lora_lab.trainer.families.flux_layout import to_diffusers, to_original
+
+    model = _meta_model("flux")
+    state = model.denoiser.state_dict()
+    original = to_original(state, 19, 38, 3072)
+    assert original["double_blocks.0.img_attn.qkv.weight"].shape == (9216, 3072)
+    assert original["single_blocks.37.linear1.weight"].shape == (21504, 3072)
+    assert original["final_layer.adaLN_modulation.1.weight"].shape == (6144, 3072)
+    assert {k: v.shape for k, v in to_diffusers(original).items()} == {k: v.shape for k, v in state.items()}

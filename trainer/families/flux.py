@@ -5,9 +5,9 @@ image ids), takes the flow time σ directly and, being guidance-distilled, a gui
 objective is rectified flow (see objectives.py). LoRA files use diffusers/PEFT names with a
 `transformer.` prefix and an `.alpha` per layer, which ComfyUI, Forge and diffusers all map.
 
-Loads a diffusers folder, or a transformer-only single file (BFL layout, as ComfyUI's
-models/diffusion_models holds it) with `model_config` naming a FLUX diffusers folder for the VAE,
-text encoders and tokenizers.
+Loads a diffusers folder, or a transformer-only single file (original BFL layout, as ComfyUI's
+models/diffusion_models holds it, or diffusers layout) with `model_config` naming a FLUX diffusers
+folder for the VAE, text encoders and tokenizers.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from safetensors.torch import load_file
 
 from ..errors import LoraLabError
+from . import flux_layout
 from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -69,10 +71,40 @@ class FluxFamily(ModelFamily):
                                "diffusers folder for its VAE, text encoders and tokenizers (the transformer "
                                "weights there are not read), or train in ComfyUI, where Train LoRA uses the "
                                "graph's own CLIP and VAE.")
-        transformer = FluxTransformer2DModel.from_single_file(
-            str(path), config=str(CONFIGS / self.name), subfolder="transformer", torch_dtype=dtype,
-            local_files_only=True)
+        transformer = self.transformer_from_file(path, dtype, parts_folder)
         return FluxPipeline.from_pretrained(parts_folder, transformer=transformer, dtype=dtype, local_files_only=True)
+
+    def transformer_from_file(self, path: Path, dtype: torch.dtype, parts_folder: Path | None) -> Any:
+        """A transformer from one file in the original (BFL) or diffusers layout. Block counts and
+        widths come from the file; the rest of the config from `parts_folder` if it has one, else
+        FLUX.1-dev's."""
+        state = load_file(str(path))
+        if "x_embedder.weight" not in state:
+            state = flux_layout.to_diffusers(state)
+        config_folder = parts_folder if parts_folder and (parts_folder / "transformer").is_dir() else CONFIGS / "flux"
+        config = dict(FluxTransformer2DModel.load_config(config_folder / "transformer"))
+        heads_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+        config.update(
+            num_layers=len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}),
+            num_single_layers=len({k.split(".")[1] for k in state if k.startswith("single_transformer_blocks.")}),
+            in_channels=state["x_embedder.weight"].shape[1], attention_head_dim=heads_dim,
+            num_attention_heads=state["x_embedder.weight"].shape[0] // heads_dim,
+            joint_attention_dim=state["context_embedder.weight"].shape[1],
+            pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+            guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state)
+        if sum(config.get("axes_dims_rope", (16, 56, 56))) != heads_dim:
+            raise LoraLabError(f"{path.name} has {heads_dim}-wide attention heads; set model_config to a folder whose "
+                               "transformer/config.json gives axes_dims_rope summing to that.")
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel.from_config(config)
+        for key in list(state):  # one tensor at a time, so the file's copy is freed as we go
+            state[key] = state[key].to(dtype)
+        try:
+            transformer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as error:
+            raise LoraLabError(f"{path.name} does not fit a FLUX transformer ({str(error).splitlines()[1][:200]}); "
+                               "is it a complete FLUX.1 transformer file?") from None
+        return transformer
 
     # --- encoding and prediction ------------------------------------------------------------
     def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
