@@ -1,6 +1,7 @@
 """Benchmark every family on random models built from configs (tests/tiny_models.py): seconds per
-step, the loop's peak memory above what was resident when it started, and the trainer's memory
-estimate of that same quantity, each case in its own process, side by side in one run.
+step, the base model's resident size, the loop's peak memory above what was resident when it
+started, and the trainer's memory estimate of that same quantity, each case in its own process,
+side by side in one run.
 
     python scripts/benchmark_families.py [--steps 20] [--families sd15,sdxl,flux] [--sizes tiny,reduced]
 
@@ -38,7 +39,7 @@ def run_case(settings: dict) -> dict:
 
     def check(*args, **kwargs):
         estimate = original_check(*args, **kwargs)
-        measured["estimate"] = estimate.training
+        measured["estimate"], measured["base"] = estimate.training, estimate.base
         return estimate
 
     def loop(*args, **kwargs):
@@ -67,7 +68,8 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from tests.tiny_models import build
 
-    print(f"{'family':<7}{'size':<9}{'case':<15}{'s/step':>8}{'peak MiB':>10}{'estimate MiB':>14}{'ratio':>7}")
+    print(f"{'family':<7}{'size':<9}{'case':<15}{'s/step':>8}{'base MiB':>10}{'peak MiB':>10}{'estimate MiB':>14}"
+          f"{'ratio':>7}")
     with tempfile.TemporaryDirectory() as models:
         for family in args.families.split(","):
             for size in args.sizes.split(","):
@@ -80,8 +82,8 @@ def main() -> None:
                                             capture_output=True, text=True).stdout
                     row = json.loads(output.strip().splitlines()[-1])
                     peak, estimate = row["peak_extra"] / 2**20, row["estimate"] / 2**20
-                    print(f"{family:<7}{size:<9}{case:<15}{row['s_per_step']:>8.3f}{peak:>10.1f}{estimate:>14.1f}"
-                          f"{estimate / max(peak, 0.1):>7.2f}")
+                    print(f"{family:<7}{size:<9}{case:<15}{row['s_per_step']:>8.3f}{row['base'] / 2**20:>10.1f}"
+                          f"{peak:>10.1f}{estimate:>14.1f}{estimate / max(peak, 0.1):>7.2f}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 OPTIMIZER_BYTES_PER_PARAMETER = {"adamw": 8, "prodigy": 16, "adamw8bit": 2}  # state kept per LoRA weight
 CUDA_OVERHEAD = 600 * 2**20  # CUDA context, cuBLAS workspace and allocator slack
+BACKWARD_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,25 +95,40 @@ def _efficient_attention() -> Iterator[None]:
 
 def measure_activations(model: LoadedModel, config: TrainingConfig, latents: torch.Tensor,
                         conditioning: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> int:
-    """Bytes autograd keeps for one step's backward pass, measured on a meta-device copy."""
+    """Bytes autograd keeps for one step's backward pass, measured on a meta-device copy.
+
+    With gradient checkpointing, a checkpointed block keeps only its inputs, but the backward pass
+    recomputes it and then holds everything it saves: the largest such block is added."""
     with torch.device("meta"):
         denoiser = type(model.denoiser).from_config(model.denoiser.config)
     denoiser.to(compute_dtype)
     probe = dataclasses.replace(model, denoiser=denoiser, text_encoders=[], vae=None,
                                 prompt_encoder=None, image_encoder=None)
     add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, train_text_encoder=False)
-    if config.train.gradient_checkpointing:
-        denoiser.enable_gradient_checkpointing()
     denoiser.train()
     parameters = {id(p) for p in denoiser.parameters()}
-    kept: list[int] = []
+    kept = [0]  # the innermost running checkpointed block's count, or the whole step's
+    blocks: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) not in parameters and id(base) not in parameters:  # weights are counted as the model
-            kept.append(tensor.numel() * tensor.element_size())
+            kept[-1] += tensor.numel() * tensor.element_size()
         return tensor
 
+    def checkpointed(block, *args, **kwargs):
+        """Runs a block the way checkpointing will: its inputs kept, its insides counted apart."""
+        kept[-1] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        kept.append(0)
+        output = block(*args, **kwargs)
+        blocks.append(kept.pop())
+        return output
+
+    if config.train.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        for module in denoiser.modules():
+            if hasattr(module, "_gradient_checkpointing_func"):
+                module._gradient_checkpointing_func = checkpointed
     batch = config.train.batch_size
     meta = {key: torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
             for key, value in conditioning.items()}
@@ -120,8 +136,11 @@ def measure_activations(model: LoadedModel, config: TrainingConfig, latents: tor
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
     with _efficient_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         output = model.family.predict(probe, noisy, timesteps, meta)
-    # The backward pass briefly holds gradients for the output and the largest kept tensor.
-    return sum(kept) + 2 * max(kept, default=0) + 2 * output.numel() * 4
+    saved = kept[0] + max(blocks, default=0)
+    # The backward pass also holds, for a moment, the gradients flowing through each layer: as
+    # measured on the CPU (scripts/benchmark_families.py) that and allocator slack come to about
+    # as much again as what is saved.
+    return BACKWARD_FACTOR * saved + 2 * output.numel() * 4
 
 
 def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConfig,
