@@ -181,30 +181,10 @@ def check_resume(state: RunState, config: TrainingConfig, listing: list[list]) -
     return [*state.history, {"step": state.step, "changes": changes}]
 
 
-def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
-               dataset: Dataset | None = None) -> TrainingResult:
-    """Train a LoRA as the config says and write its checkpoints; see the module docstring."""
-    events = events or TrainingEvents()
-    started = time.time()
-    if dataset is None:
-        dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
-    if model is None:
-        model = load_base_model(config)
-    config = resolve_config(build_config({"family": model.family.name}, base=config), dataset,
-                            native_resolution(model))
-    listing = dataset_listing(dataset)
-    resume, history = None, []
-    if config.output.resume:
-        source = resume_file(config)
-        resume = read_state(source)
-        history = check_resume(resume, config, listing)
-        log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
-    run_dir = prepare_run_dir(config, resuming=resume is not None)
+def prepare_training(model: LoadedModel, dataset: Dataset, config: TrainingConfig) -> TrainingSet:
+    """Encode the dataset, move what is no longer needed off the training device, shrink the base
+    if asked, add the LoRA, and check that the run fits in memory."""
     lora, train = config.lora, config.train
-    check_family_settings(config, model)
-    prediction_type = model.prediction_type if config.model.prediction_type == "auto" else config.model.prediction_type
-    model.prediction_type = prediction_type
-    model.guidance = train.train_guidance
     torch.manual_seed(train.seed)
     log.info("Encoding %d images at %d px", len(dataset.items), config.data.resolution)
     examples = TrainingSet(model, dataset, config.data.resolution, config.data.bucketing, config.data.cache,
@@ -217,12 +197,40 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
     check_memory(model, examples, config, compute_dtype)
+    return examples
+
+
+def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
+               dataset: Dataset | None = None) -> TrainingResult:
+    """Train a LoRA as the config says and write its checkpoints; see the module docstring."""
+    events = events or TrainingEvents()
+    started = time.time()
+    if dataset is None:
+        dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
+    if model is None:
+        model = load_base_model(config)
+    config = resolve_config(build_config({"family": model.family.name}, base=config), dataset,
+                            native_resolution(model))
+    check_family_settings(config, model)
+    listing = dataset_listing(dataset)
+    resume, history = None, []
+    if config.output.resume:
+        source = resume_file(config)
+        resume = read_state(source)
+        history = check_resume(resume, config, listing)
+        log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
+    run_dir = prepare_run_dir(config, resuming=resume is not None)
+    train = config.train
+    if config.model.prediction_type != "auto":
+        model.prediction_type = config.model.prediction_type
+    model.guidance = train.train_guidance
+    examples = prepare_training(model, dataset, config)
     check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
     facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
                      tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(dataset),
-                     prediction_type=prediction_type, started_at=started, session_id=new_session_id(),
+                     prediction_type=model.prediction_type, started_at=started, session_id=new_session_id(),
                      resume_history=tuple(history))
     name = config.output.name
 
