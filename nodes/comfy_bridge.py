@@ -338,6 +338,11 @@ def apply_lora(model: Any, clip: Any, lora: dict[str, torch.Tensor], model_stren
     return comfy.sd.load_lora_for_models(model, clip, lora, model_strength, clip_strength)
 
 
+def is_guidance_distilled(model: Any) -> bool:
+    config = model.model.model_config
+    return isinstance(config, comfy.supported_models.Flux) and bool(config.unet_config.get("guidance_embed"))
+
+
 def encode_text(clip: Any, text: str) -> list:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
@@ -348,6 +353,10 @@ def sample_image(model: Any, clip: Any, vae: Any, prompt: str, negative: str, se
     latent = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
     latent = comfy.sample.fix_empty_latent_channels(model, latent)  # FLUX latents have 16 channels
     noise = comfy.sample.prepare_noise(latent, seed)
-    samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, encode_text(clip, prompt),
-                                  encode_text(clip, negative), latent, denoise=1.0, disable_pbar=True, seed=seed)
+    positive, negative_cond = encode_text(clip, prompt), encode_text(clip, negative)
+    if is_guidance_distilled(model):  # FLUX.1-dev: cfg is its distilled guidance, as FluxGuidance sets it
+        positive = [[cond, {**extra, "guidance": cfg}] for cond, extra in positive]
+        cfg = 1.0
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative_cond, latent,
+                                  denoise=1.0, disable_pbar=True, seed=seed)
     return vae.decode(samples)[:1]
