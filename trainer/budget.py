@@ -138,7 +138,7 @@ def measure_activations(model: LoadedModel, config: TrainingConfig, latents: tor
         output = model.family.predict(probe, noisy, timesteps, meta)
     saved = kept[0] + max(blocks, default=0)
     # The backward pass also holds, for a moment, the gradients flowing through each layer: as
-    # measured on the CPU (scripts/benchmark_families.py) that and allocator slack come to about
+    # measured on the CPU (scripts/benchmark_trainer.py) that and allocator slack come to about
     # as much again as what is saved.
     return BACKWARD_FACTOR * saved + 2 * output.numel() * 4
 
