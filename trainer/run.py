@@ -86,9 +86,9 @@ def load_base_model(config: TrainingConfig, device: torch.device | None = None) 
     return model
 
 
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """Changes whenever an image, caption or repeat count changes (names, sizes, captions)."""
-    return hashlib.sha256(json.dumps(dataset_listing(dataset)).encode()).hexdigest()[:16]
+def dataset_fingerprint(listing: list[list]) -> str:
+    """Changes whenever an image, caption or repeat count changes (a digest of `dataset_listing`)."""
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
@@ -229,7 +229,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
     facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
-                     tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(dataset),
+                     tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(listing),
                      prediction_type=model.prediction_type, started_at=started, session_id=new_session_id(),
                      resume_history=tuple(history))
     name = config.output.name
