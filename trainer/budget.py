@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +58,7 @@ class MemoryEstimate:
         return " + ".join(f"{name} {size / GIB:.2f}" for name, size in parts) + f" = {self.total / GIB:.2f} GiB"
 
 
-def _size(tensors: Iterator[torch.Tensor]) -> int:
+def _size(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -151,9 +151,9 @@ def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingC
     modules = [m for m in (model.denoiser, model.vae, *model.text_encoders) if m is not None]
     on_device = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device == model.device]
     lora = lora_parameters(model)
-    lora_bytes = _size(iter(lora))
+    lora_bytes = _size(lora)
     return MemoryEstimate(
-        base=_size(iter(on_device)) - lora_bytes,
+        base=_size(on_device) - lora_bytes,
         adapters=2 * lora_bytes,
         optimizer=sum(p.numel() for p in lora) * OPTIMIZER_BYTES_PER_PARAMETER[config.optimizer.optimizer],
         activations=measure_activations(model, config, latents, conditioning, compute_dtype),

@@ -83,17 +83,17 @@ class FluxFamily(ModelFamily):
             state = flux_layout.to_diffusers(state)
         config_folder = parts_folder if parts_folder and (parts_folder / "transformer").is_dir() else CONFIGS / "flux"
         config = dict(FluxTransformer2DModel.load_config(config_folder / "transformer"))
-        heads_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
+        head_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
         config.update(
             num_layers=len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}),
             num_single_layers=len({k.split(".")[1] for k in state if k.startswith("single_transformer_blocks.")}),
-            in_channels=state["x_embedder.weight"].shape[1], attention_head_dim=heads_dim,
-            num_attention_heads=state["x_embedder.weight"].shape[0] // heads_dim,
+            in_channels=state["x_embedder.weight"].shape[1], attention_head_dim=head_dim,
+            num_attention_heads=state["x_embedder.weight"].shape[0] // head_dim,
             joint_attention_dim=state["context_embedder.weight"].shape[1],
             pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
             guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state)
-        if sum(config.get("axes_dims_rope", (16, 56, 56))) != heads_dim:
-            raise LoraLabError(f"{path.name} has {heads_dim}-wide attention heads; set model_config to a folder whose "
+        if sum(config.get("axes_dims_rope", (16, 56, 56))) != head_dim:
+            raise LoraLabError(f"{path.name} has {head_dim}-wide attention heads; set model_config to a folder whose "
                                "transformer/config.json gives axes_dims_rope summing to that.")
         with torch.device("meta"):
             transformer = FluxTransformer2DModel.from_config(config)
