@@ -119,6 +119,12 @@ class ModelFamily:
         """Image sides must be multiples of this (VAE factor × denoiser downsampling)."""
         raise NotImplementedError
 
+    @staticmethod
+    def vae_factor(model: LoadedModel) -> int:
+        """Pixels per latent along a side. Without a diffusers VAE (ComfyUI's own VAE encodes), the
+        factor 8 that SD, SDXL and FLUX VAEs share."""
+        return 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
+
     def export_path(self, prefix: str, module_path: str) -> str:
         """A module's path as other tools name it. transformers 5 dropped the `text_model.` level
         of CLIP text encoders, but kohya names (and ComfyUI) keep it."""

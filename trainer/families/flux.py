@@ -142,8 +142,7 @@ class FluxFamily(ModelFamily):
                             transformer=model.denoiser)
 
     def pixel_multiple(self, model: LoadedModel) -> int:
-        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
-        return vae_factor * 2  # latents are packed in 2x2 patches
+        return self.vae_factor(model) * 2  # latents are packed in 2x2 patches
 
 
 

@@ -106,8 +106,5 @@ class StableDiffusionFamily(ModelFamily):
                                                   prediction_type=model.prediction_type)
 
     def pixel_multiple(self, model: LoadedModel) -> int:
-        # Without a diffusers VAE (ComfyUI's own VAE encodes) the SD VAE's factor 8 applies.
-        vae_factor = 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
-        unet_factor = 2 ** (len(model.denoiser.config.block_out_channels) - 1)
-        return vae_factor * unet_factor
+        return self.vae_factor(model) * 2 ** (len(model.denoiser.config.block_out_channels) - 1)
 
