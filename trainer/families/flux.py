@@ -143,6 +143,3 @@ class FluxFamily(ModelFamily):
 
     def pixel_multiple(self, model: LoadedModel) -> int:
         return self.vae_factor(model) * 2  # latents are packed in 2x2 patches
-
-
-
