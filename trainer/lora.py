@@ -49,13 +49,12 @@ def lora_layers(module: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
 
 
 def lora_parameters(model: LoadedModel, denoiser_only: bool = False) -> list[torch.nn.Parameter]:
-    modules = [model.denoiser] if denoiser_only else [m for _, m in model.lora_modules()]
-    return [p for module in modules for _, layer in lora_layers(module)
-            for p in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters())]
+    denoiser = f"{model.family.denoiser_prefix}."
+    return [p for name, p in named_lora_parameters(model) if not denoiser_only or name.startswith(denoiser)]
 
 
 def named_lora_parameters(model: LoadedModel) -> list[tuple[str, torch.nn.Parameter]]:
-    """The trainable LoRA parameters with stable names, in `lora_parameters` order."""
+    """The trainable LoRA parameters with stable names (denoiser first, then each text encoder)."""
     return [(f"{prefix}.{path}.{kind}", p) for prefix, module in model.lora_modules()
             for path, layer in lora_layers(module)
             for kind, p in (("lora_A", layer.lora_A[ADAPTER].weight), ("lora_B", layer.lora_B[ADAPTER].weight))]
