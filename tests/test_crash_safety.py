@@ -13,8 +13,6 @@ import time
 from lora_lab.trainer.resume import read_state
 from safetensors.torch import load_file
 
-STEPS = 40
-
 
 def _check_every_file(run_dir) -> None:
     for path in run_dir.iterdir():
@@ -28,8 +26,11 @@ def _check_every_file(run_dir) -> None:
 
 def test_sigkill_while_saving_leaves_complete_files_and_the_run_resumes(tmp_path):
     kills = int(os.environ.get("LORA_LAB_KILLS", "8"))
+    # Each run is killed within its first few saves (one per step), so with this many steps no run
+    # can reach the end before the last kill; a finished run would make the next --resume refuse.
+    steps = 10 * kills
     run_dir = tmp_path / "zkw_toy"
-    command = [sys.executable, "-m", "lora_lab", "demo", "--steps", str(STEPS), "--save-every", "1", "--no-samples",
+    command = [sys.executable, "-m", "lora_lab", "demo", "--steps", str(steps), "--save-every", "1", "--no-samples",
                "--output-dir", str(tmp_path), "--rank", "16"]
     chance = random.Random(1)
     killed_while_saving = 0
@@ -57,5 +58,5 @@ def test_sigkill_while_saving_leaves_complete_files_and_the_run_resumes(tmp_path
     finish = subprocess.run(command + ["--resume", "latest"], capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0 or "nothing left to train" in finish.stderr, finish.stderr
     _check_every_file(run_dir)
-    assert read_state(run_dir / "zkw_toy.resume").step == STEPS
+    assert read_state(run_dir / "zkw_toy.resume").step == steps
     assert not list(run_dir.glob(".*.tmp"))  # the last run cleared what the killed ones left
