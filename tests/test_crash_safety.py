@@ -14,6 +14,15 @@ from lora_lab.trainer.resume import read_state
 from safetensors.torch import load_file
 
 
+def _saving(run_dir) -> bool:
+    """Whether a save is in progress (its temporary file exists). A fresh run may be deleting and
+    re-creating the folder at this moment (the demo overwrites), so a vanished folder means no."""
+    try:
+        return any(name.endswith(".tmp") for name in os.listdir(run_dir))
+    except FileNotFoundError:
+        return False
+
+
 def _check_every_file(run_dir) -> None:
     for path in run_dir.iterdir():
         if path.name.endswith(".tmp"):
@@ -36,22 +45,23 @@ def test_sigkill_while_saving_leaves_complete_files_and_the_run_resumes(tmp_path
     killed_while_saving = 0
     for _ in range(kills):
         resume = ["--resume", "latest"] if any(run_dir.glob("*.resume")) else []
-        process = subprocess.Popen(command + resume, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log = tmp_path / "run.log"
+        with log.open("w") as output:
+            process = subprocess.Popen(command + resume, stdout=output, stderr=subprocess.STDOUT)
         deadline, saves_to_skip = time.time() + 120, chance.randint(0, 4)
         while process.poll() is None and time.time() < deadline:
-            # Catch a save in progress (its temporary file exists), then strike a moment later.
-            names = os.listdir(run_dir) if run_dir.is_dir() else []
-            if any(name.endswith(".tmp") for name in names):
+            # Catch a save in progress, then strike a moment later.
+            if _saving(run_dir):
                 if saves_to_skip == 0:
                     time.sleep(chance.uniform(0, 0.004))
                     process.send_signal(signal.SIGKILL)
                     killed_while_saving += 1
                     break
                 saves_to_skip -= 1
-                while any(n.endswith(".tmp") for n in os.listdir(run_dir)) and process.poll() is None:
+                while _saving(run_dir) and process.poll() is None:
                     time.sleep(0.0005)
         process.wait(timeout=60)
-        assert process.returncode in (-signal.SIGKILL, 0)
+        assert process.returncode in (-signal.SIGKILL, 0), log.read_text()[-3000:]
         _check_every_file(run_dir)
     print(f"{killed_while_saving} of {kills} kills landed while a file was being written")
     assert killed_while_saving >= kills // 2
