@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from ..trainer.errors import LoraLabError
-from ..trainer.export import read_metadata
+from ..trainer.files import read_metadata
 from . import comfy_bridge as comfy
 from .comfy_bridge import RUN, STACK, io
 from .values import StackEntry, TrainingRun

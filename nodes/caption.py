@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from ..trainer.captions import recaption
 from ..trainer.errors import LoraLabError
-from ..trainer.export import atomic_write_text
+from ..trainer.families import FAMILY_NAMES
+from ..trainer.files import atomic_write_text
 from .comfy_bridge import DATASET, io
 from .values import DatasetValue
 
@@ -20,7 +21,7 @@ class Caption(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Load Dataset."),
                 io.String.Input("trigger_word", default="", tooltip="A unique word like xyz_style (empty = the "
                                 "dataset's N_name folder name)."),
-                io.Combo.Input("family", options=["sd15", "sdxl", "flux"], default="sd15",
+                io.Combo.Input("family", options=list(FAMILY_NAMES), default=FAMILY_NAMES[0],
                                tooltip="Caption style: tags for SD 1.5, mixed for SDXL, sentences for FLUX."),
                 io.String.Input("template", default="{trigger}", tooltip="Caption for images without one; "
                                 "{trigger}, {name} (file name) and {folder} are filled in."),

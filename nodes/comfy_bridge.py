@@ -1,6 +1,7 @@
 """The one module that imports ComfyUI. Everything the nodes need from it passes through here:
-the V3 node API, model folders, LoRA patching and sampling, progress, Cancel, and the conversion
-of a graph's MODEL/CLIP/VAE into the trainer's `LoadedModel` (sharing the base weights).
+the V3 node API, model folders, LoRA patching and sampling, progress, Cancel, and the few model
+internals the conversion to the trainer's model (graph_model.py) reads. A thin façade: no
+decisions are made here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.sd
-import comfy.supported_models
 import comfy.utils
 import folder_paths
 import numpy as np
@@ -26,8 +26,6 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import Image
 
 from ..trainer.errors import LoraLabError
-from ..trainer.families import LoadedModel, get_family
-from ..trainer.fp8 import FLOAT8, Float8Linear
 from ..trainer.loop import Checkpoint, StepReport, TrainingEvents
 from ..trainer.lora_files import check_lora
 
@@ -106,50 +104,28 @@ def release_training_memory() -> None:
     comfy.model_management.soft_empty_cache()
 
 
-def family_of(model: Any) -> str:
-    """The trainer family of a graph's MODEL, or a clear error for models LoRA Lab does not train."""
-    config = model.model.model_config
-    supported = comfy.supported_models
-    standard_input = config.unet_config.get("in_channels") in (4, 16)  # not an inpainting / edit variant
-    if isinstance(config, supported.Flux) and standard_input:
-        return "flux"
-    if isinstance(config, supported.SDXL) and standard_input:
-        return "sdxl"
-    if type(config).__name__ == "SD15":
-        return "sd15"
-    raise LoraLabError(f"Train LoRA trains SD 1.5, SDXL and FLUX.1 models; this graph's model is "
-                       f"{type(config).__name__}. Load one of those.")
+# --- what the model conversion (graph_model.py) needs of ComfyUI ------------------------------
+
+def model_config(model: Any) -> Any:
+    """ComfyUI's config of a MODEL (comfy.supported_models), with its unet_config."""
+    return model.model.model_config
 
 
-# How ComfyUI's CLIP output becomes the trainer's conditioning, per family: the pooled vector's
-# name, and how many tokens are kept so that every caption's conditioning has one shape (77 for
-# CLIP; 256 for FLUX's T5, the length ComfyUI itself pads prompts to).
-POOLED_NAME = {"sd15": None, "sdxl": "text_embeds", "flux": "pooled_projections"}
-TEXT_TOKENS = {"sd15": 77, "sdxl": 77, "flux": 256}
+def model_class_lineage(model: Any) -> list[str]:
+    """The names of the MODEL's config class and its bases, most specific first (e.g. Segmind_Vega, SDXL)."""
+    return [cls.__name__ for cls in type(model_config(model)).__mro__]
 
 
-def _diffusers_unet_config(unet_config: dict) -> dict:
-    """The diffusers UNet2DConditionModel config of a ComfyUI (ldm) UNet."""
-    per_block = unet_config["num_res_blocks"]
-    if len(set(per_block)) != 1:
-        raise LoraLabError("This UNet has a different number of layers per block, which diffusers cannot build.")
-    channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
-    depth = [unet_config["transformer_depth"][i * per_block[0]] for i in range(len(channels))]
-    heads = unet_config.get("num_heads", -1)
-    head_dim = heads if heads != -1 else [c // unet_config["num_head_channels"] for c in channels]
-    adm = unet_config.get("adm_in_channels")  # SDXL: pooled text + size/crop ids
-    extra = ({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-              "projection_class_embeddings_input_dim": adm} if adm else {})
-    return {
-        **extra,
-        "sample_size": unet_config.get("image_size", 64), "in_channels": unet_config["in_channels"],
-        "out_channels": unet_config["out_channels"], "block_out_channels": channels,
-        "layers_per_block": per_block[0], "cross_attention_dim": unet_config["context_dim"],
-        "attention_head_dim": head_dim, "use_linear_projection": unet_config.get("use_linear_in_transformer", False),
-        "transformer_layers_per_block": [max(1, d) for d in depth],
-        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
-        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
-    }
+def unet_to_diffusers(unet_config: dict) -> dict:
+    return comfy.utils.unet_to_diffusers(unet_config)
+
+
+def flux_to_diffusers(config: dict) -> dict:
+    return comfy.utils.flux_to_diffusers(config)
+
+
+def latent_format(model: Any) -> Any:
+    return model.model.latent_format
 
 
 def _leave_inference_mode(module: torch.nn.Module) -> None:
@@ -165,71 +141,10 @@ def _leave_inference_mode(module: torch.nn.Module) -> None:
                     owner.register_buffer(name, fresh)
 
 
-def shared_diffusers_unet(model: Any) -> torch.nn.Module:
-    """A diffusers UNet whose weights *are* the ComfyUI model's tensors (no copy, no extra memory)."""
-    from diffusers import UNet2DConditionModel
-
-    unet_config = model.model.model_config.unet_config
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**_diffusers_unet_config(unet_config))
-    unet.requires_grad_(False)
+def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The diffusion model's own tensors (not copies), usable by autograd."""
     _leave_inference_mode(model.model.diffusion_model)
-    ldm = model.model.diffusion_model.state_dict(keep_vars=True)
-    mapping = comfy.utils.unet_to_diffusers(unet_config)
-    # ComfyUI's map names SDXL's pooled-text/size embedding by its older diffusers name.
-    state = {name.replace("class_embedding.", "add_embedding."): ldm[ldm_name] for name, ldm_name in mapping.items()
-             if ldm_name in ldm}
-    missing = sorted(set(unet.state_dict()) - set(state))
-    if missing:
-        raise LoraLabError(f"Could not map this model's UNet to diffusers (e.g. {missing[0]} missing); "
-                           "please report the checkpoint.")
-    unet.load_state_dict(state, strict=True, assign=True)
-    return unet
-
-
-def shared_diffusers_flux(model: Any) -> torch.nn.Module:
-    """A diffusers FLUX transformer whose weights are views of the ComfyUI model's tensors (the
-    fused q/k/v projections are sliced, not copied); weights ComfyUI holds in fp8 stay fp8."""
-    from diffusers import FluxTransformer2DModel
-
-    config = model.model.model_config.unet_config
-    with torch.device("meta"):
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=config["in_channels"] * 4, num_layers=config["depth"],
-            num_single_layers=config["depth_single_blocks"], num_attention_heads=config["num_heads"],
-            attention_head_dim=config["hidden_size"] // config["num_heads"],
-            joint_attention_dim=config["context_in_dim"], pooled_projection_dim=config["vec_in_dim"],
-            guidance_embeds=config["guidance_embed"], axes_dims_rope=tuple(config["axes_dim"]))
-    transformer.requires_grad_(False)
-    _leave_inference_mode(model.model.diffusion_model)
-    bfl = model.model.diffusion_model.state_dict(keep_vars=True)
-    wanted = transformer.state_dict().keys()
-    state = {}
-    for name, source in comfy.utils.flux_to_diffusers(config).items():
-        if name not in wanted:
-            continue
-        if isinstance(source, str):
-            state[name] = bfl[source]
-        elif source[1] is None:  # a reordered tensor (the final norm's scale/shift halves): a small copy
-            state[name] = source[2](bfl[source[0]].detach())
-        else:
-            dim, start, length = source[1]
-            state[name] = bfl[source[0]].detach().narrow(dim, start, length)
-    missing = sorted(set(wanted) - set(state))
-    if missing:
-        raise LoraLabError(f"Could not map this FLUX model to diffusers (e.g. {missing[0]} missing); please report "
-                           "the model file.")
-    transformer.load_state_dict(state, strict=True, assign=True)
-    for module in transformer.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == FLOAT8:
-            module.register_buffer("weight_scale", torch.ones(module.out_features, device=module.weight.device))
-            module.compute_dtype = torch.bfloat16
-            module.__class__ = Float8Linear
-    for module in transformer.modules():  # other fp8 tensors (norms, embedders) are small: upcast them
-        for key, tensor in list(module.named_parameters(recurse=False)):
-            if tensor.dtype == FLOAT8 and not isinstance(module, Float8Linear):
-                setattr(module, key, torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False))
-    return transformer
+    return model.model.diffusion_model.state_dict(keep_vars=True)
 
 
 def prediction_type(model: Any) -> str:
@@ -243,36 +158,9 @@ def prediction_type(model: Any) -> str:
     raise LoraLabError(f"This model predicts with {type(sampling).__name__}, which Train LoRA does not support yet.")
 
 
-def loaded_model(model: Any, clip: Any, vae: Any) -> LoadedModel:
-    """The trainer's view of a graph's MODEL, CLIP and VAE: a diffusers denoiser sharing the
-    weights, and conditioning/latents computed by the graph's own CLIP and VAE."""
-    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-
-    name = family_of(model)
-    free_memory_for_training(model)
-    denoiser = shared_diffusers_flux(model) if name == "flux" else shared_diffusers_unet(model)
-    latent_format = model.model.latent_format
-    pooled_name, tokens = POOLED_NAME[name], TEXT_TOKENS[name]
-
-    def encode_prompts(captions: list[str]) -> dict[str, torch.Tensor]:
-        encoded = [clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True) for caption in captions]
-        conditioning = {"prompt_embeds": torch.cat([cond[:, :tokens] for cond, _ in encoded]).clone()}
-        if pooled_name:
-            conditioning[pooled_name] = torch.cat([pooled for _, pooled in encoded]).clone()
-        return conditioning
-
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        raw = vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
-        return latent_format.process_in(raw).clone()
-
-    if name == "flux":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    else:  # ComfyUI's SD 1.x / SDXL sampling uses the same scaled-linear betas as diffusers' scheduler
-        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                  num_train_timesteps=1000, clip_sample=False)
-    return LoadedModel(family=get_family(name), denoiser=denoiser, vae=None, text_encoders=[], tokenizers=[],
-                       noise_scheduler=scheduler, prediction_type=prediction_type(model), source="comfyui",
-                       prompt_encoder=encode_prompts, image_encoder=encode_images)
+def encode_pooled(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A caption's text conditioning and pooled vector, as the graph's CLIP makes them."""
+    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
 
 class NodeEvents(TrainingEvents):
@@ -339,8 +227,8 @@ def apply_lora(model: Any, clip: Any, lora: dict[str, torch.Tensor], model_stren
 
 
 def is_guidance_distilled(model: Any) -> bool:
-    config = model.model.model_config
-    return isinstance(config, comfy.supported_models.Flux) and bool(config.unet_config.get("guidance_embed"))
+    """FLUX.1-dev and its kind: guidance is an input of the model, not classifier-free."""
+    return bool(model_config(model).unet_config.get("guidance_embed"))
 
 
 def encode_text(clip: Any, text: str) -> list:

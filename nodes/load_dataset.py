@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from ..trainer.config import FAMILY_RESOLUTIONS
 from ..trainer.data import IMAGE_EXTENSIONS, Dataset, dataset_from_images, scan_folder
 from ..trainer.errors import LoraLabError
+from ..trainer.families import FAMILY_NAMES, get_family
 from ..trainer.quality import quality_report
 from .comfy_bridge import DATASET, images_to_pil, input_directory, io
 from .values import DatasetValue
@@ -53,7 +53,7 @@ class LoadDataset(io.ComfyNode):
                                        "guide's recommendation for it."),
                 io.String.Input("trigger_word", default="", tooltip="The trigger word the report checks for "
                                 "(empty = the N_name folder name, if there is one)."),
-                io.Combo.Input("family", options=["sd15", "sdxl", "flux"], default="sd15",
+                io.Combo.Input("family", options=list(FAMILY_NAMES), default=FAMILY_NAMES[0],
                                tooltip="The base model family: the report flags images below its resolution."),
                 io.Image.Input("images", optional=True, tooltip="Train on these images instead of a folder."),
                 io.String.Input("captions", optional=True, multiline=True, default="",
@@ -80,7 +80,7 @@ class LoadDataset(io.ComfyNode):
         else:
             raise LoraLabError("Load Dataset needs a folder or an images input; set the folder to your dataset.")
         trigger = trigger_word.strip() or _single(dataset)
-        report = quality_report(dataset, lora_type, trigger, FAMILY_RESOLUTIONS[family])
+        report = quality_report(dataset, lora_type, trigger, get_family(family).default_resolution)
         return io.NodeOutput(value, report, ui={"text": (report,)})
 
 

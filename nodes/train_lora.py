@@ -12,6 +12,7 @@ from ..trainer.resume import SUFFIX
 from ..trainer.run import TrainingResult, train_lora
 from ..trainer.sampling import loss_plot
 from . import comfy_bridge as comfy
+from . import graph_model
 from .comfy_bridge import DATASET, RUN, io, ui
 from .settings_widgets import setting_widget
 from .values import DatasetValue, TrainingRun
@@ -20,7 +21,6 @@ from .values import DatasetValue, TrainingRun
 SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "batch_size", "optimizer",
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes")
-FROM_PRESET = 0  # rank / learning_rate widget value meaning "the preset's value"
 NEW_RUN, LATEST = "off", "latest"
 
 log = logging.getLogger(__name__)
@@ -54,8 +54,7 @@ def chosen_checkpoint(output_dir: Path, choice: str) -> Path:
 
 
 def node_config(values: dict, output_dir: Path) -> TrainingConfig:
-    settings = {k: v for k, v in values.items() if not (k in ("rank", "learning_rate") and v == FROM_PRESET)}
-    settings["output_dir"] = str(output_dir)
+    settings = {**values, "output_dir": str(output_dir)}
     name = str(values.get("name", "my_lora")).strip() or "my_lora"
     resume = str(values.get("resume", NEW_RUN))
     if resume == NEW_RUN:
@@ -87,11 +86,9 @@ class TrainLora(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
                 setting_widget("preset"),
                 setting_widget("steps"),
-                setting_widget("rank", default=FROM_PRESET, min=0, tooltip="LoRA rank (0 = the preset's; 32 "
-                               "without a preset). 8-16 simple styles, 32 most LoRAs, 64-128 complex subjects."),
+                setting_widget("rank"),
                 setting_widget("alpha", step=1.0),
-                setting_widget("learning_rate", default=0.0, min=0.0, step=1e-5, round=1e-7,
-                               tooltip="Learning rate (0 = the preset's; 1e-4 without a preset). 1.0 with Prodigy."),
+                setting_widget("learning_rate", step=1e-5, round=1e-7),
                 *(setting_widget(name) for name in SETTINGS[5:12]),
                 setting_widget("name", default="my_lora"),
                 *(setting_widget(name) for name in SETTINGS[13:18]),
@@ -104,17 +101,19 @@ class TrainLora(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      RUN.Output(display_name="training_run"), io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="lora_name")],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, dataset: DatasetValue, **settings) -> io.NodeOutput:
-        config = node_config({**settings, "family": comfy.family_of(model)}, comfy.lora_root() / comfy.LORA_SUBFOLDER)
+        family = graph_model.family_of(model)
+        config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER)
         events = comfy.NodeEvents(cls.hidden.unique_id, config.train.steps or 1)
+        model_name = graph_model.model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
         try:
             with comfy.training_mode():
-                result = train_lora(config, events, model=comfy.loaded_model(model, clip, vae),
+                result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_name),
                                     dataset=dataset.dataset)
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         finally:

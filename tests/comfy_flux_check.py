@@ -17,8 +17,9 @@ import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
 import comfy.supported_models  # noqa: E402
-from lora_lab.nodes.comfy_bridge import shared_diffusers_flux  # noqa: E402
-from lora_lab.trainer.families import LoadedModel, get_family  # noqa: E402
+from lora_lab.nodes.graph_model import shared_diffusers_flux  # noqa: E402
+from lora_lab.trainer.families import get_family  # noqa: E402
+from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity  # noqa: E402
 
 torch.manual_seed(0)
 config = dict(image_model="flux", in_channels=4, out_channels=4, vec_in_dim=16, context_in_dim=32, hidden_size=32,
@@ -36,7 +37,8 @@ with torch.no_grad():
 
 def ours() -> tuple[torch.nn.Module, torch.Tensor]:
     transformer = shared_diffusers_flux(types.SimpleNamespace(model=comfy_model))
-    model = LoadedModel(get_family("flux"), transformer, None, [], [], None, "flow", "check", guidance=3.5)
+    model = LoadedModel(get_family("flux"), transformer, Encoders(), None, "flow", ModelIdentity("check", "check"), 1024,
+                        guidance=3.5)
     with torch.no_grad():
         return transformer, model.family.predict(model, latents, sigma, {"prompt_embeds": text,
                                                                          "pooled_projections": pooled})

@@ -69,7 +69,8 @@ def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
     (random, non-zero weights); returns the LoRA's layer count."""
     from diffusers import FluxTransformer2DModel
     from lora_lab.trainer.export import lora_state_dict, save_lora
-    from lora_lab.trainer.families import LoadedModel, get_family
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
     from lora_lab.trainer.families.sd15 import CONFIGS
     from lora_lab.trainer.lora import add_lora, lora_parameters
     from safetensors.torch import save_file
@@ -81,7 +82,7 @@ def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
     transformer.to_empty(device="cpu")
     state = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16) for k, v in transformer.state_dict().items()}
     save_file(state, str(model_path))
-    model = LoadedModel(get_family("flux"), transformer, None, [], [], None, "flow", "test")
+    model = LoadedModel(get_family("flux"), transformer, Encoders(), None, "flow", ModelIdentity("test", "test"), 1024)
     add_lora(model, 4, 8.0, "attention_mlp", False)
     for parameter in lora_parameters(model):
         torch.nn.init.normal_(parameter, std=0.01)

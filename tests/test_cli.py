@@ -14,7 +14,7 @@ def test_help_documents_every_setting_with_default_and_range(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name in field_specs():
         assert "--" + name.replace("_", "-") in text
-    assert "Default: 32. Range: 1 to 256." in text  # rank
+    assert "the preset's: 16 for style, 32 otherwise" in text and "Default: 0. Range: 0 to 256." in text  # rank
     assert "Choices: adamw, adamw8bit, prodigy." in text
 
 
@@ -33,8 +33,8 @@ def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys):
 def test_errors_exit_with_a_message(tmp_path, capsys):
     assert main(["train", "--dataset", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
     assert "does not exist; check the path" in capsys.readouterr().err
-    assert main(["train", "--rank", "0"]) == 2
-    assert "rank = 0 is out of range" in capsys.readouterr().err
+    assert main(["train", "--rank", "-1"]) == 2
+    assert "rank = -1 is out of range" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

@@ -6,12 +6,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from lora_lab.trainer.config import TrainingConfig, auto_steps, build_config, load_settings_file
+from lora_lab.trainer.config import (
+    TrainingConfig,
+    auto_steps,
+    build_config,
+    load_settings_file,
+    with_preset_values,
+)
 from lora_lab.trainer.errors import LoraLabError
 
 
 def test_defaults_follow_the_guide():
-    config = TrainingConfig()
+    config = with_preset_values(TrainingConfig())
     assert config.lora.rank == 32  # "Start with rank 32."
     assert config.optimizer.learning_rate == 1e-4  # "First attempt: 0.0001"
     assert config.sample.strengths == (0.0, 0.4, 0.7, 1.0)  # 0.7 is where the guide starts
@@ -27,18 +33,26 @@ def test_step_rule_is_100_per_image_within_the_guides_table(images, steps):
     ("style", 16, 1e-4, 1500, 3000), ("character", 32, 1e-4, 2000, 4000),
     ("object", 32, 1e-4, 1000, 4000), ("likeness", 32, 5e-5, 3000, 5000)])
 def test_presets_set_rank_lr_and_step_range(preset, rank, lr, low, high):
-    config = build_config({"preset": preset})
+    config = with_preset_values(build_config({"preset": preset}))
     assert (config.lora.rank, config.optimizer.learning_rate) == (rank, lr)
     assert auto_steps(preset, 1) == low and auto_steps(preset, 1000) == high
 
 
 def test_explicit_values_override_the_preset():
-    config = build_config({"preset": "style", "rank": 64})
+    config = with_preset_values(build_config({"preset": "style", "rank": 64}))
     assert config.lora.rank == 64 and config.optimizer.learning_rate == 1e-4
 
 
+def test_a_preset_never_overwrites_a_value_already_set():
+    """The defect: re-building a config over a base re-applied the base's preset over its values."""
+    base = build_config({"preset": "style", "rank": 4, "learning_rate": 0.005})
+    rebuilt = with_preset_values(build_config({"family": "sd15"}, base=base))
+    assert (rebuilt.lora.rank, rebuilt.optimizer.learning_rate) == (4, 0.005)
+    assert with_preset_values(rebuilt) == rebuilt
+
+
 @pytest.mark.parametrize(("name", "value", "words"), [
-    ("rank", 0, ["rank", "1", "256"]), ("rank", 1000, ["rank", "out of range"]),
+    ("rank", -1, ["rank", "0", "256"]), ("rank", 1000, ["rank", "out of range"]),
     ("learning_rate", 50, ["learning_rate", "out of range"]), ("steps", -5, ["steps", "0", "100000"]),
     ("optimizer", "sgd", ["optimizer", "adamw", "prodigy"]), ("rank", "many", ["rank", "not a valid int"]),
     ("learning_rate", float("nan"), ["learning_rate", "finite"]), ("bucketing", "maybe", ["bucketing"])])

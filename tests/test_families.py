@@ -87,10 +87,10 @@ def test_single_file_checkpoint_loads_offline_and_matches_the_folder(tmp_path, b
     from .ldm_layout import write_ldm_checkpoint
 
     path = tmp_path / "tiny.safetensors"
-    write_ldm_checkpoint(base_model.denoiser, base_model.vae, base_model.text_encoders[0], path)
+    write_ldm_checkpoint(base_model.denoiser, base_model.encoders.vae, base_model.text_encoders[0], path)
     config = build_config({"base_model": str(path), "model_config": str(embedded.TINY_MODEL)})
     loaded = load_base_model(config, torch.device("cpu"))
-    for ours, theirs in [(loaded.denoiser, base_model.denoiser), (loaded.vae, base_model.vae),
+    for ours, theirs in [(loaded.denoiser, base_model.denoiser), (loaded.encoders.vae, base_model.encoders.vae),
                          (loaded.text_encoders[0], base_model.text_encoders[0])]:
         expected = theirs.state_dict()
         assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
@@ -103,14 +103,14 @@ def test_sdxl_single_file_checkpoint_loads_offline_and_matches_the_folder(tmp_pa
     folder = build_sdxl(tmp_path / "tiny-sdxl")
     reference = load_base_model(build_config({"family": "sdxl", "base_model": str(folder)}), torch.device("cpu"))
     path = tmp_path / "tiny-sdxl.safetensors"
-    write_ldm_checkpoint(reference.denoiser, reference.vae, reference.text_encoders[0], path,
+    write_ldm_checkpoint(reference.denoiser, reference.encoders.vae, reference.text_encoders[0], path,
                          text_encoder_2=reference.text_encoders[1])
     with pytest.raises(LoraLabError, match="looks like a sdxl model, not sd15; set family to sdxl"):
         load_base_model(build_config({"family": "sd15", "base_model": str(path), "model_config": str(folder)}),
                         torch.device("cpu"))
     config = build_config({"base_model": str(path), "model_config": str(folder)})  # family auto: sdxl
     loaded = load_base_model(config, torch.device("cpu"))
-    pairs = [(loaded.denoiser, reference.denoiser), (loaded.vae, reference.vae),
+    pairs = [(loaded.denoiser, reference.denoiser), (loaded.encoders.vae, reference.encoders.vae),
              *zip(loaded.text_encoders, reference.text_encoders, strict=True)]
     for ours, theirs in pairs:
         expected = theirs.state_dict()

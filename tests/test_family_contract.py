@@ -14,7 +14,7 @@ from lora_lab.trainer.data import scan_folder
 from lora_lab.trainer.embedded import CONCEPT_DATASET
 from lora_lab.trainer.examples import TrainingSet
 from lora_lab.trainer.export import load_into_model, lora_state_dict, save_lora
-from lora_lab.trainer.families import FAMILIES
+from lora_lab.trainer.families import FAMILY_NAMES
 from lora_lab.trainer.lora import add_lora, lora_parameters, set_strength
 from lora_lab.trainer.objectives import noise_batch
 from lora_lab.trainer.run import load_base_model, train_lora
@@ -25,7 +25,7 @@ from .tiny_models import build
 RESOLUTION = 64
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
 def family_model(request, tmp_path_factory):
     name = request.param
     folder = build(name, tmp_path_factory.mktemp(f"tiny-{name}"))
@@ -99,7 +99,7 @@ def test_export_reloads_through_diffusers_with_the_same_outputs(family_model, tm
     with torch.no_grad():
         latents, _ = _batch(base)
         captions = ["zkw_toy, a ring", "a gray square"]
-        expected_text, got_text = model.encode_prompts(captions), fresh.encode_prompts(captions)
+        expected_text, got_text = model.encoders.encode_prompts(captions), fresh.encoders.encode_prompts(captions)
         for key in expected_text:
             torch.testing.assert_close(got_text[key], expected_text[key], atol=1e-5, rtol=1e-4)
         _, conditioning = _batch(model)

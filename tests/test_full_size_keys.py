@@ -16,7 +16,8 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 from lora_lab.trainer.export import named_layers
-from lora_lab.trainer.families import LoadedModel, get_family
+from lora_lab.trainer.families import get_family
+from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
 from lora_lab.trainer.families.sd15 import CONFIGS
 from lora_lab.trainer.lora import add_lora
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -32,6 +33,7 @@ PATTERNS = {
              r"transformer\.single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"],
 }
 # Layers per family with targets = attention_mlp (+ text encoders' attention for SD 1.5 / SDXL).
+META = ModelIdentity("meta", "meta")
 EXPECTED_COUNTS = {"sd15": 16 * 10 + 12 * 4, "sdxl": 70 * 10 + 12 * 4 + 32 * 4, "flux": 19 * 12 + 38 * 5}
 
 
@@ -43,13 +45,13 @@ def _meta_model(name: str) -> LoadedModel:
     family = get_family(name)
     with torch.device("meta"):
         if name == "flux":
-            return LoadedModel(family, FluxTransformer2DModel.from_config(_config("flux", "transformer")), None, [], [],
-                               None, "flow", "meta")
+            return LoadedModel(family, FluxTransformer2DModel.from_config(_config("flux", "transformer")), Encoders(),
+                               None, "flow", META, 1024)
         unet = UNet2DConditionModel.from_config(_config(name, "unet"))
         encoders = [CLIPTextModel(CLIPTextConfig(**_config(name, "text_encoder")))]
         if name == "sdxl":
             encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(**_config(name, "text_encoder_2"))))
-    return LoadedModel(family, unet, None, encoders, [], None, "epsilon", "meta")
+    return LoadedModel(family, unet, Encoders(encoders), None, "epsilon", META, 1024)
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl", "flux"])

@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from lora_lab.trainer.config import TrainingConfig, field_specs
+from lora_lab.trainer.config import TrainingConfig, field_specs, with_preset_values
 from lora_lab.trainer.errors import LoraLabError
 from safetensors.torch import save_file
 
@@ -81,7 +81,8 @@ def test_train_widget_defaults_are_the_trainers(nodes, tmp_path):
 
 
 def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeypatch):
-    from lora_lab.nodes import comfy_bridge, train_lora
+    from lora_lab.nodes import comfy_bridge, graph_model, train_lora
+    from lora_lab.trainer.families import get_family
     from lora_lab.nodes.values import DatasetValue
     from lora_lab.trainer.data import Dataset
     from lora_lab.trainer.loop import Checkpoint
@@ -98,19 +99,26 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
                                      Checkpoint(10, final, True)])
 
     monkeypatch.setattr(train_lora, "train_lora", fake_train)
-    monkeypatch.setattr(comfy_bridge, "loaded_model", lambda model, clip, vae: ("loaded", model))
+    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, name: ("loaded", model, name))
     monkeypatch.setattr(comfy_bridge, "training_mode", _nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     monkeypatch.setattr(comfy_bridge, "NodeEvents", lambda node, total: "events")
-    monkeypatch.setattr(comfy_bridge, "family_of", lambda model: "sd15")
+    monkeypatch.setattr(graph_model, "family_of", lambda model: get_family("sd15"))
+    monkeypatch.setattr(train_lora.TrainLora, "hidden", types.SimpleNamespace(unique_id="7", prompt={
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "my_model.safetensors"}},
+        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "lora_name": "x.safetensors"}},
+        "7": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["2", 0]}}}))
     dataset = DatasetValue(Dataset(items=[]), "folder", "f")
     schema = _schemas(nodes)["LoraLabTrainLora"]
     widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
     widgets.update(name="mine", rank=8, preset="style", steps=10)
     output = train_lora.TrainLora.execute("MODEL", "CLIP", "VAE", dataset, **widgets)
     config = calls["config"]
-    assert config.lora.rank == 8 and config.optimizer.learning_rate == 1e-4 and config.train.preset == "style"
-    assert config.output.output_dir == str(stubs.loras / "lora_lab") and calls["model"] == ("loaded", "MODEL")
+    assert config.lora.rank == 8 and config.optimizer.learning_rate == 0 and config.train.preset == "style"
+    resolved = with_preset_values(config)  # what trains: the set rank, the preset's learning rate
+    assert resolved.lora.rank == 8 and resolved.optimizer.learning_rate == 1e-4
+    assert config.output.output_dir == str(stubs.loras / "lora_lab")
+    assert calls["model"] == ("loaded", "MODEL", "my_model.safetensors")  # the loader's file, through the LoRA
     model_out, clip_out, run, curve, name = output.values
     assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
     assert [step for step, _ in run.checkpoints] == [5, 10] and name == "lora_lab/mine/mine.safetensors"
@@ -122,9 +130,13 @@ def test_node_runs_default_to_the_familys_resolution(nodes, tmp_path):
     from lora_lab.trainer.data import Dataset, ImageItem
     from lora_lab.trainer.run import resolve_config
 
+    from lora_lab.trainer.families import get_family
+
     dataset = Dataset(items=[ImageItem(tmp_path / "a.png", "x", 1, "", (600, 600))] * 20)
-    config = resolve_config(node_config({"name": "n"}, tmp_path), dataset, default_resolution=512)
-    assert config.data.resolution == 512 and config.train.steps == 2000 and config.lora.rank == 32
+    model = types.SimpleNamespace(family=get_family("sdxl"), resolution=1024)
+    config = resolve_config(node_config({"name": "n"}, tmp_path), dataset, model)
+    assert config.data.resolution == 1024 and config.train.steps == 2000 and config.lora.rank == 32
+    assert config.model.family == "sdxl"
 
 
 def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):
@@ -137,17 +149,17 @@ def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):
 
 def test_family_of_the_graphs_model(nodes):
     import comfy.supported_models as models
-    from lora_lab.nodes.comfy_bridge import family_of
+    from lora_lab.nodes.graph_model import family_of
 
     def graph_model(cls, in_channels=4):
         config = cls()
         config.unet_config = {"in_channels": in_channels}
         return types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
 
-    assert family_of(graph_model(models.SD15)) == "sd15"
-    assert family_of(graph_model(models.Segmind_Vega)) == "sdxl"  # reduced SDXLs train as SDXL
-    assert family_of(graph_model(models.Flux, 16)) == "flux"
-    with pytest.raises(LoraLabError, match="trains SD 1.5, SDXL and FLUX.1 models; this graph's model is SDXL"):
+    assert family_of(graph_model(models.SD15)).name == "sd15"
+    assert family_of(graph_model(models.Segmind_Vega)).name == "sdxl"  # reduced SDXLs train as SDXL
+    assert family_of(graph_model(models.Flux, 16)).name == "flux"
+    with pytest.raises(LoraLabError, match="trains SD 1.5, SDXL, FLUX.1-dev models; this graph's model is SDXL"):
         family_of(graph_model(models.SDXL, 9))  # an inpainting model
     with pytest.raises(LoraLabError, match="this graph's model is SD3"):
         family_of(graph_model(type("SD3", (), {})))
@@ -206,7 +218,6 @@ def test_load_dataset_and_caption_nodes(nodes, stubs, tmp_path):
     dataset, report = LoadDataset.execute(folder, "style", "", "sd15").values
     assert len(dataset.dataset.items) == 12 and report.startswith("Ready to train.")
     assert "12 images" in report and "below 512 px" in report
-    assert LoadDataset.fingerprint_inputs(folder=folder) == LoadDataset.fingerprint_inputs(folder=folder)
     with pytest.raises(LoraLabError, match="needs a folder or an images input"):
         LoadDataset.execute("", "style", "", "sd15")
     before = [item.caption for item in dataset.dataset.items]
@@ -244,3 +255,28 @@ def types_result(config, checkpoints):
     return TrainingResult(config=config, run_dir=checkpoints[-1].path.parent, checkpoints=checkpoints,
                           losses=[(1, 0.5, 1e-4), (2, 0.4, 1e-4)], stopped=False, trigger_words=("mine",),
                           seconds=1.0, loop_seconds=1.0, model=None)
+
+
+def test_load_dataset_fingerprint_follows_the_folder(nodes, tmp_path):
+    """ComfyUI re-runs Load Dataset only when its fingerprint changes: it must change with every
+    image or caption change, and only then."""
+    import os
+    import shutil
+
+    from lora_lab.nodes.load_dataset import LoadDataset
+    from lora_lab.trainer import embedded
+
+    folder = tmp_path / "set"
+    shutil.copytree(embedded.CONCEPT_DATASET, folder)
+    seen = [LoadDataset.fingerprint_inputs(folder=str(folder))]
+    assert LoadDataset.fingerprint_inputs(folder=str(folder)) == seen[0]  # nothing changed: no re-run
+    caption = next(folder.rglob("*.txt"))
+    caption.write_text("zkw_toy, another caption\n")
+    os.utime(caption, ns=(1, 1))  # even with an old time stamp, the size changed
+    seen.append(LoadDataset.fingerprint_inputs(folder=str(folder)))
+    shutil.copy(next(folder.rglob("*.png")), caption.parent / "new.png")
+    seen.append(LoadDataset.fingerprint_inputs(folder=str(folder)))
+    (caption.parent / "new.png").unlink()
+    (folder / "notes.md").write_text("not part of the dataset")
+    seen.append(LoadDataset.fingerprint_inputs(folder=str(folder)))
+    assert len(set(seen[:3])) == 3 and seen[3] == seen[1]

@@ -10,7 +10,7 @@ import torch
 from lora_lab.trainer.data import scan_folder
 from lora_lab.trainer.errors import LoraLabError
 from lora_lab.trainer.examples import TrainingSet
-from lora_lab.trainer.export import read_metadata
+from lora_lab.trainer.files import read_metadata
 from lora_lab.trainer.loop import TrainingEvents
 from lora_lab.trainer.resume import read_state, state_path
 from lora_lab.trainer.run import train_lora

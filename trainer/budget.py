@@ -24,7 +24,7 @@ import torch
 from .config import TrainingConfig, build_config
 from .errors import LoraLabError
 from .examples import TrainingSet
-from .families import LoadedModel
+from .families.base import Encoders, LoadedModel
 from .lora import add_lora, lora_parameters
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ def measure_activations(model: LoadedModel, config: TrainingConfig, latents: tor
     with torch.device("meta"):
         denoiser = type(model.denoiser).from_config(model.denoiser.config)
     denoiser.to(compute_dtype)
-    probe = dataclasses.replace(model, denoiser=denoiser, text_encoders=[], vae=None,
-                                prompt_encoder=None, image_encoder=None)
+    probe = dataclasses.replace(model, denoiser=denoiser, encoders=Encoders())
     add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, train_text_encoder=False)
     denoiser.train()
     parameters = {id(p) for p in denoiser.parameters()}
@@ -148,7 +147,7 @@ def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingC
     largest = max(range(len(examples.examples)), key=lambda i: math.prod(examples.examples[i].bucket))
     with torch.no_grad():
         latents, conditioning = examples.batch([largest], compute_dtype)
-    modules = [m for m in (model.denoiser, model.vae, *model.text_encoders) if m is not None]
+    modules = [model.denoiser, *model.encoders.modules()]
     on_device = [t for m in modules for t in (*m.parameters(), *m.buffers()) if t.device == model.device]
     lora = lora_parameters(model)
     lora_bytes = _size(lora)

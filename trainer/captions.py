@@ -14,9 +14,9 @@ from dataclasses import replace
 from PIL import Image
 
 from .data import Dataset, ImageItem
+from .families import get_family
 
 Captioner = Callable[[Image.Image], str]
-STYLES = {"sd15": "tags", "sdxl": "mixed", "flux": "natural"}
 
 
 def _strip_trigger(caption: str, trigger: str) -> str:
@@ -54,7 +54,7 @@ def fill_template(template: str, trigger: str, item: ImageItem) -> str:
 def recaption(dataset: Dataset, trigger: str, family: str, template: str,
               captioner: Captioner | None = None) -> Dataset:
     """A new dataset whose captions follow the rules; the input dataset is not changed."""
-    style = STYLES[family]
+    style = get_family(family).caption_style
     items = []
     for item in dataset.items:
         caption = item.caption if item.captioned else ""

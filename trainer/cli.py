@@ -117,6 +117,7 @@ def quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` answers at once, without loading torch and diffusers.
     quiet_libraries()
+    from .files import atomic_save_image
     from .run import train_lora
     from .sampling import fill_trigger, loss_plot, sample_grid
 
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous_handler)
     name = result.config.output.name
     plot_path = result.run_dir / f"{name}-loss.png"
-    loss_plot(result.losses, title=f"{name}: loss per step").save(plot_path)
+    atomic_save_image(plot_path, loss_plot(result.losses, title=f"{name}: loss per step"))
     print(f"Loss curve: {plot_path}")
     from .diagnosis import diagnose_loss
 
@@ -148,12 +149,12 @@ def run(args: argparse.Namespace) -> int:
         prompts = [fill_trigger(p, result.trigger_words) for p in sample_settings.prompts]
         size = (result.config.data.resolution,) * 2
         rows = [(f"step {c.step}", c.path) for c in result.checkpoints]
-        result.model.place_encoders(result.model.device)  # back beside the denoiser after training
+        result.model.encoders.place(result.model.device)  # back beside the denoiser after training
         grid, cells = sample_grid(result.model, rows, prompts, sample_settings.strengths, size,
                                   sample_settings.sample_steps, sample_settings.guidance_scale,
                                   sample_settings.sample_seed)
         grid_path = result.run_dir / f"{name}-grid.png"
-        grid.save(grid_path)
+        atomic_save_image(grid_path, grid)
         print(f"Sample grid (rows: checkpoints, columns: strengths): {grid_path}")
         if args.command == "demo":
             from .embedded.synthetic import concept_score

@@ -16,11 +16,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
+    import tomli as tomllib
 
 from .errors import LoraLabError
+from .families import FAMILY_NAMES
 
-AUTO = 0  # for numeric settings where 0 means "work it out" (steps, alpha, resolution, save_every)
+AUTO = 0  # numeric settings where 0 means "work it out" (rank, learning rate, steps, alpha, resolution, ...)
 
 
 def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
@@ -53,7 +57,7 @@ class _Section:
 @dataclass(frozen=True)
 class ModelSettings(_Section):
     family: str = setting("auto", "Base model family: auto reads it from the model (folder index or the "
-                          "checkpoint's tensor names).", choices=("auto", "sd15", "sdxl", "flux"))
+                          "checkpoint's tensor names).", choices=("auto", *FAMILY_NAMES))
     base_model: str = setting("", "Base model: a diffusers folder or a single-file .safetensors checkpoint. "
                               "Empty = the tiny embedded model (demo).")
     model_config: str = setting("", "Folder of diffusers config files used to read a single-file checkpoint "
@@ -67,8 +71,8 @@ class ModelSettings(_Section):
 class DataSettings(_Section):
     dataset: str = setting("", "Folder of images with same-name .txt captions; kohya 'N_name' subfolders repeat "
                            "their images N times. Empty = the embedded concept dataset (demo).")
-    resolution: int = setting(AUTO, "Training resolution in pixels (0 = the family's: 512 SD 1.5, 1024 SDXL/FLUX).",
-                              low=0, high=4096)
+    resolution: int = setting(AUTO, "Training resolution in pixels (0 = the model's own: 512 for SD 1.5, 1024 for "
+                              "SDXL and FLUX).", low=0, high=4096)
     bucketing: bool = setting(True, "Aspect-ratio bucketing: train each image near its own aspect ratio instead of "
                               "centre-cropping it square.")
     trigger_word: str = setting("", "Trigger word; recorded in the LoRA's metadata and used in sample prompts. "
@@ -80,7 +84,8 @@ class DataSettings(_Section):
 
 @dataclass(frozen=True)
 class LoraSettings(_Section):
-    rank: int = setting(32, "LoRA rank: 8-16 simple styles, 32 most LoRAs, 64-128 complex subjects.", low=1, high=256)
+    rank: int = setting(AUTO, "LoRA rank (0 = the preset's: 16 for style, 32 otherwise): 8-16 simple styles, 32 most "
+                        "LoRAs, 64-128 complex subjects.", low=0, high=256)
     alpha: float = setting(0.0, "LoRA alpha; the LoRA's effect is scaled by alpha/rank (0 = same as rank).",
                            low=0, high=1024)
     targets: str = setting("attention", "Which denoiser layers get LoRA: attention (q/k/v/out projections), "
@@ -92,8 +97,9 @@ class LoraSettings(_Section):
 class OptimizerSettings(_Section):
     optimizer: str = setting("adamw", "AdamW; AdamW8bit (needs CUDA and bitsandbytes); Prodigy (self-adjusting, "
                              "use learning_rate 1.0).", choices=("adamw", "adamw8bit", "prodigy"))
-    learning_rate: float = setting(1e-4, "Learning rate: 1e-4 first attempt, 2e-4-3e-4 if not learning, "
-                                   "5e-5-1e-4 if overfitting, 1.0 with Prodigy.", low=1e-7, high=10.0)
+    learning_rate: float = setting(0.0, "Learning rate (0 = the preset's: 5e-5 for likeness, 1e-4 otherwise): 1e-4 "
+                                   "first attempt, 2e-4-3e-4 if not learning, 5e-5-1e-4 if overfitting, 1.0 with "
+                                   "Prodigy.", low=0, high=10.0)
     text_encoder_lr: float = setting(0.0, "Text-encoder learning rate (0 = half the learning rate).", low=0, high=10.0)
     lr_scheduler: str = setting("constant", "Learning-rate schedule after warm-up.",
                                 choices=("constant", "cosine", "linear"))
@@ -104,7 +110,8 @@ class OptimizerSettings(_Section):
 
 @dataclass(frozen=True)
 class TrainSettings(_Section):
-    preset: str = setting("none", "Starting values from the guide's scenarios; explicit settings override them.",
+    preset: str = setting("none", "The guide's scenario: fills in rank, learning rate and the step range for the "
+                          "settings left at 0; explicit values always win.",
                           choices=("none", "style", "character", "object", "likeness"))
     steps: int = setting(AUTO, "Training steps (0 = the guide's rule: 100 per image, within the preset's range).",
                          low=0, high=100_000)
@@ -167,6 +174,7 @@ class TrainingConfig:
 
     @property
     def alpha(self) -> float:
+        """The LoRA's alpha (0 means "same as rank"); meaningful once the rank is resolved."""
         return self.lora.alpha or float(self.lora.rank)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -176,10 +184,11 @@ class TrainingConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-# The guide's scenarios. Ranks, learning rates and step ranges are the guide's own numbers; where it
-# gives a range for rank or learning rate we take its conservative end ("start with rank 32").
+# The guide's scenarios: what a preset fills in for rank and learning rate left at 0. Ranks, learning
+# rates and step ranges are the guide's own numbers; where it gives a range for rank or learning
+# rate we take its conservative end ("start with rank 32", "first attempt: 0.0001").
 PRESETS: dict[str, dict[str, Any]] = {
-    "none": {},
+    "none": {"rank": 32, "learning_rate": 1e-4},
     "style": {"rank": 16, "learning_rate": 1e-4},
     "character": {"rank": 32, "learning_rate": 1e-4},
     "object": {"rank": 32, "learning_rate": 1e-4},
@@ -190,7 +199,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 STEP_RANGES = {"none": (1000, 8000), "style": (1500, 3000), "character": (2000, 4000),
                "object": (1000, 4000), "likeness": (3000, 5000)}
 STEPS_PER_IMAGE = 100
-FAMILY_RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "flux": 1024}  # "Match your base model (512 or 1024)"
 
 
 def auto_steps(preset: str, image_count: int) -> int:
@@ -231,8 +239,9 @@ def _coerce(name: str, spec: dataclasses.Field, value: Any) -> Any:
 
 
 def build_config(settings: dict[str, Any] | None = None, base: TrainingConfig | None = None) -> TrainingConfig:
-    """A config from plain-named settings. The preset (from `settings`, else `base`) fills in
-    rank and learning rate, then every explicit setting wins over it."""
+    """A config from plain-named settings over `base` (or the defaults). Nothing is filled in
+    here: a value left at 0 ("the preset's") stays 0 until `with_preset_values`, so a preset can
+    never overwrite a value someone set."""
     settings = dict(settings or {})
     specs = field_specs()
     unknown = sorted(set(settings) - set(specs))
@@ -240,14 +249,19 @@ def build_config(settings: dict[str, Any] | None = None, base: TrainingConfig | 
         raise LoraLabError(f"Unknown setting(s): {', '.join(unknown)}. "
                            "Run `python -m lora_lab train --help` for the list.")
     base = base or TrainingConfig()
-    preset = str(settings.get("preset", base.train.preset))
-    if preset not in PRESETS:
-        raise LoraLabError(f"preset = {preset!r} is not allowed; choose one of: {', '.join(PRESETS)}.")
     values = {section: dataclasses.asdict(getattr(base, section)) for section in SECTIONS}
-    for name, value in {**PRESETS[preset], **settings}.items():
+    for name, value in settings.items():
         section, spec = specs[name]
         values[section][name] = _coerce(name, spec, value)
     return TrainingConfig(**{section: SECTIONS[section](**kw) for section, kw in values.items()})
+
+
+def with_preset_values(config: TrainingConfig) -> TrainingConfig:
+    """The config with every setting left at 0 that the preset covers filled in from it."""
+    specs = field_specs()
+    unset = {name: value for name, value in PRESETS[config.train.preset].items()
+             if not getattr(getattr(config, specs[name][0]), name)}
+    return build_config(unset, base=config)
 
 
 def config_from_dict(nested: dict[str, dict[str, Any]]) -> TrainingConfig:

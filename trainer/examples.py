@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .data import Dataset, bucket_sizes, choose_bucket, prepare_image
-from .export import atomic_write
-from .families import LoadedModel
+from .families.base import LoadedModel
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ class Example:
     pixels: torch.Tensor | None = None  # when latents are not cached
     conditioning: dict[str, torch.Tensor] | None = None  # cached text conditioning
     image_conditioning: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def model_identity(model: LoadedModel) -> str:
-    """Changes whenever the base model file or folder changes, so cached encodings never go stale."""
-    path = Path(model.source)
-    stat = path.stat() if path.exists() else None
-    return f"{model.family.name}|{path.resolve()}|{stat.st_size if stat else 0}|{stat.st_mtime_ns if stat else 0}"
 
 
 class DiskCache:
@@ -75,7 +68,7 @@ class TrainingSet:
         square = (resolution // multiple * multiple,) * 2
         buckets = bucket_sizes(resolution, multiple) if bucketing else [square]
         self.disk = DiskCache(cache_dir)
-        identity = model_identity(model)
+        identity = f"{model.family.name}|{model.identity.key}"  # cached encodings never outlive their model
         self.examples: list[Example] = []
         for item in dataset.items:
             bucket = choose_bucket(item.size, buckets) if bucketing else square
@@ -98,11 +91,11 @@ class TrainingSet:
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_images(pixels).float().cpu()
+        return self.model.encoders.encode_images(pixels).float().cpu()
 
     @torch.no_grad()
     def _encode_text(self, captions: list[str], row: int) -> dict[str, torch.Tensor]:
-        encoded = self.model.encode_prompts(captions)
+        encoded = self.model.encoders.encode_prompts(captions)
         return {key: value[row].float().cpu() for key, value in encoded.items()}
 
     @property
@@ -126,7 +119,7 @@ class TrainingSet:
                             for key in examples[0].conditioning}
         else:
             # Text-encoder LoRA needs gradients through the encoder, so this is not under no_grad.
-            conditioning = self.model.encode_prompts([e.caption for e in examples])
+            conditioning = self.model.encoders.encode_prompts([e.caption for e in examples])
             conditioning = {key: value.to(dtype) for key, value in conditioning.items()}
         for key in examples[0].image_conditioning:
             conditioning[key] = torch.stack([e.image_conditioning[key] for e in examples]).to(device, dtype)

@@ -12,19 +12,16 @@ its rank would change the LoRA's effect whenever they differ).
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import LoraLabError
-from .families import LoadedModel
+from .families.base import LoadedModel
+from .files import atomic_write
 from .lora import ADAPTER, LoraLayer, lora_layers
-from .lora_files import check_lora, read_header
+from .lora_files import check_lora
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -55,35 +52,11 @@ def lora_state_dict(model: LoadedModel, alpha: float, dtype: torch.dtype = torch
     return tensors
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Write via a temporary file in the same folder, then rename: a crash leaves the old file or
-    the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
-
-
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     bad = [key for key, value in metadata.items() if not isinstance(value, str)]
     if bad:
         raise TypeError(f"metadata values must be strings: {bad}")
     atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    return dict(read_header(path)["__metadata__"])
 
 
 def load_into_model(model: LoadedModel, path: Path) -> None:
@@ -120,6 +93,3 @@ def load_into_model(model: LoadedModel, path: Path) -> None:
             layer.lora_alpha[ADAPTER] = alpha
             layer.set_scale(ADAPTER, 1.0)
 
-
-def metadata_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False)

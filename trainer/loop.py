@@ -22,7 +22,8 @@ from .config import TrainingConfig
 from .data import BatchOrder
 from .errors import LoraLabError
 from .examples import TrainingSet
-from .families import LoadedModel
+from .families.base import LoadedModel
+from .history import LossLog
 from .lora import lora_parameters, named_lora_parameters
 from .objectives import noise_batch, weighted_mse
 from .resume import RunState, capture_rng, restore_rng
@@ -167,9 +168,7 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
                         scaler=scaler.state_dict(), rng=capture_rng(generator), losses=list(result.losses))
 
     model.denoiser.train()
-    log_file = loss_log.open("w", encoding="utf-8") if loss_log else None
-    if log_file:  # a resumed run rewrites the log up to its step, so it never holds a discarded future
-        log_file.write("step,loss,lr\n" + "".join(f"{s},{loss:.6f},{lr:.6g}\n" for s, loss, lr in result.losses))
+    loss_file = LossLog(loss_log, result.losses) if loss_log else None  # shares the list: sees every row
     started = time.perf_counter()
     step = first_step - 1
     try:
@@ -202,14 +201,15 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             learning_rate = scheduler.get_last_lr()[0]
             scheduler.step()
             result.losses.append((step, step_loss, learning_rate))
-            if log_file:
-                log_file.write(f"{step},{step_loss:.6f},{learning_rate:.6g}\n")
-                log_file.flush()
+            if loss_file:
+                loss_file.flush()
             events.on_step(StepReport(step, total_steps, step_loss, learning_rate,
                                       time.perf_counter() - step_started))
             stop = events.should_stop()
             final = step == total_steps
             if final or stop or step % save_every == 0:
+                if loss_file:
+                    loss_file.flush(force=True)
                 checkpoint = Checkpoint(step, save(step, final, snapshot(step)), final)
                 result.checkpoints.append(checkpoint)
                 events.on_checkpoint(checkpoint)
@@ -221,8 +221,8 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
         optimizer.zero_grad(set_to_none=True)
         raise LoraLabError(OUT_OF_MEMORY_ADVICE.format(step=step)) from None
     finally:
-        if log_file:
-            log_file.close()
+        if loss_file:
+            loss_file.flush(force=True)
         model.denoiser.eval()
         if train.gradient_checkpointing:
             model.denoiser.disable_gradient_checkpointing()

@@ -12,7 +12,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
 from .errors import LoraLabError
-from .families import LoadedModel
+from .families.base import LoadedModel
 
 ADAPTER = "lora_lab"
 
@@ -20,9 +20,8 @@ ADAPTER = "lora_lab"
 def add_lora(model: LoadedModel, rank: int, alpha: float, targets: str, train_text_encoder: bool) -> None:
     """Freeze the base model and add a LoRA (A random, B zero: the model starts unchanged)."""
     family = model.family
-    for module in (model.denoiser, model.vae, *model.text_encoders):
-        if module is not None:  # no VAE when outside encoders (ComfyUI's) do the encoding
-            module.requires_grad_(False)
+    for module in (model.denoiser, *model.encoders.modules()):
+        module.requires_grad_(False)
     jobs = [(model.denoiser, family.targets(targets))]
     if train_text_encoder:
         jobs += [(encoder, list(family.text_encoder_targets)) for encoder in model.text_encoders]

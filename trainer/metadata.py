@@ -8,8 +8,8 @@ import uuid
 from dataclasses import dataclass
 
 from .config import TrainingConfig
-from .export import metadata_json
-from .families import ModelFamily
+from .families.base import ModelFamily
+from .files import metadata_json
 
 FORMAT_VERSION = "1"
 

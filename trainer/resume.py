@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from .data import Dataset
 from .errors import LoraLabError
-from .export import atomic_write
+from .files import atomic_write
 from .lora_files import read_header
 
 SUFFIX = ".resume"

@@ -20,12 +20,13 @@ import torch
 
 from . import embedded
 from .budget import check_disk, check_memory, planned_disk_bytes
-from .config import TrainingConfig, auto_steps, build_config
+from .config import TrainingConfig, auto_steps, build_config, field_specs, with_preset_values
 from .data import Dataset, scan_folder
 from .errors import LoraLabError
 from .examples import TrainingSet
-from .export import SAVE_DTYPES, lora_state_dict, save_lora
-from .families import LoadedModel, detect_source_family, get_family
+from .export import SAVE_DTYPES, lora_state_dict, named_layers, save_lora
+from .families import detect_source_family, get_family
+from .families.base import FamilyEncoders, LoadedModel
 from .fp8 import quantize_linear_layers
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
@@ -72,17 +73,19 @@ def default_device() -> torch.device:
 
 def load_base_model(config: TrainingConfig, device: torch.device | None = None) -> LoadedModel:
     device = device or default_device()
-    source = config.model.base_model or str(embedded.TINY_MODEL)
-    name = config.model.family
-    family = get_family(detect_source_family(Path(source).expanduser()) if name == "auto" else name)
-    if not config.model.base_model and family.name != "sd15":
-        raise LoraLabError(f"The embedded demo model is SD 1.5; set base_model to a {family.name} model.")
+    source = Path(config.model.base_model or embedded.TINY_MODEL).expanduser()
+    detected = detect_source_family(source) if config.model.family == "auto" or not config.model.base_model else ""
+    if not config.model.base_model and config.model.family not in ("auto", detected):
+        raise LoraLabError(f"The embedded demo model is {get_family(detected).title}; set base_model to a "
+                           f"{get_family(config.model.family).title} model.")
+    family = get_family(detected or config.model.family)
     # On a GPU the frozen base is held in the compute dtype; LoRA weights always train in fp32.
     dtype = resolve_precision(config.train.mixed_precision, device)
-    model = family.load(source, dtype, config.model.model_config)
-    for module in (model.denoiser, *model.text_encoders):
-        module.to(device)
-    model.vae.to(device, torch.float32)  # half-precision VAEs overflow on some images; it runs only once
+    model = family.load(str(source), dtype, config.model.model_config)
+    model.denoiser.to(device)
+    model.encoders.place(device)
+    if isinstance(model.encoders, FamilyEncoders):  # half-precision VAEs overflow on some images; it runs once
+        model.encoders.vae.to(torch.float32)
     return model
 
 
@@ -104,18 +107,11 @@ def check_output_name(name: str) -> str:
     return name
 
 
-def native_resolution(model: LoadedModel) -> int:
-    """The resolution a model was made for: the family's, or the embedded tiny model's own."""
-    if Path(model.source).resolve() == embedded.TINY_MODEL.resolve():
-        return embedded.RESOLUTION
-    return model.family.default_resolution
-
-
-def resolve_config(config: TrainingConfig, dataset: Dataset, default_resolution: int) -> TrainingConfig:
+def resolve_config(config: TrainingConfig, dataset: Dataset, model: LoadedModel) -> TrainingConfig:
     """Fill in every 'auto' value so the saved config says exactly what was done."""
-    image_count = len(dataset.items)
-    steps = config.train.steps or auto_steps(config.train.preset, image_count)
-    resolution = config.data.resolution or default_resolution
+    config = with_preset_values(build_config({"family": model.family.name}, base=config))
+    steps = config.train.steps or auto_steps(config.train.preset, len(dataset.items))
+    resolution = config.data.resolution or model.resolution
     trigger = config.data.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
     save_every = config.output.save_every or max(1, math.ceil(steps / 4))
     return build_config({"steps": steps, "resolution": resolution, "trigger_word": trigger,
@@ -139,16 +135,13 @@ def prepare_run_dir(config: TrainingConfig, resuming: bool = False) -> Path:
 
 def check_family_settings(config: TrainingConfig, model: LoadedModel) -> None:
     """Settings that mean nothing for this model are refused rather than silently ignored."""
-    if model.prediction_type == "flow":
-        wrong = [(name, value) for name, value in (("min_snr_gamma", config.train.min_snr_gamma),
-                                                   ("prediction_type", config.model.prediction_type != "auto"),
-                                                   ("train_text_encoder", config.lora.train_text_encoder)) if value]
-        if wrong:
-            raise LoraLabError(f"{', '.join(name for name, _ in wrong)} do(es) not apply to {model.family.name} "
-                               "(a flow-matching model whose LoRA trains the transformer only); reset to the "
-                               "default (0, auto, off).")
-    elif config.train.flow_shift:
-        raise LoraLabError(f"flow_shift applies to FLUX only; set it to 0 for {model.family.name}.")
+    defaults, specs = TrainingConfig(), field_specs()
+    wrong = [name for name in model.family.unsupported_settings
+             if getattr(getattr(config, specs[name][0]), name) != getattr(getattr(defaults, specs[name][0]), name)]
+    if wrong:
+        reset = ", ".join(f"{name} = {getattr(getattr(defaults, specs[name][0]), name)!r}" for name in wrong)
+        raise LoraLabError(f"{', '.join(wrong)} do(es) not apply to {model.family.title} "
+                           f"({model.family.unsupported_reason}); reset to the default ({reset}).")
 
 
 def resume_file(config: TrainingConfig) -> Path:
@@ -191,11 +184,12 @@ def prepare_training(model: LoadedModel, dataset: Dataset, config: TrainingConfi
                            config.data.cache_dir, lora.train_text_encoder)
     compute_dtype = resolve_precision(train.mixed_precision, model.device)
     if examples.cache_latents and examples.cache_text:
-        model.place_encoders(torch.device("cpu"))  # encoded once: the training device needs only the denoiser
+        model.encoders.place(torch.device("cpu"))  # encoded once: the training device needs only the denoiser
     if train.fp8_base:
         saved = quantize_linear_layers(model.denoiser, compute_dtype)
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
+    named_layers(model)  # every layer must have a name LoRA loaders map: refused now, not at the first save
     check_memory(model, examples, config, compute_dtype)
     return examples
 
@@ -209,8 +203,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
     if model is None:
         model = load_base_model(config)
-    config = resolve_config(build_config({"family": model.family.name}, base=config), dataset,
-                            native_resolution(model))
+    config = resolve_config(config, dataset, model)
     check_family_settings(config, model)
     listing = dataset_listing(dataset)
     resume, history = None, []
@@ -227,7 +220,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     examples = prepare_training(model, dataset, config)
     check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
-    facts = RunFacts(family=model.family, base_model=Path(model.source).name, resolution=config.data.resolution,
+    facts = RunFacts(family=model.family, base_model=model.identity.name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
                      tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(listing),
                      prediction_type=model.prediction_type, started_at=started, session_id=new_session_id(),

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .export import load_into_model
-from .families import LoadedModel
+from .families.base import LoadedModel
 from .lora import set_strength
 
 

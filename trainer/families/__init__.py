@@ -1,64 +1,66 @@
-"""The registry of model families and detection of a checkpoint's family from its tensor names."""
+"""The registry of model families, and detection of a model's family from a folder or a file.
+
+Everything LoRA Lab knows about one kind of base model lives in its family class (see base.py);
+the rest of the project asks the registry. Families are imported on first use, so reading the
+names (settings, `--help`) never loads diffusers.
+"""
 
 from __future__ import annotations
 
+import importlib
+from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import LoraLabError
-from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
-from .flux import FluxFamily
-from .sd15 import StableDiffusionFamily
-from .sdxl import StableDiffusionXLFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (StableDiffusionFamily(),
-                                                                        StableDiffusionXLFamily(), FluxFamily())}
+if TYPE_CHECKING:
+    from .base import ModelFamily
+
+# name -> "module:class". Adding a family means a module in this folder and a line here.
+REGISTRY = {"sd15": "sd15:StableDiffusionFamily", "sdxl": "sdxl:StableDiffusionXLFamily", "flux": "flux:FluxFamily"}
+FAMILY_NAMES = tuple(REGISTRY)
 
 
+@cache
 def get_family(name: str) -> ModelFamily:
-    if name not in FAMILIES:
-        raise LoraLabError(f"Model family {name!r} is not available; choose one of: {', '.join(FAMILIES)}.")
-    return FAMILIES[name]
+    if name not in REGISTRY:
+        raise LoraLabError(f"Model family {name!r} is not available; choose one of: {', '.join(REGISTRY)}.")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), cls)()
+
+
+def all_families() -> list[ModelFamily]:
+    return [get_family(name) for name in REGISTRY]
 
 
 def detect_family(shapes: dict[str, tuple[int, ...]]) -> str:
     """The family of an original-format checkpoint from its tensor names and shapes."""
-    keys = shapes.keys()
-    # The width of the UNet's cross-attention keys is the text conditioning width: 768 for SD 1.x.
-    cross_attention = [key for key in keys if key.startswith("model.diffusion_model.")
-                       and key.endswith(".attn2.to_k.weight")]
-    if any(key.endswith(("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.add_q_proj.weight"))
-           for key in keys):
-        return "flux"
-    if any(key.startswith(("conditioner.embedders.1", "model.diffusion_model.label_emb")) for key in keys):
-        return "sdxl"
-    if cross_attention:
-        if shapes[cross_attention[0]][-1] == 1024:
-            raise LoraLabError("This checkpoint's UNet takes 1024-wide text conditioning: it is a Stable Diffusion "
-                               "2.x model, which LoRA Lab does not train. Use an SD 1.5, SDXL or FLUX.1-dev "
-                               "checkpoint.")
-        return "sd15"  # the SD 1.x layout (768-wide for real SD 1.5; smaller for test models)
-    sample = ", ".join(list(keys)[:3]) or "no tensors at all"
-    raise LoraLabError(f"Could not recognise this checkpoint as SD 1.5, SDXL or FLUX.1-dev (first tensors: {sample}). "
-                       "Use a full original-format checkpoint of one of those, or a diffusers folder.")
-
-
-PIPELINE_FAMILIES = {"StableDiffusionPipeline": "sd15", "StableDiffusionImg2ImgPipeline": "sd15",
-                     "StableDiffusionXLPipeline": "sdxl", "StableDiffusionXLImg2ImgPipeline": "sdxl",
-                     "FluxPipeline": "flux"}
+    for family in all_families():
+        if family.recognises(shapes):
+            return family.name
+    sample = ", ".join(list(shapes)[:3]) or "no tensors at all"
+    raise LoraLabError(f"Could not recognise this checkpoint as one of {', '.join(f.title for f in all_families())} "
+                       f"(first tensors: {sample}). Use a full original-format checkpoint of one of those, or a "
+                       "diffusers folder.")
 
 
 def detect_source_family(source: Path) -> str:
     """The family of a diffusers folder (from its pipeline class) or a checkpoint file."""
+    from .base import read_model_index, read_safetensors_header
+
     if source.is_dir():
         pipeline = read_model_index(source).get("_class_name")
-        if pipeline not in PIPELINE_FAMILIES:
-            raise LoraLabError(f"{source} holds a {pipeline} model; LoRA Lab trains SD 1.5, SDXL and FLUX.1-dev "
-                               f"({', '.join(sorted(set(PIPELINE_FAMILIES)))}).")
-        return PIPELINE_FAMILIES[pipeline]
+        for family in all_families():
+            if pipeline in family.pipeline_classes:
+                return family.name
+        known = sorted(name for family in all_families() for name in family.pipeline_classes)
+        raise LoraLabError(f"{source} holds a {pipeline} model; LoRA Lab trains "
+                           f"{', '.join(f.title for f in all_families())} ({', '.join(known)}).")
     if not source.is_file():
         raise LoraLabError(f"Base model {source} does not exist; give a diffusers folder or a .safetensors "
                            "checkpoint file.")
     return detect_family(read_safetensors_header(source))
 
 
-__all__ = ["FAMILIES", "LoadedModel", "ModelFamily", "detect_family", "detect_source_family", "get_family"]
+__all__ = ["FAMILY_NAMES", "REGISTRY", "all_families", "detect_family", "detect_source_family", "get_family"]

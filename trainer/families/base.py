@@ -8,9 +8,9 @@ The noise/target/weighting maths lives in `objectives.py` and is shared by all f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,44 +21,108 @@ from safetensors import safe_open
 from ..errors import LoraLabError
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which base model a run trains: a name people recognise (recorded in the LoRA's metadata as
+    `ss_sd_model_name`), and a key that changes whenever the weights change (cached encodings
+    are filed under it, so two different models never share them)."""
+
+    name: str
+    key: str
+
+    @classmethod
+    def of_path(cls, path: Path) -> ModelIdentity:
+        """A file or diffusers folder, keyed by its path and the size and time of every file in it."""
+        path = path.expanduser().resolve()
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        stamps = [f"{p.relative_to(path) if path.is_dir() else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                  for p in files]
+        return cls(name=path.name, key=hashlib.sha256("|".join([str(path), *stamps]).encode()).hexdigest())
+
+
+class Encoders:
+    """What turns captions into text conditioning and images into latents. Two kinds: the model's
+    own VAE and text encoders (`FamilyEncoders`), or those of a ComfyUI graph (nodes/), so that
+    the conditioning trained on is exactly what that graph samples with."""
+
+    def __init__(self, text_encoders: list[torch.nn.Module] | None = None) -> None:
+        # Text encoders that text-encoder LoRA can train, in the order of the family's export prefixes.
+        self.text_encoders = list(text_encoders or [])
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """Text conditioning for a batch of captions; every tensor's first dimension is the batch."""
+        raise NotImplementedError
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Latents, scaled as the denoiser expects them, for (B, 3, H, W) images in [-1, 1]."""
+        raise NotImplementedError
+
+    def pixels_per_latent(self) -> int:
+        """Image pixels per latent along a side (8 for the SD, SDXL and FLUX VAEs)."""
+        return 8
+
+    def place(self, device: torch.device) -> None:
+        """Move the encoders (to the CPU once their outputs are cached, and back to sample)."""
+
+    def modules(self) -> list[torch.nn.Module]:
+        """Every module whose weights count towards the model's memory."""
+        return []
+
+
+class FamilyEncoders(Encoders):
+    """The base model's own VAE, text encoders and tokenizers, driven as its family says."""
+
+    def __init__(self, family: ModelFamily, vae: torch.nn.Module, text_encoders: list[torch.nn.Module],
+                 tokenizers: list[Any]) -> None:
+        super().__init__(text_encoders)
+        self.family, self.vae, self.tokenizers = family, vae, tokenizers
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        return self.family.encode_prompts(self, captions)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def pixels_per_latent(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def place(self, device: torch.device) -> None:
+        for module in self.modules():
+            module.to(device)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.vae, *self.text_encoders]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the text encoders run (prompts are tokenized onto it)."""
+        return next(self.text_encoders[0].parameters()).device
+
+
 @dataclass
 class LoadedModel:
-    """A base model ready to train: its parts, and the family that knows how to drive them."""
+    """A base model ready to train: its denoiser, its encoders, and the family that knows how to
+    drive them."""
 
     family: ModelFamily
     denoiser: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoders: list[torch.nn.Module]
-    tokenizers: list[Any]
+    encoders: Encoders
     noise_scheduler: Any
     prediction_type: str  # "epsilon", "v_prediction" or "flow"
-    source: str  # what was loaded, for metadata and cache keys
+    identity: ModelIdentity
+    resolution: int  # the image size the base model was made for
     guidance: float = 1.0  # the distilled-guidance value guidance-distilled models (FLUX.1-dev) train with
-    # Replace the family's encoders, e.g. with a ComfyUI graph's own CLIP and VAE, so the
-    # conditioning trained on is exactly what that graph will sample with.
-    prompt_encoder: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
-    image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
-    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.prompt_encoder is not None:
-            return self.prompt_encoder(captions)
-        return self.family.encode_prompts(self, captions)
-
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.image_encoder is not None:
-            return self.image_encoder(pixels)
-        return self.family.encode_images(self, pixels)
-
-    def place_encoders(self, device: torch.device) -> None:
-        """Move the VAE and text encoders (e.g. to the CPU once their outputs are cached, and back
-        to sample). A no-op where outside encoders (ComfyUI's) do the encoding."""
-        for module in (self.vae, *self.text_encoders):
-            if module is not None:
-                module.to(device)
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return self.encoders.text_encoders
 
     def lora_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(export prefix, module) for the denoiser and each text encoder."""
@@ -68,12 +132,25 @@ class LoadedModel:
 
 
 class ModelFamily:
-    """Base class of the families; each subclass fills in the class attributes and methods."""
+    """Base class of the families. Everything that differs between kinds of base model is a class
+    attribute or method here, so the loop, the exporter, the nodes and the settings never name a
+    family: they ask it."""
 
     name: ClassVar[str]
-    default_resolution: ClassVar[int]
+    title: ClassVar[str]  # as users say it: "SD 1.5"
+    default_resolution: ClassVar[int]  # the guide: "Match your base model (512 or 1024)"
     base_model_version: ClassVar[str]  # kohya ss_base_model_version
     architecture: ClassVar[str]  # modelspec.architecture
+    pipeline_classes: ClassVar[tuple[str, ...]]  # diffusers pipelines (model_index.json) of this family
+    caption_style: ClassVar[str]  # the guide's "Quick Caption Guide": "tags", "mixed" or "natural"
+    # How a ComfyUI graph's CLIP output becomes this family's conditioning: the name of the pooled
+    # vector (None: not used) and how many tokens of the sequence are kept, so every caption's
+    # conditioning has one shape (77 for CLIP; 256 for FLUX's T5, the length ComfyUI pads to).
+    pooled_conditioning: ClassVar[str | None] = None
+    text_tokens: ClassVar[int] = 77
+    # Settings that mean nothing for this family: refused unless left at their defaults.
+    unsupported_settings: ClassVar[tuple[str, ...]] = ()
+    unsupported_reason: ClassVar[str] = ""
     denoiser_prefix: ClassVar[str]
     text_encoder_prefixes: ClassVar[tuple[str, ...]]
     # Named sets of denoiser module-name endings that get LoRA; "attention" is the default.
@@ -84,23 +161,38 @@ class ModelFamily:
     # How LoRA files name layers: "kohya" (`lora_unet_down_blocks_0_..` + lora_down/lora_up) or
     # "peft" (`transformer.transformer_blocks.0.attn.to_q` + lora_A/lora_B); always with `.alpha`.
     key_style: ClassVar[str] = "kohya"
+    # Every layer name this family's LoRA files may hold: the names ComfyUI's LoraLoader maps for
+    # it (comfy/lora.py), which A1111/Forge and diffusers read too. A layer outside them would be
+    # dropped with "lora key not loaded", so such a LoRA is refused before training starts.
+    layer_patterns: ClassVar[tuple[str, ...]]
 
+    # --- what the family is --------------------------------------------------------------------
+    def recognises(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether an original-format checkpoint (tensor names and shapes) is of this family."""
+        raise NotImplementedError
+
+    def training_scheduler(self) -> Any:
+        """The noise schedule the family was trained with, for a model given without one (a
+        ComfyUI graph's)."""
+        raise NotImplementedError
+
+    def native_resolution(self, denoiser: torch.nn.Module, encoders: Encoders) -> int:
+        """The image size a denoiser was made for: its latent sample size where its config has one
+        (the embedded tiny model's is 64 px), else the family's."""
+        sample_size = getattr(denoiser.config, "sample_size", None)
+        if isinstance(sample_size, int):
+            return sample_size * encoders.pixels_per_latent()
+        return self.default_resolution
+
+    # --- loading, encoding, predicting ---------------------------------------------------------
     def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
         """Load a diffusers folder or a single-file checkpoint (read with the configs in
         `config_dir`, or those shipped for the family)."""
         raise NotImplementedError
 
-    def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, encoders: FamilyEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning for a batch of captions; every tensor's first dimension is the batch."""
         raise NotImplementedError
-
-    def encode_images(self, model: LoadedModel, pixels: torch.Tensor) -> torch.Tensor:
-        """Scaled latents for a batch of (B, 3, H, W) images in [-1, 1] (the distribution's mode,
-        shifted and scaled as the VAE's config says)."""
-        vae = model.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        shift = vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * vae.config.scaling_factor
 
     def image_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                            target_size: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -120,11 +212,14 @@ class ModelFamily:
         raise NotImplementedError
 
     @staticmethod
-    def vae_factor(model: LoadedModel) -> int:
-        """Pixels per latent along a side. Without a diffusers VAE (ComfyUI's own VAE encodes), the
-        factor 8 that SD, SDXL and FLUX VAEs share."""
-        return 2 ** (len(model.vae.config.block_out_channels) - 1) if model.vae is not None else 8
+    def own_encoders(model: LoadedModel) -> FamilyEncoders:
+        """The model's own VAE and text encoders, which a diffusers pipeline needs."""
+        if not isinstance(model.encoders, FamilyEncoders):
+            raise LoraLabError("This model was given without its own VAE and text encoders (a ComfyUI graph's "
+                               "are used); sample it through ComfyUI (Sample Checkpoint) instead.")
+        return model.encoders
 
+    # --- LoRA layers and their names in files --------------------------------------------------
     def export_path(self, prefix: str, module_path: str) -> str:
         """A module's path as other tools name it. transformers 5 dropped the `text_model.` level
         of CLIP text encoders, but kohya names (and ComfyUI) keep it."""
@@ -144,7 +239,13 @@ class ModelFamily:
         if not _SAFE_PATH.match(path):
             raise LoraLabError(f"Cannot name LoRA layer {path!r} (unexpected characters); nothing was written. "
                                "Please report this model.")
-        return f"{prefix}_{path.replace('.', '_')}" if self.key_style == "kohya" else f"{prefix}.{path}"
+        name = f"{prefix}_{path.replace('.', '_')}" if self.key_style == "kohya" else f"{prefix}.{path}"
+        if not any(re.fullmatch(pattern, name) for pattern in self.layer_patterns):
+            raise LoraLabError(f"LoRA layer {name} is not one that ComfyUI's LoraLoader (or A1111/Forge) maps for "
+                               f"{self.title}, so it would be dropped when the LoRA is loaded; nothing was written. "
+                               f"Choose targets {' or '.join(self.target_sets)}, or module name endings of "
+                               "attention, feed-forward or convolution layers.")
+        return name
 
     def targets(self, spec: str) -> list[str]:
         """Module-name endings for a named target set or a comma list of endings."""

@@ -21,24 +21,52 @@ from safetensors.torch import load_file
 
 from ..errors import LoraLabError
 from . import flux_layout
-from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
+from .base import (
+    FamilyEncoders,
+    LoadedModel,
+    ModelFamily,
+    ModelIdentity,
+    read_model_index,
+    read_safetensors_header,
+)
 
 CONFIGS = Path(__file__).parent / "configs"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 T5_MAX_TOKENS = 512  # FLUX.1-dev's text length
+# diffusers names of the transformer layers ComfyUI maps (comfy/lora.py: every weight of its
+# flux_to_diffusers table under `transformer.`; the final modulation, stored reordered, is left out).
+LAYERS = (r"transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj"
+          r"|to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|norm1\.linear|norm1_context\.linear)"
+          r"|single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out|norm\.linear)|x_embedder"
+          r"|context_embedder|proj_out|time_text_embed\.(timestep|text|guidance)_embedder\.linear_[12])")
 
 
 class FluxFamily(ModelFamily):
     name = "flux"
+    title = "FLUX.1-dev"
     default_resolution = 1024
     base_model_version = "flux1"
     architecture = "flux-1-dev/lora"
+    pipeline_classes = ("FluxPipeline",)
+    caption_style = "natural"
+    pooled_conditioning = "pooled_projections"
+    text_tokens = 256
+    unsupported_settings = ("min_snr_gamma", "prediction_type", "train_text_encoder", "text_encoder_lr")
+    unsupported_reason = "FLUX trains with rectified flow, and its LoRA trains the transformer only"
     denoiser_prefix = "transformer"
     text_encoder_prefixes = ()
     target_sets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP}
     excluded_modules = r"proj_out"  # the final layer shares the single blocks' "proj_out" ending
     key_style = "peft"
+    layer_patterns = (LAYERS,)
+
+    def recognises(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        return any(key.endswith(("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.add_q_proj.weight"))
+                   for key in shapes)
+
+    def training_scheduler(self) -> Any:
+        return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
 
     # --- loading ---------------------------------------------------------------------------
     def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
@@ -54,11 +82,12 @@ class FluxFamily(ModelFamily):
         else:
             raise LoraLabError(f"Base model {path} does not exist; give a FLUX diffusers folder or a FLUX "
                                "transformer .safetensors file.")
-        return LoadedModel(family=self, denoiser=pipe.transformer, vae=pipe.vae,
-                           text_encoders=[pipe.text_encoder, pipe.text_encoder_2],
-                           tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
+        encoders = FamilyEncoders(self, pipe.vae, [pipe.text_encoder, pipe.text_encoder_2],
+                                  [pipe.tokenizer, pipe.tokenizer_2])
+        return LoadedModel(family=self, denoiser=pipe.transformer, encoders=encoders,
                            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
-                           prediction_type="flow", source=str(path))
+                           prediction_type="flow", identity=ModelIdentity.of_path(path),
+                           resolution=self.default_resolution)
 
     def _load_transformer_file(self, path: Path, dtype: torch.dtype, parts_folder: Path | None) -> Any:
         from . import detect_family
@@ -107,13 +136,13 @@ class FluxFamily(ModelFamily):
         return transformer
 
     # --- encoding and prediction ------------------------------------------------------------
-    def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
-        (clip_tokenizer, t5_tokenizer), (clip, t5) = model.tokenizers, model.text_encoders
+    def encode_prompts(self, encoders: FamilyEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = encoders.tokenizers, encoders.text_encoders
         clip_ids = clip_tokenizer(captions, padding="max_length", max_length=clip_tokenizer.model_max_length,
-                                  truncation=True, return_tensors="pt").input_ids.to(model.device)
+                                  truncation=True, return_tensors="pt").input_ids.to(encoders.device)
         length = min(T5_MAX_TOKENS, t5_tokenizer.model_max_length)
         t5_ids = t5_tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                              return_tensors="pt").input_ids.to(model.device)
+                              return_tensors="pt").input_ids.to(encoders.device)
         return {"prompt_embeds": t5(t5_ids)[0], "pooled_projections": clip(clip_ids).pooler_output}
 
     def predict(self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -136,10 +165,11 @@ class FluxFamily(ModelFamily):
                 .reshape(batch, channels, height, width))
 
     def pipeline(self, model: LoadedModel) -> Any:
+        encoders = self.own_encoders(model)
         return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(model.noise_scheduler.config),
-                            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                            text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1],
+                            vae=encoders.vae, text_encoder=encoders.text_encoders[0], tokenizer=encoders.tokenizers[0],
+                            text_encoder_2=encoders.text_encoders[1], tokenizer_2=encoders.tokenizers[1],
                             transformer=model.denoiser)
 
     def pixel_multiple(self, model: LoadedModel) -> int:
-        return self.vae_factor(model) * 2  # latents are packed in 2x2 patches
+        return model.encoders.pixels_per_latent() * 2  # latents are packed in 2x2 patches

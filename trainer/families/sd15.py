@@ -13,23 +13,63 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from ..errors import LoraLabError
-from .base import LoadedModel, ModelFamily, read_model_index, read_safetensors_header
+from .base import (
+    FamilyEncoders,
+    LoadedModel,
+    ModelFamily,
+    ModelIdentity,
+    read_model_index,
+    read_safetensors_header,
+)
 
 CONFIGS = Path(__file__).parent / "configs"
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 UNET_MLP = ("ff.net.0.proj", "ff.net.2")
+# kohya names of the UNet layers ComfyUI maps (comfy/lora.py maps every weight of its
+# unet_to_diffusers table; SDXL's add_embedding is missing there under that name, so it is not here).
+UNET_LAYERS = (r"lora_unet_(((down|up)_blocks_\d+|mid_block)_(attentions_\d+_(proj_in|proj_out|transformer_blocks_\d+_"
+               r"(attn[12]_(to_q|to_k|to_v|to_out_0)|ff_net_0_proj|ff_net_2))|resnets_\d+_(conv1|conv2|time_emb_proj"
+               r"|conv_shortcut)|(downsamplers|upsamplers)_0_conv)|conv_in|conv_out|time_embedding_linear_[12])")
+CLIP_LAYERS = r"text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"
+
+
+def is_sdxl_checkpoint(keys) -> bool:
+    return any(key.startswith(("conditioner.embedders.1", "model.diffusion_model.label_emb")) for key in keys)
 
 
 class StableDiffusionFamily(ModelFamily):
     name = "sd15"
+    title = "SD 1.5"
     default_resolution = 512
     base_model_version = "sd_v1"
     architecture = "stable-diffusion-v1/lora"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    caption_style = "tags"
+    unsupported_settings = ("flow_shift", "train_guidance")
+    unsupported_reason = "they belong to FLUX's flow-matching objective"
     denoiser_prefix = "lora_unet"
     text_encoder_prefixes = ("lora_te",)
     target_sets = {"attention": UNET_ATTENTION, "attention_mlp": UNET_ATTENTION + UNET_MLP}
+    layer_patterns = (UNET_LAYERS, rf"lora_te_{CLIP_LAYERS}")
     pipeline_class: Any = StableDiffusionPipeline
+
+    def recognises(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        # The width of the UNet's cross-attention keys is the text conditioning width: 768 for SD 1.x.
+        cross_attention = [key for key in shapes if key.startswith("model.diffusion_model.")
+                           and key.endswith(".attn2.to_k.weight")]
+        if not cross_attention or is_sdxl_checkpoint(shapes):
+            return False
+        if shapes[cross_attention[0]][-1] == 1024:
+            raise LoraLabError("This checkpoint's UNet takes 1024-wide text conditioning: it is a Stable Diffusion "
+                               "2.x model, which LoRA Lab does not train. Use an SD 1.5, SDXL or FLUX.1-dev "
+                               "checkpoint.")
+        return True  # the SD 1.x layout (768-wide for real SD 1.5; smaller for test models)
+
+    def training_scheduler(self) -> Any:
+        # The scaled-linear betas SD 1.x and SDXL were trained with (ComfyUI samples with the same).
+        return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                             num_train_timesteps=1000, clip_sample=False)
 
     # --- loading ---------------------------------------------------------------------------
     def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
@@ -42,16 +82,17 @@ class StableDiffusionFamily(ModelFamily):
             raise LoraLabError(f"Base model {path} does not exist; give a diffusers folder or a .safetensors "
                                "checkpoint file.")
         scheduler = DDPMScheduler.from_config(parts.pop("scheduler").config)
-        prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        return LoadedModel(family=self, noise_scheduler=scheduler, prediction_type=prediction_type,
-                           source=str(path), **parts)
+        encoders = FamilyEncoders(self, parts["vae"], parts["text_encoders"], parts["tokenizers"])
+        return LoadedModel(family=self, denoiser=parts["denoiser"], encoders=encoders, noise_scheduler=scheduler,
+                           prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+                           identity=ModelIdentity.of_path(path),
+                           resolution=self.native_resolution(parts["denoiser"], encoders))
 
     def _load_folder(self, folder: Path, dtype: torch.dtype) -> dict[str, Any]:
         index = read_model_index(folder)
-        expected = self.pipeline_class.__name__
-        if index.get("_class_name") not in (expected, expected.replace("Pipeline", "Img2ImgPipeline")):
-            raise LoraLabError(f"{folder} holds a {index.get('_class_name')} model, not {self.name} "
-                               f"({expected}); choose the matching family or another model.")
+        if index.get("_class_name") not in self.pipeline_classes:
+            raise LoraLabError(f"{folder} holds a {index.get('_class_name')} model, not {self.title} "
+                               f"({self.pipeline_classes[0]}); choose the matching family or another model.")
         # A folder without a safety checker still lists one in its index; say so, or diffusers warns.
         extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
         pipe = self.pipeline_class.from_pretrained(folder, dtype=dtype, local_files_only=True, **extra)
@@ -85,10 +126,10 @@ class StableDiffusionFamily(ModelFamily):
                 "tokenizers": [pipe.tokenizer], "scheduler": pipe.scheduler}
 
     # --- encoding and prediction ------------------------------------------------------------
-    def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokenizer, encoder = model.tokenizers[0], model.text_encoders[0]
+    def encode_prompts(self, encoders: FamilyEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer, encoder = encoders.tokenizers[0], encoders.text_encoders[0]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(model.device)
+                        return_tensors="pt").input_ids.to(encoders.device)
         return {"prompt_embeds": encoder(ids)[0]}
 
     def predict(self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor,
@@ -96,8 +137,9 @@ class StableDiffusionFamily(ModelFamily):
         return model.denoiser(noisy, timesteps, encoder_hidden_states=conditioning["prompt_embeds"]).sample
 
     def pipeline(self, model: LoadedModel) -> Any:
-        return StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
-                                       tokenizer=model.tokenizers[0], unet=model.denoiser,
+        encoders = self.own_encoders(model)
+        return StableDiffusionPipeline(vae=encoders.vae, text_encoder=encoders.text_encoders[0],
+                                       tokenizer=encoders.tokenizers[0], unet=model.denoiser,
                                        scheduler=self.sampling_scheduler(model), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
@@ -106,5 +148,5 @@ class StableDiffusionFamily(ModelFamily):
                                                   prediction_type=model.prediction_type)
 
     def pixel_multiple(self, model: LoadedModel) -> int:
-        return self.vae_factor(model) * 2 ** (len(model.denoiser.config.block_out_channels) - 1)
+        return model.encoders.pixels_per_latent() * 2 ** (len(model.denoiser.config.block_out_channels) - 1)
 

@@ -13,29 +13,37 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from .base import LoadedModel
-from .sd15 import UNET_ATTENTION, UNET_MLP, StableDiffusionFamily
+from .base import FamilyEncoders, LoadedModel
+from .sd15 import CLIP_LAYERS, UNET_ATTENTION, UNET_LAYERS, UNET_MLP, StableDiffusionFamily, is_sdxl_checkpoint
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "sdxl"
+    title = "SDXL"
     default_resolution = 1024
     base_model_version = "sdxl_base_v1-0"
     architecture = "stable-diffusion-xl-v1-base/lora"
+    pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+    caption_style = "mixed"
+    pooled_conditioning = "text_embeds"
     denoiser_prefix = "lora_unet"
     text_encoder_prefixes = ("lora_te1", "lora_te2")
     target_sets = {"attention": UNET_ATTENTION, "attention_mlp": UNET_ATTENTION + UNET_MLP}
+    layer_patterns = (UNET_LAYERS, rf"lora_te[12]_{CLIP_LAYERS}")
     pipeline_class: Any = StableDiffusionXLPipeline
+
+    def recognises(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        return is_sdxl_checkpoint(shapes)
 
     def _parts(self, pipe: Any) -> dict[str, Any]:
         return {"denoiser": pipe.unet, "vae": pipe.vae, "text_encoders": [pipe.text_encoder, pipe.text_encoder_2],
                 "tokenizers": [pipe.tokenizer, pipe.tokenizer_2], "scheduler": pipe.scheduler}
 
-    def encode_prompts(self, model: LoadedModel, captions: list[str]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, encoders: FamilyEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
         sequences, pooled = [], None
-        for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=True):
+        for tokenizer, encoder in zip(encoders.tokenizers, encoders.text_encoders, strict=True):
             ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(model.device)
+                            return_tensors="pt").input_ids.to(encoders.device)
             output = encoder(ids, output_hidden_states=True)
             sequences.append(output.hidden_states[-2])  # the penultimate layer, as SDXL was trained
             pooled = output[0]  # the last encoder's projected pooled output (text_embeds)
@@ -52,7 +60,8 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
                               added_cond_kwargs=added).sample
 
     def pipeline(self, model: LoadedModel) -> Any:
-        return StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.text_encoders[0],
-                                         text_encoder_2=model.text_encoders[1], tokenizer=model.tokenizers[0],
-                                         tokenizer_2=model.tokenizers[1], unet=model.denoiser,
+        encoders = self.own_encoders(model)
+        return StableDiffusionXLPipeline(vae=encoders.vae, text_encoder=encoders.text_encoders[0],
+                                         text_encoder_2=encoders.text_encoders[1], tokenizer=encoders.tokenizers[0],
+                                         tokenizer_2=encoders.tokenizers[1], unet=model.denoiser,
                                          scheduler=self.sampling_scheduler(model))

@@ -1,0 +1,205 @@
+"""A ComfyUI graph's MODEL, CLIP and VAE as the trainer's `LoadedModel`: the conversion registry.
+
+Each family that can be trained from a graph has one entry here: how to recognise its ComfyUI
+model class, and how to build a diffusers denoiser whose weights *are* ComfyUI's tensors (no copy:
+the SD UNets map one to one; FLUX's fused q/k/v projections are sliced into views). Prompts and
+images are encoded by the graph's own CLIP and VAE (`GraphEncoders`), so the conditioning trained
+on is exactly what the graph samples with. Everything ComfyUI is reached through comfy_bridge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..trainer.errors import LoraLabError
+from ..trainer.families import get_family
+from ..trainer.families.base import Encoders, LoadedModel, ModelFamily, ModelIdentity
+from ..trainer.fp8 import FLOAT8, Float8Linear
+from . import comfy_bridge as comfy
+
+
+def _diffusers_unet_config(unet_config: dict) -> dict:
+    """The diffusers UNet2DConditionModel config of a ComfyUI (ldm) UNet."""
+    per_block = unet_config["num_res_blocks"]
+    if len(set(per_block)) != 1:
+        raise LoraLabError("This UNet has a different number of layers per block, which diffusers cannot build.")
+    channels = [unet_config["model_channels"] * m for m in unet_config["channel_mult"]]
+    depth = [unet_config["transformer_depth"][i * per_block[0]] for i in range(len(channels))]
+    heads = unet_config.get("num_heads", -1)
+    head_dim = heads if heads != -1 else [c // unet_config["num_head_channels"] for c in channels]
+    adm = unet_config.get("adm_in_channels")  # SDXL: pooled text + size/crop ids
+    extra = ({"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+              "projection_class_embeddings_input_dim": adm} if adm else {})
+    return {
+        **extra,
+        "sample_size": unet_config.get("image_size", 64), "in_channels": unet_config["in_channels"],
+        "out_channels": unet_config["out_channels"], "block_out_channels": channels,
+        "layers_per_block": per_block[0], "cross_attention_dim": unet_config["context_dim"],
+        "attention_head_dim": head_dim, "use_linear_projection": unet_config.get("use_linear_in_transformer", False),
+        "transformer_layers_per_block": [max(1, d) for d in depth],
+        "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
+        "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
+    }
+
+
+def shared_diffusers_unet(model: Any) -> torch.nn.Module:
+    """A diffusers UNet whose weights *are* the ComfyUI model's tensors (no copy, no extra memory)."""
+    from diffusers import UNet2DConditionModel
+
+    unet_config = comfy.model_config(model).unet_config
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**_diffusers_unet_config(unet_config))
+    unet.requires_grad_(False)
+    ldm = comfy.trainable_state_dict(model)
+    # ComfyUI's map names SDXL's pooled-text/size embedding by its older diffusers name.
+    state = {name.replace("class_embedding.", "add_embedding."): ldm[ldm_name]
+             for name, ldm_name in comfy.unet_to_diffusers(unet_config).items() if ldm_name in ldm}
+    missing = sorted(set(unet.state_dict()) - set(state))
+    if missing:
+        raise LoraLabError(f"Could not map this model's UNet to diffusers (e.g. {missing[0]} missing); "
+                           "please report the checkpoint.")
+    unet.load_state_dict(state, strict=True, assign=True)
+    return unet
+
+
+def shared_diffusers_flux(model: Any) -> torch.nn.Module:
+    """A diffusers FLUX transformer whose weights are views of the ComfyUI model's tensors (the
+    fused q/k/v projections are sliced, not copied); weights ComfyUI holds in fp8 stay fp8."""
+    from diffusers import FluxTransformer2DModel
+
+    config = comfy.model_config(model).unet_config
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=config["in_channels"] * 4, num_layers=config["depth"],
+            num_single_layers=config["depth_single_blocks"], num_attention_heads=config["num_heads"],
+            attention_head_dim=config["hidden_size"] // config["num_heads"],
+            joint_attention_dim=config["context_in_dim"], pooled_projection_dim=config["vec_in_dim"],
+            guidance_embeds=config["guidance_embed"], axes_dims_rope=tuple(config["axes_dim"]))
+    transformer.requires_grad_(False)
+    bfl = comfy.trainable_state_dict(model)
+    wanted = transformer.state_dict().keys()
+    state = {}
+    for name, source in comfy.flux_to_diffusers(config).items():
+        if name not in wanted:
+            continue
+        if isinstance(source, str):
+            state[name] = bfl[source]
+        elif source[1] is None:  # a reordered tensor (the final norm's scale/shift halves): a small copy
+            state[name] = source[2](bfl[source[0]].detach())
+        else:
+            dim, start, length = source[1]
+            state[name] = bfl[source[0]].detach().narrow(dim, start, length)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise LoraLabError(f"Could not map this FLUX model to diffusers (e.g. {missing[0]} missing); please report "
+                           "the model file.")
+    transformer.load_state_dict(state, strict=True, assign=True)
+    for module in transformer.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == FLOAT8:
+            module.register_buffer("weight_scale", torch.ones(module.out_features, device=module.weight.device))
+            module.compute_dtype = torch.bfloat16
+            module.__class__ = Float8Linear
+    for module in transformer.modules():  # other fp8 tensors (norms, embedders) are small: upcast them
+        for key, tensor in list(module.named_parameters(recurse=False)):
+            if tensor.dtype == FLOAT8 and not isinstance(module, Float8Linear):
+                setattr(module, key, torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False))
+    return transformer
+
+
+@dataclass(frozen=True)
+class Conversion:
+    model_class: str  # ComfyUI's model config class (comfy.supported_models) or a base class of it
+    exact: bool  # only that class, not its subclasses (SD 1.5's class is a base of others)
+    denoiser: Callable[[Any], torch.nn.Module]
+
+
+# ComfyUI model class -> trainer family, checked in this order. Adding a trainable family means an
+# entry here (and its family module in trainer/families/).
+CONVERSIONS = {
+    "flux": Conversion("Flux", exact=False, denoiser=shared_diffusers_flux),
+    "sdxl": Conversion("SDXL", exact=False, denoiser=shared_diffusers_unet),  # Vega, SSD-1B, KOALA too
+    "sd15": Conversion("SD15", exact=True, denoiser=shared_diffusers_unet),
+}
+
+
+def family_of(model: Any) -> ModelFamily:
+    """The trainer family of a graph's MODEL, or a clear error for models LoRA Lab does not train."""
+    lineage = comfy.model_class_lineage(model)
+    standard_input = comfy.model_config(model).unet_config.get("in_channels") in (4, 16)  # not inpainting / edit
+    for name, conversion in CONVERSIONS.items():
+        found = lineage[0] == conversion.model_class if conversion.exact else conversion.model_class in lineage
+        if found and standard_input:
+            return get_family(name)
+    titles = ", ".join(get_family(name).title for name in reversed(CONVERSIONS))
+    raise LoraLabError(f"Train LoRA trains {titles} models; this graph's model is {lineage[0]}. Load one of those.")
+
+
+class GraphEncoders(Encoders):
+    """Captions through the graph's CLIP and images through its VAE, shaped as the family wants."""
+
+    def __init__(self, family: ModelFamily, clip: Any, vae: Any, latent_format: Any) -> None:
+        super().__init__()
+        self.family, self.clip, self.vae, self.latent_format = family, clip, vae, latent_format
+
+    def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        encoded = [comfy.encode_pooled(self.clip, caption) for caption in captions]
+        tokens = self.family.text_tokens
+        conditioning = {"prompt_embeds": torch.cat([cond[:, :tokens] for cond, _ in encoded]).clone()}
+        if self.family.pooled_conditioning:
+            conditioning[self.family.pooled_conditioning] = torch.cat([pooled for _, pooled in encoded]).clone()
+        return conditioning
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        raw = self.vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
+        return self.latent_format.process_in(raw).clone()
+
+
+def weights_key(denoiser: torch.nn.Module) -> str:
+    """A digest that changes whenever the weights do: every tensor's name and shape, and a strided
+    sample of its values (hashing every byte of a 12B-parameter model would take minutes)."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in denoiser.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)][:256].to("cpu")
+            raw = sample.view(torch.uint8) if sample.dtype == FLOAT8 else sample.float()
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(raw.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def loaded_model(model: Any, clip: Any, vae: Any, model_name: str) -> LoadedModel:
+    """The trainer's view of a graph's MODEL, CLIP and VAE (see the module docstring)."""
+    family = family_of(model)
+    comfy.free_memory_for_training(model)
+    denoiser = CONVERSIONS[family.name].denoiser(model)
+    return LoadedModel(family=family, denoiser=denoiser,
+                       encoders=GraphEncoders(family, clip, vae, comfy.latent_format(model)),
+                       noise_scheduler=family.training_scheduler(), prediction_type=comfy.prediction_type(model),
+                       identity=ModelIdentity(name=model_name, key=weights_key(denoiser)),
+                       resolution=family.default_resolution)
+
+
+LOADER_INPUTS = ("ckpt_name", "unet_name", "model_name")  # the file widgets of ComfyUI's model loaders
+
+
+def model_file_name(prompt: dict | None, node_id: str | None, input_name: str = "model") -> str:
+    """The model file a node's MODEL input comes from, found by walking the queued prompt up its
+    model links (through LoRA loaders and other patches) to the loader; for metadata."""
+    seen: set[str] = set()
+    node = (prompt or {}).get(str(node_id))
+    link = node["inputs"].get(input_name) if node else None
+    while isinstance(link, list) and link and str(link[0]) not in seen:
+        seen.add(str(link[0]))
+        node = prompt.get(str(link[0]), {})
+        inputs = node.get("inputs", {})
+        for name in LOADER_INPUTS:
+            if isinstance(inputs.get(name), str):
+                return inputs[name]
+        link = inputs.get("model")
+    return "unknown (ComfyUI graph)"
