@@ -37,8 +37,8 @@ with torch.no_grad():
 
 def ours() -> tuple[torch.nn.Module, torch.Tensor]:
     transformer = shared_diffusers_flux(types.SimpleNamespace(model=comfy_model))
-    model = LoadedModel(get_family("flux"), transformer, Encoders(), None, "flow", ModelIdentity("check", "check"), 1024,
-                        guidance=3.5)
+    model = LoadedModel(get_family("flux"), transformer, Encoders(), None, "flow", ModelIdentity("check", "check"),
+                        1024, guidance=3.5)
     with torch.no_grad():
         return transformer, model.family.predict(model, latents, sigma, {"prompt_embeds": text,
                                                                          "pooled_projections": pooled})

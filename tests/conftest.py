@@ -4,7 +4,9 @@ per test session because training is the slow part."""
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,28 @@ def concept_run(tmp_path_factory, base_model) -> TrainingResult:
     out = tmp_path_factory.mktemp("concept")
     config = build_config({**CONCEPT_SETTINGS, "output_dir": str(out)})
     return train_lora(config, model=copy.deepcopy(base_model))
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """Just enough of ComfyUI for the nodes to import and run (see comfy_stubs.py)."""
+    from . import comfy_stubs
+
+    saved = dict(sys.modules)
+    loras, inputs = tmp_path / "loras", tmp_path / "input"
+    loras.mkdir()
+    inputs.mkdir()
+    recorder = comfy_stubs.install(loras, inputs)
+    yield recorder
+    for name in list(sys.modules):
+        if name not in saved:
+            del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.fixture
+def nodes(stubs):
+    return importlib.import_module("lora_lab.nodes.extension")
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ that say what to do with a non-zero exit code."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from lora_lab.trainer.cli import build_parser, main
 from lora_lab.trainer.config import field_specs
@@ -18,14 +20,27 @@ def test_help_documents_every_setting_with_default_and_range(capsys):
     assert "Choices: adamw, adamw8bit, prodigy." in text
 
 
-def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys):
-    code = main(["demo", "--steps", "4", "--save-every", "2", "--output-dir", str(tmp_path),
-                 "--strengths", "0,1", "--prompts", "{trigger}, gray background", "--sample-steps", "2"])
+def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys, monkeypatch):
+    import os
+    import stat
+
+    renamed = []  # every file written through a temporary file and a rename
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda source, target: renamed.append(Path(target).name)
+                        or real_replace(source, target))
+    old = os.umask(0o022)  # the usual umask: files other users (a ComfyUI service) can read
+    try:
+        code = main(["demo", "--steps", "4", "--save-every", "2", "--output-dir", str(tmp_path),
+                     "--strengths", "0,1", "--prompts", "{trigger}, gray background", "--sample-steps", "2"])
+    finally:
+        os.umask(old)
     assert code == 0
     run_dir = tmp_path / "zkw_toy"
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == ["zkw_toy-grid.png", "zkw_toy-loss.csv", "zkw_toy-loss.png", "zkw_toy-step000002.resume",
                      "zkw_toy-step000002.safetensors", "zkw_toy.resume", "zkw_toy.safetensors"]
+    assert set(names) <= set(renamed)  # none written in place: a crash leaves the old file or the new one
+    assert {stat.S_IMODE((run_dir / name).stat().st_mode) for name in names} == {0o644}
     out = capsys.readouterr().out
     assert "Concept score at strength 1" in out and "Loss curve diagnosis" in out
 

@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 
 
 def _saving(run_dir) -> bool:
-    """Whether a save is in progress (its temporary file exists). A fresh run may be deleting and
-    re-creating the folder at this moment (the demo overwrites), so a vanished folder means no."""
+    """Whether a checkpoint save is in progress (its temporary file exists; the loss log's own
+    writes do not count). A fresh run may be deleting and re-creating the folder at this moment
+    (the demo overwrites), so a vanished folder means no."""
     try:
-        return any(name.endswith(".tmp") for name in os.listdir(run_dir))
+        return any(name.endswith(".tmp") and (".safetensors." in name or ".resume." in name)
+                   for name in os.listdir(run_dir))
     except FileNotFoundError:
         return False
 

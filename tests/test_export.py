@@ -111,3 +111,24 @@ def test_existing_run_is_never_overwritten_silently(make_config):
 def test_output_names_must_be_plain(make_config, name):
     with pytest.raises(LoraLabError, match="not a plain file name"):
         prepare_run_dir(make_config(name=name))
+
+
+def test_shared_metadata_names_no_local_folders(make_config, fresh_model, tmp_path):
+    """A LoRA shared with strangers tells what was trained, not where the trainer keeps things."""
+    import json
+    import shutil
+
+    from lora_lab.trainer import embedded
+    from lora_lab.trainer.files import read_metadata
+    from lora_lab.trainer.run import train_lora
+
+    dataset = tmp_path / "private" / "alice" / "my_set"
+    shutil.copytree(embedded.CONCEPT_DATASET, dataset)
+    config = make_config(steps=1, dataset=str(dataset), base_model=str(embedded.TINY_MODEL),
+                         cache_dir=str(tmp_path / "private" / "cache"))
+    metadata = read_metadata(train_lora(config, model=fresh_model).final_path)
+    assert "private" not in json.dumps(metadata) and str(tmp_path) not in json.dumps(metadata)
+    saved = json.loads(metadata["lora_lab.config"])
+    assert (saved["data"]["dataset"], saved["model"]["base_model"], saved["data"]["cache_dir"]) == (
+        "my_set", "tiny-sd15", "cache")
+    assert metadata["ss_sd_model_name"] == "tiny-sd15"

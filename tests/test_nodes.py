@@ -4,8 +4,6 @@ well, and the stack node never changes its input."""
 
 from __future__ import annotations
 
-import importlib
-import sys
 import types
 
 import pytest
@@ -13,8 +11,6 @@ import torch
 from lora_lab.trainer.config import TrainingConfig, field_specs, with_preset_values
 from lora_lab.trainer.errors import LoraLabError
 from safetensors.torch import save_file
-
-from . import comfy_stubs
 
 # Node ids and the order of their inputs are public API: workflow files store widget values by position.
 EXPECTED_INPUTS = {
@@ -30,25 +26,6 @@ EXPECTED_INPUTS = {
                               "enabled_1", "lora_2", "model_strength_2", "clip_strength_2", "enabled_2", "lora_3",
                               "model_strength_3", "clip_strength_3", "enabled_3", "lora_stack", "training_run"],
 }
-
-
-@pytest.fixture
-def stubs(tmp_path):
-    saved = dict(sys.modules)
-    loras, inputs = tmp_path / "loras", tmp_path / "input"
-    loras.mkdir()
-    inputs.mkdir()
-    recorder = comfy_stubs.install(loras, inputs)
-    yield recorder
-    for name in list(sys.modules):
-        if name not in saved:
-            del sys.modules[name]
-    sys.modules.update(saved)
-
-
-@pytest.fixture
-def nodes(stubs):
-    return importlib.import_module("lora_lab.nodes.extension")
 
 
 def _schemas(nodes):
@@ -82,9 +59,9 @@ def test_train_widget_defaults_are_the_trainers(nodes, tmp_path):
 
 def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeypatch):
     from lora_lab.nodes import comfy_bridge, graph_model, train_lora
-    from lora_lab.trainer.families import get_family
     from lora_lab.nodes.values import DatasetValue
     from lora_lab.trainer.data import Dataset
+    from lora_lab.trainer.families import get_family
     from lora_lab.trainer.loop import Checkpoint
 
     calls = {}
@@ -128,9 +105,8 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
 def test_node_runs_default_to_the_familys_resolution(nodes, tmp_path):
     from lora_lab.nodes.train_lora import node_config
     from lora_lab.trainer.data import Dataset, ImageItem
-    from lora_lab.trainer.run import resolve_config
-
     from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.run import resolve_config
 
     dataset = Dataset(items=[ImageItem(tmp_path / "a.png", "x", 1, "", (600, 600))] * 20)
     model = types.SimpleNamespace(family=get_family("sdxl"), resolution=1024)
@@ -280,3 +256,17 @@ def test_load_dataset_fingerprint_follows_the_folder(nodes, tmp_path):
     (folder / "notes.md").write_text("not part of the dataset")
     seen.append(LoadDataset.fingerprint_inputs(folder=str(folder)))
     assert len(set(seen[:3])) == 3 and seen[3] == seen[1]
+
+
+def test_graph_model_key_follows_the_weights(nodes, base_model):
+    """Cached encodings are filed under the model's key: two checkpoints never share them."""
+    import copy
+
+    from lora_lab.nodes.graph_model import weights_key
+
+    denoiser = copy.deepcopy(base_model.denoiser)
+    key = weights_key(denoiser)
+    assert weights_key(denoiser) == key
+    with torch.no_grad():
+        denoiser.conv_in.weight[0, 0, 0, 0] += 0.5  # a fine-tune changes weights, not names or shapes
+    assert weights_key(denoiser) != key

@@ -42,6 +42,7 @@ def test_option_trains(make_config, fresh_model, options):
 
 def test_disk_cache_is_reused(make_config, fresh_model, base_model, tmp_path, caplog):
     import copy
+    import dataclasses
     import logging
 
     cache = tmp_path / "cache"
@@ -55,6 +56,13 @@ def test_disk_cache_is_reused(make_config, fresh_model, base_model, tmp_path, ca
     with caplog.at_level(logging.INFO, logger="lora_lab.trainer.examples"):
         train_lora(make_config(**QUICK, cache_dir=str(cache), name="b"), model=copy.deepcopy(base_model))
     assert "24 reused, 0 computed" in caplog.text  # a latent and a caption lookup per image
+    caplog.clear()
+    other = copy.deepcopy(base_model)  # another model of the same name (two checkpoints in a ComfyUI graph)
+    other.identity = dataclasses.replace(other.identity, key="other weights")
+    with caplog.at_level(logging.INFO, logger="lora_lab.trainer.examples"):
+        train_lora(make_config(**QUICK, cache_dir=str(cache), name="c"), model=other)
+    # As the first run: each image and each distinct caption computed (repeated captions reuse their own).
+    assert f"{12 - len(captions)} reused, {12 + len(captions)} computed" in caplog.text  # none of the other model
 
 
 def test_adamw8bit_explains_what_it_needs(make_config, fresh_model):

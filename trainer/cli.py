@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def gather_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a command line asks for: the demo's defaults, then the config file, then flags."""
+    settings = dict(DEMO_SETTINGS) if args.command == "demo" else {}
+    if args.config:
+        settings.update(load_settings_file(args.config))
+    settings.update({name: getattr(args, name) for name in field_specs() if hasattr(args, name)})
+    return settings
+
+
 def quiet_libraries() -> None:
     """No loading bars from the libraries: the CLI shows its own progress."""
     from diffusers.utils import logging as diffusers_logging
@@ -121,11 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from .run import train_lora
     from .sampling import fill_trigger, loss_plot, sample_grid
 
-    settings = dict(DEMO_SETTINGS) if args.command == "demo" else {}
-    if args.config:
-        settings.update(load_settings_file(args.config))
-    settings.update({name: getattr(args, name) for name in field_specs() if hasattr(args, name)})
-    config = build_config(settings)
+    config = build_config(gather_settings(args))
     events = ConsoleEvents()
     previous_handler = signal.signal(signal.SIGINT, events.request_stop)
     started = time.time()

@@ -28,9 +28,10 @@ AUTO = 0  # numeric settings where 0 means "work it out" (rank, learning rate, s
 
 
 def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-            choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text and the range or choices it accepts."""
-    meta = {"help": help, "low": low, "high": high, "choices": choices}
+            choices: tuple[str, ...] | None = None, path: bool = False) -> Any:
+    """A config field with its help text and the range or choices it accepts; `path` marks a
+    local file or folder (only its name is shared in a LoRA's metadata)."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices, "path": path}
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,9 +60,9 @@ class ModelSettings(_Section):
     family: str = setting("auto", "Base model family: auto reads it from the model (folder index or the "
                           "checkpoint's tensor names).", choices=("auto", *FAMILY_NAMES))
     base_model: str = setting("", "Base model: a diffusers folder or a single-file .safetensors checkpoint. "
-                              "Empty = the tiny embedded model (demo).")
+                              "Empty = the tiny embedded model (demo).", path=True)
     model_config: str = setting("", "Folder of diffusers config files used to read a single-file checkpoint "
-                                "(empty = the ones shipped for the family; set it for unusual variants).")
+                                "(empty = the ones shipped for the family; set it for unusual variants).", path=True)
     prediction_type: str = setting("auto", "What the base model predicts: auto reads it from the model; set "
                                    "v_prediction for v-models (SD 2.x-style finetunes). FLUX is always flow.",
                                    choices=("auto", "epsilon", "v_prediction"))
@@ -70,7 +71,7 @@ class ModelSettings(_Section):
 @dataclass(frozen=True)
 class DataSettings(_Section):
     dataset: str = setting("", "Folder of images with same-name .txt captions; kohya 'N_name' subfolders repeat "
-                           "their images N times. Empty = the embedded concept dataset (demo).")
+                           "their images N times. Empty = the embedded concept dataset (demo).", path=True)
     resolution: int = setting(AUTO, "Training resolution in pixels (0 = the model's own: 512 for SD 1.5, 1024 for "
                               "SDXL and FLUX).", low=0, high=4096)
     bucketing: bool = setting(True, "Aspect-ratio bucketing: train each image near its own aspect ratio instead of "
@@ -78,7 +79,7 @@ class DataSettings(_Section):
     trigger_word: str = setting("", "Trigger word; recorded in the LoRA's metadata and used in sample prompts. "
                                 "Empty = taken from the dataset's repeat folder names (e.g. 10_xyz_style).")
     cache_dir: str = setting("", "Folder for cached latents and text conditioning, keyed by file content and "
-                             "settings (empty = keep the cache in memory only).")
+                             "settings (empty = keep the cache in memory only).", path=True)
     cache: bool = setting(True, "Encode images and captions once before training (fast); off re-encodes every step.")
 
 
@@ -136,13 +137,14 @@ class TrainSettings(_Section):
 
 @dataclass(frozen=True)
 class OutputSettings(_Section):
-    output_dir: str = setting("output/lora_lab", "Folder the run's folder is created in.")
+    output_dir: str = setting("output/lora_lab", "Folder the run's folder is created in.", path=True)
     name: str = setting("my_lora", "Name of the LoRA; files are <name>.safetensors and <name>-step<N>.safetensors.")
     save_every: int = setting(AUTO, "Save a checkpoint every N steps (0 = four checkpoints over the run).",
                               low=0, high=100_000)
     overwrite: bool = setting(False, "Replace an existing run folder of the same name instead of refusing.")
     resume: str = setting("", "Continue a run where it stopped: 'latest' = the newest checkpoint of the run called "
-                          "name, or the path of a checkpoint (.safetensors or its .resume file). Empty = new run.")
+                          "name, or the path of a checkpoint (.safetensors or its .resume file). Empty = new run.",
+                          path=True)
     resume_with_changes: bool = setting(False, "Allow resuming with changed settings or dataset (recorded in the "
                                         "LoRA's metadata); off refuses and lists what changed.")
 
@@ -182,6 +184,15 @@ class TrainingConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def shareable(self) -> dict[str, dict[str, Any]]:
+        """`to_dict` with every local path cut to its last part (a folder or file name): what a LoRA
+        shared with strangers may tell about the run, without the trainer's folders or user name."""
+        nested = self.to_dict()
+        for name, (section, spec) in field_specs().items():
+            if spec.metadata["path"] and nested[section][name]:
+                nested[section][name] = Path(nested[section][name]).name
+        return nested
 
 
 # The guide's scenarios: what a preset fills in for rank and learning rate left at 0. Ranks, learning

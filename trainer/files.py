@@ -21,14 +21,28 @@ from PIL import Image
 from .lora_files import read_header
 
 
+def current_umask() -> int:
+    """The process's umask (Linux reports it; elsewhere it is read by setting it back at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
     """Call `write(temporary_path)`, flush it to disk, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    # os.open with 0o666 lets the umask decide the mode; mkstemp would force 0600.
-    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # reserves a unique name
     try:
         write(str(temporary))
+        # Writers such as safetensors create their file 0600 whatever the umask: give it the usual mode.
+        os.chmod(temporary, 0o666 & ~current_umask())
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.replace(temporary, path)

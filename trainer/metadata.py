@@ -86,6 +86,6 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int) -> dict[s
         "lora_lab.trigger_words": metadata_json(list(facts.trigger_words)),
         "lora_lab.step": str(step),
         "lora_lab.dataset_fingerprint": facts.dataset_fingerprint,
-        "lora_lab.config": config.to_json(),
+        "lora_lab.config": metadata_json(config.shareable()),
         **({"lora_lab.resume_history": metadata_json(list(facts.resume_history))} if facts.resume_history else {}),
     }
