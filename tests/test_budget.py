@@ -13,6 +13,7 @@ from lora_lab.trainer.data import scan_folder
 from lora_lab.trainer.embedded import CONCEPT_DATASET
 from lora_lab.trainer.errors import LoraLabError
 from lora_lab.trainer.examples import TrainingSet
+from lora_lab.trainer.history import read_journal
 from lora_lab.trainer.lora import add_lora
 from lora_lab.trainer.run import train_lora
 
@@ -73,8 +74,11 @@ def test_out_of_memory_keeps_the_last_checkpoint_and_advises(make_config, fresh_
     with pytest.raises(LoraLabError, match="Out of memory at step 3.*resumed.*gradient_checkpointing"):
         train_lora(config, model=fresh_model)
     run_dir = loop.Path(config.output.output_dir) / "oom"
-    assert sorted(p.name for p in run_dir.glob("oom*")) == ["oom-loss.csv", "oom-step000002.resume",
+    assert sorted(p.name for p in run_dir.glob("oom*")) == ["oom-loss.csv", "oom-run.json", "oom-step000002.resume",
                                                          "oom-step000002.safetensors"]
+    journal = read_journal(run_dir / "oom-run.json")  # what a reloaded page shows: why the run ended
+    assert journal["status"] == "failed" and "Out of memory at step 3" in journal["message"]
+    assert [c["step"] for c in journal["checkpoints"]] == [2] and journal["step"] == 2
 
 
 def test_fp8_base_is_suggested_when_only_a_smaller_base_fits(make_config, fresh_model, monkeypatch):

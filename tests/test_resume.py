@@ -11,6 +11,7 @@ from lora_lab.trainer.data import scan_folder
 from lora_lab.trainer.errors import LoraLabError
 from lora_lab.trainer.examples import TrainingSet
 from lora_lab.trainer.files import read_metadata
+from lora_lab.trainer.history import read_journal
 from lora_lab.trainer.loop import TrainingEvents
 from lora_lab.trainer.resume import read_state, state_path
 from lora_lab.trainer.run import train_lora
@@ -92,11 +93,16 @@ def test_stop_and_resume_matches_an_uninterrupted_run(where, make_config, base_m
     stop = stop or _bucket_change_step(base_model, two_bucket_dataset)
     first = _train(make_config, base_model, two_bucket_dataset, StopAt(stop))
     assert first.stopped and first.checkpoints[-1].step == stop
+    journal = read_journal(first.run_dir / "run-run.json")  # what the training panel shows after a reload
+    assert journal["status"] == "stopped" and f"Stopped at step {stop} of {STEPS}" in journal["message"]
+    assert "resume to 'latest'" in journal["message"]
     resumed = _train(make_config, base_model, two_bucket_dataset, resume="latest")
     assert [c.step for c in resumed.checkpoints] == [s for s in (4, 8, 12) if s > stop]
     _assert_same(resumed, reference)
     lines = (resumed.run_dir / "run-loss.csv").read_text().splitlines()
     assert len(lines) == STEPS + 1  # the loss log covers the whole run, once
+    journal = read_journal(resumed.run_dir / "run-run.json")
+    assert (journal["status"], journal["step"], journal["total_steps"]) == ("finished", STEPS, STEPS)
 
 
 def test_resume_of_a_resume_and_from_a_chosen_checkpoint(make_config, base_model, two_bucket_dataset, reference):

@@ -1,40 +1,91 @@
-"""The loss log of a run, `<name>-loss.csv` (step, loss, learning rate), kept in the run folder.
+"""A run's story on disk, in its run folder, for people and for any program that shows the run:
 
-It is rewritten whole through a temporary file and a rename (never appended in place), so a
-reader, a crash or a kill always finds a complete file. Rewriting every step would cost a disk
-flush per step, so between checkpoints it is written at most once per `interval` seconds; a
-checkpoint, a stop and the end of the run always write it.
+- `<name>-loss.csv`: step, loss, learning rate, one row per step;
+- `<name>-run.json`: the run's state: status (training, finished, stopped, failed) with its
+  message, step and total, seconds per step, checkpoints, and who started it (the ComfyUI node).
+
+Both are rewritten whole through a temporary file and a rename (never appended in place), so a
+reader, a crash or a kill always finds complete files. Rewriting every step would cost a disk
+flush per step, so between checkpoints they are written at most once per `interval` seconds; a
+checkpoint and the end of the run always write them. A page reloaded in the middle of a run, or
+opened in a second browser, reads the whole curve from here (nodes/routes.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 from .files import atomic_write_text
+from .loop import Checkpoint, StepReport, TrainingEvents
 
-HEADER = "step,loss,lr"
+LOSS_HEADER = "step,loss,lr"
+FORMAT_VERSION = 1
+STATUSES = ("training", "finished", "stopped", "failed")
 
 
-class LossLog:
-    def __init__(self, path: Path, rows: list[tuple[int, float, float]], interval: float = 1.0) -> None:
-        """`rows` is the caller's own list: what it appends is written at the next flush."""
-        self.path = path
-        self.rows = rows
-        self.interval = interval
+def loss_log_path(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}-loss.csv"
+
+
+def journal_path(run_dir: Path, name: str) -> Path:
+    return run_dir / f"{name}-run.json"
+
+
+class RunJournal(TrainingEvents):
+    """Records every event of the loop in the run folder, then passes it on to `inner`."""
+
+    def __init__(self, run_dir: Path, name: str, total_steps: int, inner: TrainingEvents,
+                 losses: list[tuple[int, float, float]], owner: dict[str, Any] | None = None,
+                 interval: float = 1.0) -> None:
+        self.run_dir, self.name, self.inner, self.interval = run_dir, name, inner, interval
+        self.losses = list(losses)  # a resumed run's log holds exactly its steps so far, never a discarded future
+        self.state: dict[str, Any] = {
+            "version": FORMAT_VERSION, "name": name, "status": "training", "message": "",
+            "step": self.losses[-1][0] if self.losses else 0, "total_steps": total_steps, "seconds_per_step": None,
+            "started": time.time(), "updated": time.time(), "checkpoints": [], "owner": owner or {}}
         self._written_at = 0.0
-        self.flush(force=True)  # a resumed run's log holds exactly its steps so far, never a discarded future
+        self.flush(force=True)
+
+    # --- the loop's events -------------------------------------------------------------------
+    def on_step(self, report: StepReport) -> None:
+        self.losses.append((report.step, report.loss, report.learning_rate))
+        speed = self.state["seconds_per_step"]  # smoothed, so one slow step does not swing the ETA
+        self.state.update(step=report.step, seconds_per_step=report.seconds_per_step if speed is None
+                          else 0.8 * speed + 0.2 * report.seconds_per_step)
+        self.flush()
+        self.inner.on_step(report)
+
+    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.state["checkpoints"].append({"step": checkpoint.step, "file": checkpoint.path.name,
+                                          "final": checkpoint.final})
+        self.flush(force=True)
+        self.inner.on_checkpoint(checkpoint)
+
+    def should_stop(self) -> bool:
+        return self.inner.should_stop()
+
+    # --- the job's end ----------------------------------------------------------------------
+    def finish(self, status: str, message: str = "") -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown run status {status!r}")
+        self.state.update(status=status, message=message)
+        self.flush(force=True)
 
     def flush(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._written_at < self.interval:
             return
-        lines = [HEADER, *(f"{step},{loss:.6f},{lr:.6g}" for step, loss, lr in self.rows)]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        self.state["updated"] = time.time()
+        lines = [LOSS_HEADER, *(f"{step},{loss:.6f},{lr:.6g}" for step, loss, lr in self.losses)]
+        atomic_write_text(loss_log_path(self.run_dir, self.name), "\n".join(lines) + "\n")
+        atomic_write_text(journal_path(self.run_dir, self.name), json.dumps(self.state, indent=1))
         self._written_at = time.monotonic()
 
 
 def read_loss_log(path: Path) -> list[tuple[int, float, float]]:
-    """The rows of a loss log (an unreadable row is skipped: the log is for people and charts)."""
+    """The rows of a loss log; an unreadable row is skipped (the log is for people and charts)."""
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines()[1:]:
         try:
@@ -43,3 +94,12 @@ def read_loss_log(path: Path) -> list[tuple[int, float, float]]:
         except ValueError:
             continue
     return rows
+
+
+def read_journal(path: Path) -> dict[str, Any] | None:
+    """A run's state, or None when the file is missing or not one of ours."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and state.get("version") == FORMAT_VERSION else None

@@ -23,7 +23,6 @@ from .data import BatchOrder
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .families.base import LoadedModel
-from .history import LossLog
 from .lora import lora_parameters, named_lora_parameters
 from .objectives import noise_batch, weighted_mse
 from .resume import RunState, capture_rng, restore_rng
@@ -135,7 +134,7 @@ OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint
 
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
-             loss_log: Path | None = None, resume: RunState | None = None) -> LoopResult:
+             resume: RunState | None = None) -> LoopResult:
     """Train up to `total_steps` optimizer steps, from the start or from `resume`;
     `save(step, final, state)` writes a checkpoint and returns the LoRA file's path."""
     train = config.train
@@ -168,7 +167,6 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
                         scaler=scaler.state_dict(), rng=capture_rng(generator), losses=list(result.losses))
 
     model.denoiser.train()
-    loss_file = LossLog(loss_log, result.losses) if loss_log else None  # shares the list: sees every row
     started = time.perf_counter()
     step = first_step - 1
     try:
@@ -201,15 +199,11 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             learning_rate = scheduler.get_last_lr()[0]
             scheduler.step()
             result.losses.append((step, step_loss, learning_rate))
-            if loss_file:
-                loss_file.flush()
             events.on_step(StepReport(step, total_steps, step_loss, learning_rate,
                                       time.perf_counter() - step_started))
             stop = events.should_stop()
             final = step == total_steps
             if final or stop or step % save_every == 0:
-                if loss_file:
-                    loss_file.flush(force=True)
                 checkpoint = Checkpoint(step, save(step, final, snapshot(step)), final)
                 result.checkpoints.append(checkpoint)
                 events.on_checkpoint(checkpoint)
@@ -221,8 +215,6 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
         optimizer.zero_grad(set_to_none=True)
         raise LoraLabError(OUT_OF_MEMORY_ADVICE.format(step=step)) from None
     finally:
-        if loss_file:
-            loss_file.flush(force=True)
         model.denoiser.eval()
         if train.gradient_checkpointing:
             model.denoiser.disable_gradient_checkpointing()

@@ -28,6 +28,7 @@ from .export import SAVE_DTYPES, lora_state_dict, named_layers, save_lora
 from .families import detect_source_family, get_family
 from .families.base import FamilyEncoders, LoadedModel
 from .fp8 import quantize_linear_layers
+from .history import RunJournal
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
 from .metadata import RunFacts, build_metadata, new_session_id
@@ -194,9 +195,17 @@ def prepare_training(model: LoadedModel, dataset: Dataset, config: TrainingConfi
     return examples
 
 
+def stop_message(result: TrainingResult) -> str:
+    """What a stopped run says: where it stopped, what was kept, and how to go on."""
+    return (f"Stopped at step {result.checkpoints[-1].step} of {result.config.train.steps}; saved "
+            f"{result.final_path.name}. To continue from there, set resume to 'latest' (run "
+            f"{result.config.output.name}) and start it again.")
+
+
 def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
-               dataset: Dataset | None = None) -> TrainingResult:
-    """Train a LoRA as the config says and write its checkpoints; see the module docstring."""
+               dataset: Dataset | None = None, owner: dict | None = None) -> TrainingResult:
+    """Train a LoRA as the config says and write its checkpoints; see the module docstring.
+    `owner` (e.g. the ComfyUI node that started the run) is recorded in the run's journal."""
     events = events or TrainingEvents()
     started = time.time()
     if dataset is None:
@@ -213,6 +222,26 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         history = check_resume(resume, config, listing)
         log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
     run_dir = prepare_run_dir(config, resuming=resume is not None)
+    journal = RunJournal(run_dir, config.output.name, config.train.steps, events, resume.losses if resume else [],
+                         owner)
+    try:
+        result = _train(config, journal, model, dataset, run_dir, resume, history, listing, started)
+    except LoraLabError as error:
+        journal.finish("failed", str(error))
+        raise
+    except BaseException as error:  # the journal must not say "training" for a run that is gone
+        journal.finish("failed", "Aborted." if isinstance(error, KeyboardInterrupt) else
+                       f"Training stopped by an unexpected error ({type(error).__name__}: {error}); see the log.")
+        raise
+    if result.stopped:
+        journal.finish("stopped", stop_message(result))
+    else:
+        journal.finish("finished")
+    return result
+
+
+def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, dataset: Dataset, run_dir: Path,
+           resume: RunState | None, history: list[dict], listing: list[list], started: float) -> TrainingResult:
     train = config.train
     if config.model.prediction_type != "auto":
         model.prediction_type = config.model.prediction_type
@@ -237,8 +266,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         log.info("Saved %s", path)
         return path
 
-    loop = run_loop(model, examples, config, train.steps, config.output.save_every, save, events,
-                    loss_log=run_dir / f"{name}-loss.csv", resume=resume)
+    loop = run_loop(model, examples, config, train.steps, config.output.save_every, save, events, resume=resume)
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
                           loop_seconds=loop.seconds, model=model)
