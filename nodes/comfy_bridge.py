@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,30 @@ LORA_SUBFOLDER = "lora_lab"
 DATASET = io.Custom("LORA_LAB_DATASET")
 RUN = io.Custom("LORA_LAB_RUN")
 STACK = io.Custom("LORA_STACK")  # list of (lora name, model strength, clip strength), as other packs use
+
+
+class _LoraNameType(str):
+    """The type of an output carrying a LoRA's name as LoraLoader lists it. To the frontend it is
+    "COMBO", so the output links to combo inputs; to the server's link check (which compares types
+    with `!=` and honours a type's own __ne__, comfy_execution/validation.py) it matches exactly the
+    inputs that list the loras folder (LoraLoader's lora_name), and no other combo."""
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, list):
+            return other != lora_names()
+        return str.__ne__(self, other)
+
+    def __eq__(self, other: object) -> bool:
+        return not self.__ne__(other)
+
+    __hash__ = str.__hash__
+
+
+LORA_NAME = io.Custom("COMBO")
+LORA_NAME.io_type = _LoraNameType("COMBO")  # io.Custom wraps the name in its own str type; ours decides matches
 PROGRESS_EVENT = "lora_lab.progress"
+CHECKPOINT_EVENT = "lora_lab.checkpoint"
+STATUS_EVENT = "lora_lab.status"
 
 
 # --- folders ---------------------------------------------------------------------------------
@@ -166,14 +189,14 @@ def encode_pooled(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
 class NodeEvents(TrainingEvents):
     """Progress bar on the node and the queue, live loss over the websocket, Cancel as a stop."""
 
-    def __init__(self, node_id: str | None, total_steps: int) -> None:
-        self.node_id = node_id
+    def __init__(self, node_id: str | None, run: str, total_steps: int) -> None:
+        self.node_id, self.run = node_id, run
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.interrupted = False
 
     def on_step(self, report: StepReport) -> None:
-        send(PROGRESS_EVENT, {"node": self.node_id, "step": report.step, "total": report.total_steps,
-                              "loss": report.loss, "lr": report.learning_rate,
+        send(PROGRESS_EVENT, {"node": self.node_id, "run": self.run, "step": report.step,
+                              "total": report.total_steps, "loss": report.loss, "lr": report.learning_rate,
                               "seconds_per_step": report.seconds_per_step})
         # The progress hook raises on Cancel and clears the flag; the loop must save first, so
         # Cancel is noted here and acted on in should_stop.
@@ -186,20 +209,59 @@ class NodeEvents(TrainingEvents):
             self.interrupted = True
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        send("lora_lab.checkpoint", {"node": self.node_id, "step": checkpoint.step, "path": str(checkpoint.path)})
+        send(CHECKPOINT_EVENT, {"node": self.node_id, "run": self.run, "step": checkpoint.step,
+                                "file": checkpoint.path.name})
 
     def should_stop(self) -> bool:
         self.interrupted = self.interrupted or comfy.model_management.processing_interrupted()
         return self.interrupted
 
+    def status(self, status: str, message: str = "") -> None:
+        """The run's state for the training panel: training, finished, stopped or failed."""
+        send(STATUS_EVENT, {"node": self.node_id, "run": self.run, "status": status, "message": message})
+
 
 def send(event: str, data: dict) -> None:
+    """A websocket event to every open browser tab (a second tab follows the run too)."""
+    server = _prompt_server()
+    if server is not None:
+        server.send_sync(event, data)
+
+
+def _prompt_server() -> Any:
     try:
         from server import PromptServer
     except ImportError:  # not running inside the server (unit tests)
-        return
-    if PromptServer.instance is not None:
-        PromptServer.instance.send_sync(event, data)
+        return None
+    return PromptServer.instance
+
+
+def add_json_route(path: str, handler: Callable[[dict[str, str]], tuple[int, Any]]) -> None:
+    """A read-only GET route on ComfyUI's server: `handler(query)` returns (status, JSON body)."""
+    from aiohttp import web
+
+    async def respond(request: Any) -> Any:
+        status, body = handler(dict(request.rel_url.query))
+        return web.json_response(body, status=status)
+
+    server = _prompt_server()
+    if server is not None:
+        server.routes.get(path)(respond)
+
+
+class ProgressWithPreview:
+    """ComfyUI's progress bar on a node, with an image shown on the node at each update."""
+
+    def __init__(self, node_id: str | None, total: int) -> None:
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.total = total
+
+    def update(self, done: int, preview: Image.Image | None = None, max_size: int | None = 256) -> None:
+        """Raises ComfyUI's interrupt when the user pressed Cancel. The frontend keeps the last preview
+        on the node until the node runs again, in front of its output images: a node whose output is
+        a picture ends with that picture as its last preview (max_size None: full size)."""
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.bar.update_absolute(done, self.total, ("JPEG", preview, max_size) if preview is not None else None)
 
 
 def raise_interrupted() -> None:

@@ -1,4 +1,5 @@
-"""The ComfyUI extension: the list of LoRA Lab nodes (their ids and input order are public API)."""
+"""The ComfyUI extension: the list of LoRA Lab nodes (their ids and input order are public API) and
+the read-only routes the frontend reads."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from .apply_lora_stack import ApplyLoraStack
 from .caption import Caption
 from .comfy_bridge import ComfyExtension, io
 from .load_dataset import LoadDataset
+from .routes import register as register_routes
 from .sample_checkpoint import SampleCheckpoint
 from .train_lora import TrainLora
 
@@ -14,4 +16,7 @@ NODES: list[type[io.ComfyNode]] = [LoadDataset, Caption, TrainLora, SampleCheckp
 
 class LoraLabExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # Called once as ComfyUI loads the pack, before its server adds routes (ComfyUI 0.3.x never
+        # calls on_load, so the routes are added here).
+        register_routes()
         return NODES

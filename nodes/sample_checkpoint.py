@@ -52,7 +52,8 @@ class SampleCheckpoint(io.ComfyNode):
                                 tooltip="One prompt per line; {trigger} becomes the LoRA's trigger word(s)."),
                 io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for every cell."),
                 io.String.Input("strengths", default=DEFAULT_STRENGTHS, tooltip="LoRA strengths, one column each."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="The same seed for every cell."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="The same seed for every cell (kept between runs, so grids compare)."),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps, as in KSampler."),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance, as in KSampler. For FLUX.1-dev it is the distilled "
@@ -67,6 +68,7 @@ class SampleCheckpoint(io.ComfyNode):
                                 tooltip="LoRA files from the loras folder, one per line (as LoraLoader lists them)."),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.Image.Output(display_name="images")],
+            hidden=[io.Hidden.unique_id],
             is_output_node=True,
         )
 
@@ -76,19 +78,36 @@ class SampleCheckpoint(io.ComfyNode):
                 training_run: TrainingRun | None = None, lora_names: str = "") -> io.NodeOutput:
         strength_values = parse_strengths(strengths)
         prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()] or ["{trigger}"]
-        rows, cells = [], []
-        for label, path, triggers in checkpoints_to_sample(training_run, lora_names):
+        checkpoints = checkpoints_to_sample(training_run, lora_names)
+        texts = {fill_trigger(prompt, triggers) for _, _, triggers in checkpoints for prompt in prompt_lines}
+        # Strength 0 is the base model whatever the checkpoint: one image per prompt text serves every row.
+        zero = 0 in strength_values
+        total = len(checkpoints) * len(prompt_lines) * (len(strength_values) - zero) + zero * len(texts)
+        progress = comfy.ProgressWithPreview(cls.hidden.unique_id, total)
+        base: dict[str, torch.Tensor] = {}
+        rows, cells, done = [], [], 0
+        for label, path, triggers in checkpoints:
             lora = comfy.load_lora_file(path)
             for prompt in prompt_lines:
                 text = fill_trigger(prompt, triggers)
                 images = []
                 for strength in strength_values:
+                    if strength == 0 and text in base:
+                        images.append(base[text])
+                        continue
                     patched_model, patched_clip = comfy.apply_lora(model, clip, lora, strength, strength)
-                    images.append(comfy.sample_image(patched_model, patched_clip, vae, text, negative, seed, steps,
-                                                     cfg, sampler_name, scheduler, width, height))
+                    image = comfy.sample_image(patched_model, patched_clip, vae, text, negative, seed, steps, cfg,
+                                               sampler_name, scheduler, width, height)
+                    images.append(image)
+                    if strength == 0:
+                        base[text] = image
+                    done += 1
+                    progress.update(done, comfy.images_to_pil(image)[0])
                 cells += images
-                rows.append((label + (f" | {text}" if len(prompt_lines) > 1 else ""),
+                rows.append((label + (f"\n{text}" if len(prompt_lines) > 1 else ""),
                              [comfy.images_to_pil(image)[0] for image in images]))
-        grid = comfy.pil_to_images([labelled_grid(rows, [f"strength {s:g}" for s in strength_values],
-                                                  cell_size=min(256, max(width, height)))])
+        picture = labelled_grid(rows, [f"strength {s:g}" for s in strength_values],
+                                cell_size=min(512, max(256, width, height)))
+        progress.update(total, picture, max_size=None)
+        grid = comfy.pil_to_images([picture])
         return io.NodeOutput(grid, torch.cat(cells), ui=ui.PreviewImage(grid, cls=cls))

@@ -21,7 +21,8 @@ def setting_widget(name: str, **overrides: Any) -> Any:
         return io.Boolean.Input(name, default=default, tooltip=tooltip)
     if isinstance(default, int):
         return io.Int.Input(name, default=default, min=int(overrides.pop("min", meta["low"] or 0)),
-                            max=int(overrides.pop("max", meta["high"] or 2**31 - 1)), tooltip=tooltip)
+                            max=int(overrides.pop("max", meta["high"] or 2**31 - 1)), tooltip=tooltip,
+                            control_after_generate=overrides.pop("control_after_generate", None))
     if isinstance(default, float):
         return io.Float.Input(name, default=default, min=overrides.pop("min", meta["low"] or 0.0),
                               max=overrides.pop("max", meta["high"] or 1e9), step=overrides.pop("step", 0.01),

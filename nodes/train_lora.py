@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ..trainer.charts import loss_chart
 from ..trainer.config import TrainingConfig, build_config
 from ..trainer.errors import LoraLabError
 from ..trainer.resume import SUFFIX
-from ..trainer.run import TrainingResult, train_lora
-from ..trainer.sampling import loss_plot
+from ..trainer.run import TrainingResult, stop_message, train_lora
 from . import comfy_bridge as comfy
 from . import graph_model
 from .comfy_bridge import DATASET, RUN, io, ui
@@ -22,6 +22,10 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes")
 NEW_RUN, LATEST = "off", "latest"
+# Where a widget differs from the trainer's setting. The seed gets no "control after generate":
+# a seed that changed after every Queue would train the LoRA again each time.
+WIDGET_OPTIONS = {"alpha": {"step": 1.0}, "learning_rate": {"step": 1e-5, "round": 1e-7},
+                  "seed": {"control_after_generate": False}, "name": {"default": "my_lora"}}
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,13 @@ def node_config(values: dict, output_dir: Path) -> TrainingConfig:
     return build_config(settings)
 
 
+def resume_widget() -> io.Combo.Input:
+    return io.Combo.Input("resume", options=resume_choices(comfy.lora_root() / comfy.LORA_SUBFOLDER), default=NEW_RUN,
+                          tooltip="Continue a stopped run exactly where it stopped: 'latest' = the newest checkpoint "
+                          "of the run called name, or a chosen checkpoint. 'off' starts a new run (an existing name "
+                          "gets _2, _3, ...).")
+
+
 def run_value(result: TrainingResult) -> TrainingRun:
     return TrainingRun(result.config.output.name, tuple((c.step, c.path) for c in result.checkpoints),
                        result.trigger_words, result.stopped)
@@ -84,23 +95,14 @@ class TrainLora(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the captions (once, before training)."),
                 io.Vae.Input("vae", tooltip="Encodes the images (once, before training)."),
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
-                setting_widget("preset"),
-                setting_widget("steps"),
-                setting_widget("rank"),
-                setting_widget("alpha", step=1.0),
-                setting_widget("learning_rate", step=1e-5, round=1e-7),
-                *(setting_widget(name) for name in SETTINGS[5:12]),
-                setting_widget("name", default="my_lora"),
-                *(setting_widget(name) for name in SETTINGS[13:18]),
-                io.Combo.Input("resume", options=resume_choices(comfy.lora_root() / comfy.LORA_SUBFOLDER),
-                               default=NEW_RUN, tooltip="Continue a stopped run exactly where it stopped: 'latest' "
-                               "= the newest checkpoint of the run called name, or a chosen checkpoint. 'off' "
-                               "starts a new run (an existing name gets _2, _3, ...)."),
-                setting_widget("resume_with_changes"),
+                *(resume_widget() if name == "resume" else setting_widget(name, **WIDGET_OPTIONS.get(name, {}))
+                  for name in SETTINGS),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      RUN.Output(display_name="training_run"), io.Image.Output(display_name="loss_curve"),
-                     io.String.Output(display_name="lora_name")],
+                     comfy.LORA_NAME.Output(display_name="lora_name", tooltip="The final LoRA's name as LoraLoader "
+                                            "lists it: connect it to LoraLoader's lora_name (or use the model "
+                                            "and clip outputs, which already carry the LoRA).")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
@@ -109,26 +111,30 @@ class TrainLora(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset: DatasetValue, **settings) -> io.NodeOutput:
         family = graph_model.family_of(model)
         config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER)
-        events = comfy.NodeEvents(cls.hidden.unique_id, config.train.steps or 1)
-        model_name = graph_model.model_file_name(cls.hidden.prompt, cls.hidden.unique_id)
+        node_id = cls.hidden.unique_id
+        events = comfy.NodeEvents(node_id, config.output.name, config.train.steps or 1)
+        events.status("training", "Loading the model and encoding the dataset ...")
+        model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
         try:
             with comfy.training_mode():
                 result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_name),
-                                    dataset=dataset.dataset)
+                                    dataset=dataset.dataset, owner={"node": node_id})
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
+        except LoraLabError as error:
+            events.status("failed", str(error))
+            raise
         finally:
             comfy.release_training_memory()
         if result.stopped:
-            step = result.checkpoints[-1].step
-            message = (f"Stopped at step {step} of {result.config.train.steps}; saved {result.final_path.name}. "
-                       f"To continue, set resume to 'latest' (name {result.config.output.name}) and queue again.")
+            message = stop_message(result)
             log.info(message)
-            comfy.send("lora_lab.stopped", {"node": cls.hidden.unique_id, "path": str(result.final_path),
-                                            "message": message})
+            events.status("stopped", message)
             comfy.raise_interrupted()
+        events.status("finished", f"Finished: {result.config.train.steps} steps, saved {result.final_path.name}.")
         lora = comfy.load_lora_file(result.final_path)
         model_out, clip_out = comfy.apply_lora(model, clip, lora, 1.0, 1.0)
-        curve = comfy.pil_to_images([loss_plot(result.losses, title=f"{result.config.output.name}: loss")])
+        curve = comfy.pil_to_images([loss_chart(result.losses, f"{result.config.output.name}: loss",
+                                                [c.step for c in result.checkpoints])])
         name = comfy.lora_display_name(result.final_path)
         return io.NodeOutput(model_out, clip_out, run_value(result), curve, name,
                              ui=ui.PreviewImage(curve, cls=cls))

@@ -1,140 +1,281 @@
-"""Write example_workflows/*.json (ComfyUI's UI format, shown in its Templates browser) from short
-graph descriptions, ordering widget values as the server's /object_info says.
+"""Write example_workflows/*.json (ComfyUI's UI format, listed in its Templates browser) from short
+graph descriptions, against a running ComfyUI with LoRA Lab installed:
 
-    python scripts/build_example_workflows.py --object-info object_info.json
+    python scripts/build_example_workflows.py --url http://127.0.0.1:8188
 
-(object_info.json: `GET /object_info` of a ComfyUI with LoRA Lab installed.) The real-server test
-converts the same files back to API prompts, so examples and test stay twins.
+Widget values are laid out by scripts/frontend_rules.py (the frontend's own rules, proved by the
+browser tests). Nodes are placed from their real sizes, measured in the frontend itself through
+headless Chromium, in titled groups (dataset, train, test) with a Note saying what to set. The file
+name is the title the Templates browser shows (the frontend offers custom nodes no other title).
+Thumbnails (`<name>.jpg`) come from scripts/render_example_thumbnails.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from frontend_rules import FRONTEND_ONLY_NODES, widgets_values
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 CHECKPOINT = "your_sd15_checkpoint.safetensors"
-WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+GAP = 40  # between nodes in a column and between columns
+GROUP_PADDING = 16
+GROUP_TITLE = 40  # the group's title bar
+NODE_TITLE = 30  # LiteGraph draws a node's title above its position
+NOTE_SIZE = (360, 170)
 
-# (id, class, widget values, {input: (source id, source slot)}); unlisted widgets keep their defaults.
-TRAIN_AND_TEST = [
-    (1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, {}),
-    (2, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "style", "trigger_word": "xyz_style"}, {}),
-    (3, "LoraLabCaption", {"trigger_word": "xyz_style"}, {"dataset": (2, 0)}),
-    (4, "LoraLabTrainLora", {"preset": "style", "name": "xyz_style"},
-     {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (3, 0)}),
-    (5, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, a lighthouse at dusk\n{trigger}, a cat"},
-     {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "training_run": (4, 2)}),
-    (6, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (1, 1), "training_run": (4, 2)}),
-    (7, "CLIPTextEncode", {"text": "xyz_style, a mountain lake"}, {"clip": (6, 1)}),
-    (8, "CLIPTextEncode", {"text": ""}, {"clip": (6, 1)}),
-    (9, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, {}),
-    (10, "KSampler", {"seed": 0, "steps": 20, "cfg": 7.0},
-     {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}),
-    (11, "VAEDecode", {}, {"samples": (10, 0), "vae": (1, 2)}),
-    (12, "SaveImage", {"filename_prefix": "lora_lab"}, {"images": (11, 0)}),
-]
-COMPARE_LORAS = [
-    (1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, {}),
-    (2, "LoraLabSampleCheckpoint", {"prompts": "a portrait photo\na landscape painting",
-                                    "lora_names": "first_lora.safetensors\nsecond_lora.safetensors"},
-     {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}),
-]
-STACK_TWO = [
-    (1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}, {}),
-    (2, "LoraLabApplyLoraStack", {"auto_strengths": True, "lora_1": "first_lora.safetensors",
-                                  "lora_2": "second_lora.safetensors"}, {"model": (1, 0), "clip": (1, 1)}),
-    (3, "CLIPTextEncode", {"text": "a portrait photo"}, {"clip": (2, 1)}),
-    (4, "CLIPTextEncode", {"text": ""}, {"clip": (2, 1)}),
-    (5, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, {}),
-    (6, "KSampler", {"seed": 0, "steps": 20, "cfg": 7.0},
-     {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
-    (7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}),
-    (8, "SaveImage", {"filename_prefix": "lora_stack"}, {"images": (7, 0)}),
-]
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)  # input -> (source node, output slot)
+    title: str | None = None
+    width: int | None = None  # wider than measured (e.g. room for a preview)
+    extra_height: int = 0  # room below the widgets for previews
+
+
+def note(node_id: int, text: str) -> Node:
+    return Node(node_id, "Note", {"text": text})
+
+
+@dataclass
+class Group:
+    title: str
+    columns: list[list[Node]]
+    colour: str = "#3f789e"
+
+
+@dataclass
+class Example:
+    name: str  # the file name, which the Templates browser shows as the title
+    groups: list[Group]
+
+
+# --- the examples ---------------------------------------------------------------------------------
+SAMPLE = {"seed": 0, "steps": 20, "cfg": 7.0}
+TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
+    Group("1 · Dataset", [[
+        note(13, "1. Put 10-50 images with same-name .txt captions in ComfyUI/input/my_dataset (or set folder to an "
+                 "absolute path).\n2. Choose a trigger word, a made-up word like xyz_style.\n3. The report below "
+                 "Load Dataset says what to fix before training."),
+        Node(2, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "style", "trigger_word": "xyz_style"}),
+        Node(3, "LoraLabCaption", {"trigger_word": "xyz_style"}, {"dataset": (2, 0)}),
+    ]]),
+    Group("2 · Train", [[
+        note(14, "4. Pick your SD 1.5 checkpoint in Load Checkpoint.\n5. Queue. The panel on Train LoRA shows the "
+                 "loss, speed and time left; Cancel saves a checkpoint, and resume = latest continues it.\n"
+                 "Steps 0 = the guide's 100 per image; rank and learning rate 0 = the preset's."),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
+        Node(4, "LoraLabTrainLora", {"preset": "style", "name": "xyz_style"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (3, 0)}, width=420, extra_height=300),
+    ]], colour="#8a6d3b"),
+    Group("3 · Test", [[
+        Node(5, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, a lighthouse at dusk\n{trigger}, a cat"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "training_run": (4, 2)}, width=720, extra_height=520),
+    ], [
+        Node(6, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (1, 1), "training_run": (4, 2)}),
+        Node(7, "CLIPTextEncode", {"text": "xyz_style, a mountain lake"}, {"clip": (6, 1)}, title="Prompt"),
+        Node(8, "CLIPTextEncode", {"text": ""}, {"clip": (6, 1)}, title="Negative prompt"),
+    ], [
+        Node(9, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
+        Node(10, "KSampler", SAMPLE, {"model": (6, 0), "positive": (7, 0), "negative": (8, 0), "latent_image": (9, 0)}),
+        Node(11, "VAEDecode", {}, {"samples": (10, 0), "vae": (1, 2)}),
+        Node(12, "SaveImage", {"filename_prefix": "lora_lab"}, {"images": (11, 0)}, extra_height=260),
+    ]], colour="#3f7f4f"),
+])
+COMPARE_LORAS = Example("Compare LoRAs by strength", [
+    Group("Compare", [[
+        note(3, "Compare LoRA files side by side: one row per LoRA (and prompt), one column per strength, the same "
+                "seed in every cell.\n1. Pick your checkpoint.\n2. List LoRA files from models/loras, one per line, "
+                "as LoraLoader names them.\n3. Queue."),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
+    ], [
+        Node(2, "LoraLabSampleCheckpoint", {"prompts": "a portrait photo\na landscape painting",
+                                            "lora_names": "first_lora.safetensors\nsecond_lora.safetensors"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}, width=720, extra_height=520),
+    ]]),
+])
+STACK_TWO = Example("Stack two LoRAs", [
+    Group("Stack", [[
+        note(9, "Two LoRAs at once with the guide's stacking strengths (first 0.7, second 0.5, third 0.35; turn "
+                "auto_strengths off to set your own).\n1. Pick your checkpoint and the two LoRAs.\n2. Use both "
+                "trigger words in the prompt (the stack's trigger_words output lists them).\n3. Queue."),
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
+        Node(2, "LoraLabApplyLoraStack", {"auto_strengths": True, "lora_1": "first_lora.safetensors",
+                                          "lora_2": "second_lora.safetensors"}, {"model": (1, 0), "clip": (1, 1)}),
+    ], [
+        Node(3, "CLIPTextEncode", {"text": "a portrait photo"}, {"clip": (2, 1)}, title="Prompt"),
+        Node(4, "CLIPTextEncode", {"text": ""}, {"clip": (2, 1)}, title="Negative prompt"),
+        Node(5, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
+    ], [
+        Node(6, "KSampler", SAMPLE, {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
+        Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}),
+        Node(8, "SaveImage", {"filename_prefix": "lora_stack"}, {"images": (7, 0)}, extra_height=260),
+    ]]),
+])
 # FLUX.1-dev as ComfyUI users hold it: the transformer, CLIP-L + T5-XXL and the VAE as separate files.
 # The transformer loads in fp8, so Train LoRA keeps it in fp8 (about 12 GB instead of 24).
-TRAIN_FLUX = [
-    (1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}, {}),
-    (2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                           "type": "flux"}, {}),
-    (3, "VAELoader", {"vae_name": "ae.safetensors"}, {}),
-    (4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person",
-                               "family": "flux"}, {}),
-    (5, "LoraLabCaption", {"trigger_word": "xyz_person", "family": "flux"}, {"dataset": (4, 0)}),
-    (6, "LoraLabTrainLora", {"preset": "character", "name": "xyz_person_flux", "gradient_checkpointing": True,
-                             "rank": 16},
-     {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}),
-    (7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an astronaut",
-                                    "cfg": 3.5, "width": 1024, "height": 1024},
-     {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}),
-]
-EXAMPLES = {"train_and_test_lora": TRAIN_AND_TEST, "compare_lora_strengths": COMPARE_LORAS,
-            "stack_two_loras": STACK_TWO, "train_flux_lora": TRAIN_FLUX}
+TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", [
+    Group("1 · Dataset", [[
+        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset.\n2. FLUX likes sentences: "
+                "Caption (family flux) turns tags into them and puts the trigger word first.\n3. Read the report "
+                "below Load Dataset before training."),
+        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character",
+                                       "trigger_word": "xyz_person", "family": "flux"}),
+        Node(5, "LoraLabCaption", {"trigger_word": "xyz_person", "family": "flux"}, {"dataset": (4, 0)}),
+    ]]),
+    Group("2 · Train", [[
+        note(9, "4. Pick flux1-dev (loaded in fp8: about 12 GB), clip_l + t5xxl and ae.safetensors.\n5. Queue. "
+                "Gradient checkpointing is on to fit 24 GB GPUs."),
+        Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}),
+        Node(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                   "type": "flux"}),
+        Node(3, "VAELoader", {"vae_name": "ae.safetensors"}),
+    ], [
+        Node(6, "LoraLabTrainLora", {"preset": "character", "name": "xyz_person_flux", "gradient_checkpointing": True,
+                                     "rank": 16}, {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)},
+             width=420, extra_height=300),
+    ]], colour="#8a6d3b"),
+    Group("3 · Test", [[
+        Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
+                                                       "astronaut", "cfg": 3.5, "width": 1024, "height": 1024},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=720, extra_height=520),
+    ]], colour="#3f7f4f"),
+])
+EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX]
 
 
-def input_specs(info: dict) -> list[tuple[str, str, dict]]:
-    """(name, type, options) of a node's inputs in order, required first."""
-    specs = []
-    for group in ("required", "optional"):
-        for name, spec in info["input"].get(group, {}).items():
-            kind = "COMBO" if isinstance(spec[0], list) else spec[0]
-            specs.append((name, kind, spec[1] if len(spec) > 1 else {}))
-    return specs
+def example_nodes(example: Example) -> list[Node]:
+    return [node for group in example.groups for column in group.columns for node in column]
 
 
-def default_value(kind: str, options: dict, spec0) -> object:
-    if "default" in options:
-        return options["default"]
-    if kind == "COMBO":
-        choices = options.get("options") or (spec0 if isinstance(spec0, list) else [])
-        return choices[0] if choices else ""
-    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[kind]
+def intended_values(example: Example, object_info: dict) -> dict[int, dict[str, Any]]:
+    """What each node's widgets should read once loaded: the example's values over the defaults
+    (for the browser tests)."""
+    from frontend_rules import default_value, widgets
+
+    intended = {}
+    for node in example_nodes(example):
+        if node.type in FRONTEND_ONLY_NODES:
+            continue
+        info = object_info[node.type]
+        intended[node.id] = {w.name: node.widgets.get(w.name, default_value(w, info)) for w in widgets(info)}
+    return intended
 
 
-def to_ui(graph: list, object_info: dict) -> dict:
+# --- layout and the UI format -----------------------------------------------------------------------
+def measure_sizes(url: str, types: set[str]) -> dict[str, tuple[float, float]]:
+    """Each node type's size as the frontend computes it for a new node (widgets, DOM panels and all)."""
+    from comfy_browser import launch, open_comfyui
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        page, _ = open_comfyui(browser, url)
+        sizes = page.evaluate("""(types) => Object.fromEntries(types.map((type) => {
+            const node = window.LiteGraph.createNode(type);
+            window.app.graph.add(node);
+            const size = node.computeSize();
+            window.app.graph.remove(node);
+            return [type, [Math.max(size[0], node.size[0]), Math.max(size[1], node.size[1])]];
+        }))""", sorted(types))
+        browser.close()
+    return {type_: tuple(size) for type_, size in sizes.items()}
+
+
+def layout(example: Example, sizes: dict[str, tuple[float, float]]) -> tuple[dict[int, tuple], list[dict]]:
+    """(node id -> (pos, size)), groups: columns left to right, nodes stacked in each column."""
+    placed: dict[int, tuple] = {}
+    groups = []
+    x = 40
+    for group in example.groups:
+        top = 40 + GROUP_TITLE + GROUP_PADDING
+        group_left, bottom = x, top
+        for column in group.columns:
+            column_x = x + GROUP_PADDING
+            width = max((node.width or sizes.get(node.type, NOTE_SIZE)[0]) for node in column)
+            y = top
+            for node in column:
+                measured = NOTE_SIZE if node.type == "Note" else sizes[node.type]
+                size = (max(width, measured[0]), measured[1] + node.extra_height)
+                placed[node.id] = ((column_x, y + NODE_TITLE), size)
+                y += NODE_TITLE + size[1] + GAP
+            bottom = max(bottom, y - GAP)
+            x = column_x + width + GAP
+        right = x - GAP + GROUP_PADDING
+        groups.append({"title": group.title, "bounding": [group_left, 40, right - group_left,
+                                                          bottom + GROUP_PADDING - 40],
+                       "color": group.colour, "font_size": 24})
+        x = right + GAP
+    return placed, groups
+
+
+def to_ui(example: Example, object_info: dict, sizes: dict[str, tuple[float, float]]) -> dict:
     nodes, links = [], []
     outgoing: dict[tuple[int, int], list[int]] = {}
-    for node_id, class_type, widgets, connections in graph:
-        info = object_info[class_type]
-        inputs, values = [], []
-        for name, kind, options in input_specs(info):
-            raw = info["input"].get("required", {}).get(name) or info["input"]["optional"][name]
-            if kind in WIDGET_TYPES and name not in connections:
-                values.append(widgets.get(name, default_value(kind, options, raw[0])))
-                if options.get("control_after_generate"):
-                    values.append("fixed")
+    placed, groups = layout(example, sizes)
+    all_nodes = example_nodes(example)
+    for order, node in enumerate(all_nodes):
+        pos, size = placed[node.id]
+        record: dict[str, Any] = {"id": node.id, "type": node.type, "pos": list(pos), "size": list(size),
+                                  "flags": {}, "order": order, "mode": 0, "inputs": [], "outputs": [],
+                                  "properties": {}, "widgets_values": []}
+        if node.title:
+            record["title"] = node.title
+        if node.type == "Note":
+            record.update(widgets_values=[node.widgets["text"]], color="#432", bgcolor="#653")
+            nodes.append(record)
+            continue
+        info = object_info[node.type]
+        record["properties"] = {"Node name for S&R": node.type}
+        record["widgets_values"] = widgets_values(info, node.widgets)
+        specs = [(n, s) for group in ("required", "optional") for n, s in info["input"].get(group, {}).items()]
+        for name, spec in specs:
+            if name not in node.links:
                 continue
-            link = None
-            if name in connections:
-                source, slot = connections[name]
-                link = len(links) + 1
-                links.append([link, source, slot, node_id, len(inputs), kind])
-                outgoing.setdefault((source, slot), []).append(link)
-            inputs.append({"name": name, "type": kind, "link": link})
-        nodes.append({"id": node_id, "type": class_type, "pos": [0, 0], "size": [320, 200], "flags": {},
-                      "order": len(nodes), "mode": 0, "inputs": inputs, "outputs": [],
-                      "properties": {"Node name for S&R": class_type}, "widgets_values": values})
-    for node, (node_id, class_type, _, _) in zip(nodes, graph, strict=True):
-        info = object_info[class_type]
-        node["outputs"] = [{"name": name, "type": kind, "links": outgoing.get((node_id, slot), []), "slot_index": slot}
-                           for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"], strict=True))]
-        column = node["order"] % 4
-        node["pos"] = [40 + column * 380, 40 + (node["order"] // 4) * 420]
-    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes,
-            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
-            "version": 0.4}
+            source, slot = node.links[name]
+            link = len(links) + 1
+            kind = "COMBO" if isinstance(spec[0], list) else spec[0]
+            links.append([link, source, slot, node.id, len(record["inputs"]), kind])
+            outgoing.setdefault((source, slot), []).append(link)
+            record["inputs"].append({"name": name, "type": kind, "link": link})
+        nodes.append(record)
+    for record, node in zip(nodes, all_nodes, strict=True):
+        if node.type == "Note":
+            continue
+        info = object_info[node.type]
+        record["outputs"] = [{"name": name, "type": kind if isinstance(kind, str) else "COMBO",
+                              "links": outgoing.get((node.id, slot), []), "slot_index": slot}
+                             for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"], strict=True))]
+    return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
+            "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4}
+
+
+def example_path(example: Example) -> Path:
+    return OUT / f"{example.name}.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--object-info", type=Path, required=True)
+    parser.add_argument("--url", default="http://127.0.0.1:8188", help="a running ComfyUI with LoRA Lab")
     args = parser.parse_args()
-    object_info = json.loads(args.object_info.read_text())
+    with urllib.request.urlopen(f"{args.url}/object_info", timeout=60) as response:
+        object_info = json.loads(response.read())
+    types = {node.type for example in EXAMPLES for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES)
+    sizes = measure_sizes(args.url, types)
     OUT.mkdir(exist_ok=True)
-    for name, graph in EXAMPLES.items():
-        (OUT / f"{name}.json").write_text(json.dumps(to_ui(graph, object_info), indent=1) + "\n")
+    for stale in OUT.glob("*.json"):
+        stale.unlink()
+    for example in EXAMPLES:
+        example_path(example).write_text(json.dumps(to_ui(example, object_info, sizes), indent=1) + "\n")
+        print(f"wrote {example_path(example).name}")
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
 class ComfyServer:
     """`python main.py --cpu` in its own base directory, with this repository as a custom node."""
 
-    def __init__(self, comfy_dir: Path, base: Path, python: str) -> None:
-        self.comfy_dir, self.base, self.python = comfy_dir, base, python
+    def __init__(self, comfy_dir: Path, base: Path, python: str, extra_args: tuple[str, ...] = ()) -> None:
+        self.comfy_dir, self.base, self.python, self.extra_args = comfy_dir, base, python, extra_args
         for folder in ("models/checkpoints", "models/loras", "input", "output", "custom_nodes"):
             (base / folder).mkdir(parents=True, exist_ok=True)
         link = base / "custom_nodes" / "lora-lab"
@@ -114,7 +114,8 @@ class ComfyServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--base-directory", str(self.base), "--disable-api-nodes", "--preview-method", "none"],
+             "--base-directory", str(self.base), "--disable-api-nodes", "--preview-method", "none",
+             *self.extra_args],
             cwd=self.comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -195,3 +196,10 @@ class ComfyServer:
 
 def comfy_python(comfy_dir: Path) -> str:
     return os.environ.get("COMFYUI_PYTHON") or shutil.which("python") or sys.executable
+
+
+def frontend_args() -> tuple[str, ...]:
+    """`--front-end-root` when LORA_LAB_FRONTEND_ROOT names another frontend build (e.g. the static
+    folder of a newer comfyui-frontend-package than the checkout pins)."""
+    root = os.environ.get("LORA_LAB_FRONTEND_ROOT")
+    return ("--front-end-root", root) if root else ()

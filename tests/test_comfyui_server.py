@@ -36,7 +36,8 @@ COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")]
 sys.path.insert(0, str(REPO / "scripts"))
-from build_example_workflows import WIDGET_TYPES, input_specs  # noqa: E402
+from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, example_path  # noqa: E402
+from frontend_rules import ui_to_api  # noqa: E402
 
 CHECKPOINT = "random_sd15.safetensors"
 
@@ -55,25 +56,6 @@ def server(tmp_path_factory):
     comfy.stop()
 
 
-def ui_to_api(workflow: dict, object_info: dict) -> dict:
-    """A UI-format workflow as the API prompt the frontend would queue."""
-    links = {link[0]: link for link in workflow["links"]}
-    prompt = {}
-    for node in workflow["nodes"]:
-        connected = {i["name"]: links[i["link"]] for i in node["inputs"] if i.get("link") is not None}
-        values = iter(node["widgets_values"])
-        inputs = {}
-        for name, kind, options in input_specs(object_info[node["type"]]):
-            if name in connected:
-                inputs[name] = [str(connected[name][1]), connected[name][2]]
-            elif kind in WIDGET_TYPES:
-                inputs[name] = next(values)
-                if options.get("control_after_generate"):
-                    next(values)
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
 def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.ndarray]:
     outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"][node]["images"]
     return [np.asarray(Image.open(io.BytesIO(server.get_bytes(
@@ -83,17 +65,19 @@ def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.nda
 
 def test_examples_load_with_no_missing_node_types(server):
     object_info = server.get("/object_info")
-    for path in sorted((REPO / "example_workflows").glob("*.json")):
+    shipped = sorted((REPO / "example_workflows").glob("*.json"))
+    assert shipped == sorted(example_path(example) for example in EXAMPLES)
+    for path in shipped:
         workflow = json.loads(path.read_text())
-        missing = {node["type"] for node in workflow["nodes"]} - set(object_info)
+        missing = {node["type"] for node in workflow["nodes"]} - set(object_info) - {"Note"}
         assert not missing, f"{path.name}: {missing}"
-        ui_to_api(workflow, object_info)  # every widget value lines up with an input
+        ui_to_api(workflow, object_info)  # every widget value lines up with its widget, control slots included
+        assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
 
 
 def test_train_sample_and_apply_in_one_graph(server):
     object_info = server.get("/object_info")
-    prompt = ui_to_api(json.loads((REPO / "example_workflows" / "train_and_test_lora.json").read_text()),
-                       object_info)
+    prompt = ui_to_api(json.loads(example_path(TRAIN_AND_TEST).read_text()), object_info)
     prompt["1"]["inputs"]["ckpt_name"] = CHECKPOINT
     prompt["2"]["inputs"].update(folder="concept", trigger_word="zkw_toy")
     prompt["3"]["inputs"].update(trigger_word="zkw_toy")
@@ -113,6 +97,13 @@ def test_train_sample_and_apply_in_one_graph(server):
         "24": {"class_type": "VAEDecode", "inputs": {"samples": ["23", 0], "vae": ["1", 2]}},
         "25": {"class_type": "PreviewImage", "inputs": {"images": ["24", 0]}},
         "26": {"class_type": "PreviewImage", "inputs": {"images": ["5", 1]}},
+        # Train LoRA's lora_name output feeds core LoraLoader (the server checks the link's types).
+        "27": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": ["4", 4],
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+        "28": {"class_type": "KSampler", "inputs": {"model": ["27", 0], "positive": ["20", 0], "negative": ["21", 0],
+                                                    "latent_image": ["22", 0], "denoise": 1.0, **sample}},
+        "29": {"class_type": "VAEDecode", "inputs": {"samples": ["28", 0], "vae": ["1", 2]}},
+        "30": {"class_type": "PreviewImage", "inputs": {"images": ["29", 0]}},
     })
     queued = time.time()
     first_step: list[float] = []
@@ -137,6 +128,8 @@ def test_train_sample_and_apply_in_one_graph(server):
     cells = output_images(server, prompt_id, "26")  # step 3 at 0 and 1, final at 0 and 1
     assert len(cells) == 4
     assert np.array_equal(cells[0], base_image) and np.array_equal(cells[2], base_image)
+    through_lora_loader = output_images(server, prompt_id, "30")[0]  # the final LoRA at 1, as cell 4
+    assert np.array_equal(through_lora_loader, cells[3])
     # A few steps on a random model change the image only a little, but they must change it.
     assert np.abs(cells[3] - base_image).mean() > 0.1 and not np.array_equal(cells[1], base_image)
     print(f"workflow (a) wall {wall:.1f} s; queue to first training step {first_step[0] - queued:.1f} s")

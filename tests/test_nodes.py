@@ -67,8 +67,8 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     calls = {}
     run_dir = stubs.loras / "lora_lab" / "mine"
 
-    def fake_train(config, events, model, dataset):
-        calls.update(config=config, model=model, dataset=dataset)
+    def fake_train(config, events, model, dataset, owner):
+        calls.update(config=config, model=model, dataset=dataset, owner=owner)
         run_dir.mkdir(parents=True)
         final = run_dir / "mine.safetensors"
         save_file({"x": torch.zeros(1)}, str(final))
@@ -79,7 +79,9 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, name: ("loaded", model, name))
     monkeypatch.setattr(comfy_bridge, "training_mode", _nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
-    monkeypatch.setattr(comfy_bridge, "NodeEvents", lambda node, total: "events")
+    statuses = []
+    monkeypatch.setattr(comfy_bridge, "NodeEvents", lambda node, run, total: types.SimpleNamespace(
+        status=lambda status, message="": statuses.append((node, run, status))))
     monkeypatch.setattr(graph_model, "family_of", lambda model: get_family("sd15"))
     monkeypatch.setattr(train_lora.TrainLora, "hidden", types.SimpleNamespace(unique_id="7", prompt={
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "my_model.safetensors"}},
@@ -96,6 +98,7 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     assert resolved.lora.rank == 8 and resolved.optimizer.learning_rate == 1e-4
     assert config.output.output_dir == str(stubs.loras / "lora_lab")
     assert calls["model"] == ("loaded", "MODEL", "my_model.safetensors")  # the loader's file, through the LoRA
+    assert calls["owner"] == {"node": "7"} and statuses == [("7", "mine", "training"), ("7", "mine", "finished")]
     model_out, clip_out, run, curve, name = output.values
     assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
     assert [step for step, _ in run.checkpoints] == [5, 10] and name == "lora_lab/mine/mine.safetensors"
@@ -270,3 +273,21 @@ def test_graph_model_key_follows_the_weights(nodes, base_model):
     with torch.no_grad():
         denoiser.conv_in.weight[0, 0, 0, 0] += 0.5  # a fine-tune changes weights, not names or shapes
     assert weights_key(denoiser) != key
+
+
+def test_run_route_reads_a_runs_history_by_name_or_node(nodes, make_config, fresh_model, tmp_path):
+    """What a reloaded page or a second browser gets: the whole curve and the run's state."""
+    from lora_lab.nodes.routes import run_route
+    from lora_lab.trainer.run import train_lora
+
+    folder = tmp_path / "out"
+    train_lora(make_config(steps=3, name="first"), model=fresh_model, owner={"node": "5:3"})
+    status, answer = run_route({"node": "5:3"}, folder)
+    assert status == 200 and answer["run"]["name"] == "first" and answer["run"]["status"] == "finished"
+    assert [row[0] for row in answer["losses"]] == [1, 2, 3] and answer["run"]["owner"] == {"node": "5:3"}
+    assert run_route({"name": "first"}, folder) == (status, answer)
+    assert run_route({"node": "9"}, folder) == (200, {"run": None, "losses": []})  # no run yet is no error
+    assert run_route({"name": "nope"}, folder)[0] == 404
+    for hostile in ("../out", "..", "/etc", ".hidden"):  # only run folders inside the LoRA Lab folder
+        assert run_route({"name": hostile}, folder)[0] in (400, 404)
+    assert run_route({}, folder)[0] == 400

@@ -126,9 +126,10 @@ def quiet_libraries() -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` answers at once, without loading torch and diffusers.
     quiet_libraries()
+    from .charts import loss_chart
     from .files import atomic_save_image
     from .run import train_lora
-    from .sampling import fill_trigger, loss_plot, sample_grid
+    from .sampling import fill_trigger, sample_grid
 
     config = build_config(gather_settings(args))
     events = ConsoleEvents()
@@ -141,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous_handler)
     name = result.config.output.name
     plot_path = result.run_dir / f"{name}-loss.png"
-    atomic_save_image(plot_path, loss_plot(result.losses, title=f"{name}: loss per step"))
+    atomic_save_image(plot_path, loss_chart(result.losses, f"{name}: loss per step",
+                                            [c.step for c in result.checkpoints]))
     print(f"Loss curve: {plot_path}")
     from .diagnosis import diagnose_loss
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from .sampling import moving_average
+from .charts import moving_average
 
 ADVICE = {
     "too_short": "Too few steps to judge the loss curve.",

@@ -1,10 +1,11 @@
-"""Pictures of a run: sample images at chosen LoRA strengths, the checkpoint × strength grid, and
-the loss curve, drawn with Pillow alone."""
+"""Pictures of a run: sample images at chosen LoRA strengths, and the checkpoint × strength grid
+with its labels wrapped, never cut."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -20,11 +21,13 @@ def fill_trigger(prompt: str, trigger_words: Sequence[str]) -> str:
 
 @torch.no_grad()
 def sample(model: LoadedModel, prompt: str, strength: float, size: tuple[int, int], steps: int,
-           guidance_scale: float, seed: int) -> Image.Image:
-    """One image from the model with its LoRA at `strength` (0 = the base model)."""
+           guidance_scale: float, seed: int, pipe: Any = None) -> Image.Image:
+    """One image from the model with its LoRA at `strength` (0 = the base model). `pipe`, the
+    family's pipeline over the model, may be passed in to build it once for many images."""
     set_strength(model, strength)
-    pipe = model.family.pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
+    if pipe is None:
+        pipe = model.family.pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
     try:
         output = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
                       width=size[0], height=size[1], generator=torch.Generator().manual_seed(seed))
@@ -38,79 +41,75 @@ def sample_grid(model: LoadedModel, checkpoints: Sequence[tuple[str, Path]], pro
                 seed: int) -> tuple[Image.Image, dict[tuple[str, str, float], Image.Image]]:
     """Rows: checkpoint (× prompt); columns: strength. Every cell uses the same seed.
 
-    Returns the labelled grid and the cells by (checkpoint label, prompt, strength)."""
+    Returns the labelled grid and the cells by (checkpoint label, prompt, strength). Strength 0 is
+    the base model whatever the checkpoint, so it is sampled once per prompt."""
+    pipe = model.family.pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
     cells: dict[tuple[str, str, float], Image.Image] = {}
+    base: dict[str, Image.Image] = {}
     for label, path in checkpoints:
         load_into_model(model, path)
         for prompt in prompts:
             for strength in strengths:
-                cells[(label, prompt, strength)] = sample(model, prompt, strength, size, steps, guidance_scale, seed)
-    rows = [(f"{label}" + (f" | {prompt}" if len(prompts) > 1 else ""), [cells[(label, prompt, s)] for s in strengths])
+                if strength == 0 and prompt in base:
+                    cells[(label, prompt, strength)] = base[prompt]
+                    continue
+                image = sample(model, prompt, strength, size, steps, guidance_scale, seed, pipe)
+                cells[(label, prompt, strength)] = image
+                if strength == 0:
+                    base[prompt] = image
+    rows = [(label + (f"\n{prompt}" if len(prompts) > 1 else ""), [cells[(label, prompt, s)] for s in strengths])
             for label, _ in checkpoints for prompt in prompts]
     return labelled_grid(rows, [f"strength {s:g}" for s in strengths]), cells
 
 
+def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Lines of at most `width` pixels; a word longer than that is broken, never cut off."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}".strip()
+            if font.getlength(candidate) <= width or not line:
+                line = candidate
+            else:
+                lines.append(line)
+                line = word
+            while font.getlength(line) > width and len(line) > 1:  # one overlong word: break it
+                cut = max(1, next(i for i in range(len(line), 0, -1) if font.getlength(line[:i]) <= width))
+                lines.append(line[:cut])
+                line = line[cut:]
+        lines.append(line)
+    return lines
+
+
 def labelled_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], column_labels: Sequence[str],
-                  cell_size: int = 160) -> Image.Image:
-    font = ImageFont.load_default()
-    label_width, header = 150, 24
+                  cell_size: int = 256, label_width: int = 240, font_size: int = 16) -> Image.Image:
+    """Images in rows and columns, with each row's label (wrapped, never cut) on the left and
+    each column's above. Small images are enlarged to `cell_size` with sharp pixels."""
+    font = ImageFont.load_default(size=font_size)
+    pad, line_height = 8, round(font_size * 1.35)
+    header = max(len(wrap_text(t, font, cell_size - 2 * pad)) for t in column_labels) * line_height + 2 * pad
+    labels = [wrap_text(text, font, label_width - 2 * pad) for text, _ in rows]
+    heights = [max(cell_size, len(lines) * line_height + 2 * pad) for lines in labels]
     columns = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (label_width + columns * cell_size, header + len(rows) * cell_size), "white")
+    grid = Image.new("RGB", (label_width + columns * cell_size, header + sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     for column, text in enumerate(column_labels):
-        draw.text((label_width + column * cell_size + 6, 6), text, fill="black", font=font)
-    for row, (text, images) in enumerate(rows):
-        top = header + row * cell_size
-        draw.text((6, top + cell_size // 2 - 6), text[:24], fill="black", font=font)
+        for number, line in enumerate(wrap_text(text, font, cell_size - 2 * pad)):
+            draw.text((label_width + column * cell_size + pad, pad + number * line_height), line, fill="black",
+                      font=font)
+    top = header
+    for (_, images), lines, height in zip(rows, labels, heights, strict=True):
+        text_top = top + (height - len(lines) * line_height) // 2
+        for number, line in enumerate(lines):
+            draw.text((pad, text_top + number * line_height), line, fill="black", font=font)
         for column, image in enumerate(images):
-            scale = cell_size / max(image.size)
+            scale = (cell_size - 4) / max(image.size)  # a 4 px white gutter between cells
             resized = image.resize((round(image.width * scale), round(image.height * scale)),
                                    Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS)
-            grid.paste(resized, (label_width + column * cell_size, top))
+            grid.paste(resized, (label_width + column * cell_size + (cell_size - resized.width) // 2,
+                                 top + (height - resized.height) // 2))
+        draw.line([(0, top), (grid.width, top)], fill="#dddddd")
+        top += height
     return grid
-
-
-def moving_average(values: Sequence[float], window: int) -> list[float]:
-    result, total = [], 0.0
-    for index, value in enumerate(values):
-        total += value
-        if index >= window:
-            total -= values[index - window]
-        result.append(total / min(index + 1, window))
-    return result
-
-
-def loss_plot(losses: Sequence[tuple[int, float, float]], title: str = "loss", size=(720, 320)) -> Image.Image:
-    """Per-step loss (light) and its moving average (dark) against the step."""
-    width, height = size
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    left, right, top, bottom = 60, 16, 28, 30
-    draw.text((left, 8), title, fill="black", font=font)
-    if not losses:
-        draw.text((left, height // 2), "no steps yet", fill="gray", font=font)
-        return image
-    steps = [s for s, _, _ in losses]
-    values = [v for _, v, _ in losses]
-    smooth = moving_average(values, max(3, len(values) // 20))
-    low, high = min(values), max(values)
-    high = high if high > low else low + 1e-6
-    first, last = steps[0], max(steps[-1], steps[0] + 1)
-
-    def point(step: float, value: float) -> tuple[float, float]:
-        x = left + (step - first) / (last - first) * (width - left - right)
-        y = top + (high - value) / (high - low) * (height - top - bottom)
-        return x, y
-
-    draw.rectangle((left, top, width - right, height - bottom), outline="#999999")
-    for fraction in (0.0, 0.5, 1.0):
-        value = low + fraction * (high - low)
-        y = point(first, value)[1]
-        draw.text((4, y - 6), f"{value:.4f}", fill="black", font=font)
-    draw.text((left, height - bottom + 6), str(first), fill="black", font=font)
-    draw.text((width - right - 40, height - bottom + 6), f"step {last}", fill="black", font=font)
-    if len(values) > 1:
-        draw.line([point(s, v) for s, v in zip(steps, values, strict=True)], fill="#9ecae1", width=1)
-        draw.line([point(s, v) for s, v in zip(steps, smooth, strict=True)], fill="#08519c", width=2)
-    return image

@@ -1,66 +1,356 @@
-// LoRA Lab frontend: live step, loss and a loss sparkline on the Train LoRA node while it runs.
-// The grid and the loss curve arrive as ordinary node previews (ui images), so need nothing here.
+// LoRA Lab frontend.
+// - Train LoRA: a training panel (a DOM widget that reserves its own height, so it never paints over
+//   other widgets): status, step / total, s/step, ETA, the loss curve (per step and smoothed) with the
+//   learning rate and checkpoint markers, and the run's message (how to resume after a Cancel).
+//   Live from websocket events; the whole history comes from the server's /lora_lab/run route, so a
+//   reloaded page or a second browser shows the same curve.
+// - Load Dataset and Caption: their report and captions as readable text on the node.
+// Works for nodes inside subgraphs (execution ids like "5:3"), in the classic canvas and in Nodes 2.0.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_NODE = "LoraLabTrainLora";
-const HISTORY = 300; // losses kept for the sparkline
+const TEXT_NODES = { LoraLabLoadDataset: "Run the workflow to see how this dataset measures up to the guide.",
+                     LoraLabCaption: "Run the workflow to see every caption." };
+const PANEL_HEIGHT = 300;
+const TEXT_HEIGHT = 150;
+const MULTILINE_HEIGHT = 96;
+const runs = new Map(); // execution id -> the run state shown by that node's panel
 
-function nodeById(id) {
-  return app.graph?.getNodeById(Number(id));
+// --- nodes and execution ids -------------------------------------------------------------------
+function rootGraph() {
+  return app.graph?.rootGraph ?? app.graph;
 }
 
-api.addEventListener("lora_lab.progress", ({ detail }) => {
-  const node = nodeById(detail.node);
+function nodeForExecutionId(id) {
+  let graph = rootGraph();
+  let node = null;
+  for (const part of String(id).split(":")) {
+    node = graph?.getNodeById?.(Number(part)) ?? null;
+    graph = node?.subgraph;
+  }
+  return node;
+}
+
+function executionIdOf(node) {
+  const root = rootGraph();
+  if (!node.graph || node.graph === root) return String(node.id);
+  const path = findSubgraphPath(root, node.graph);
+  return path ? [...path, node.id].join(":") : String(node.id);
+}
+
+function findSubgraphPath(graph, target) {
+  for (const candidate of graph?._nodes ?? graph?.nodes ?? []) {
+    if (!candidate.subgraph) continue;
+    if (candidate.subgraph === target) return [candidate.id];
+    const deeper = findSubgraphPath(candidate.subgraph, target);
+    if (deeper) return [candidate.id, ...deeper];
+  }
+  return null;
+}
+
+function allNodes(graph = rootGraph(), found = []) {
+  for (const node of graph?._nodes ?? graph?.nodes ?? []) {
+    found.push(node);
+    if (node.subgraph) allNodes(node.subgraph, found);
+  }
+  return found;
+}
+
+// --- run state ---------------------------------------------------------------------------------
+function freshRun(name) {
+  return { name, status: "training", message: "", step: 0, total: 0, secondsPerStep: null, losses: [],
+           checkpoints: [] };
+}
+
+function runFor(id, name) {
+  let run = runs.get(id);
+  if (!run || (name && run.name !== name)) {
+    run = freshRun(name);
+    runs.set(id, run);
+  }
+  return run;
+}
+
+function addLoss(run, step, loss, lr) {
+  const last = run.losses.at(-1);
+  if (!last || step > last[0]) run.losses.push([step, loss, lr]);
+}
+
+function mergeLosses(run, rows) {
+  const byStep = new Map([...rows, ...run.losses].map((row) => [row[0], row]));
+  run.losses = [...byStep.values()].sort((a, b) => a[0] - b[0]);
+}
+
+function hasGap(run) {
+  return run.losses.some((row, i) => i > 0 && row[0] !== run.losses[i - 1][0] + 1) ||
+    (run.losses.length > 0 && run.losses[0][0] !== 1 && run.status === "training");
+}
+
+// Steps missed while the page was away (a reload, a dropped socket) come from the run folder; its
+// files are rewritten about once a second, so a gap is filled by asking again a moment later.
+const refetching = new Set();
+function refetchSoon(node) {
+  if (refetching.has(node)) return;
+  refetching.add(node);
+  setTimeout(() => { refetching.delete(node); loadHistory(node); }, 1500);
+}
+
+async function loadHistory(node) {
+  const id = executionIdOf(node);
+  try {
+    const response = await api.fetchApi(`/lora_lab/run?node=${encodeURIComponent(id)}`, { cache: "no-store" });
+    if (!response.ok) return;
+    const { run: saved, losses } = await response.json();
+    if (!saved) return; // this node has not trained yet
+    const run = runFor(id, saved.name);
+    mergeLosses(run, losses);
+    Object.assign(run, { status: run.step > saved.step ? run.status : saved.status,
+                         message: run.step > saved.step ? run.message : saved.message,
+                         step: Math.max(run.step, saved.step), total: saved.total_steps,
+                         secondsPerStep: run.secondsPerStep ?? saved.seconds_per_step,
+                         checkpoints: mergeCheckpoints(run.checkpoints, saved.checkpoints) });
+    renderNode(node);
+    if (hasGap(run)) refetchSoon(node);
+  } catch (error) {
+    console.warn("LoRA Lab: could not read the run's history", error);
+  }
+}
+
+function mergeCheckpoints(mine, saved) {
+  const steps = new Map([...saved, ...mine].map((c) => [c.step, c]));
+  return [...steps.values()].sort((a, b) => a.step - b.step);
+}
+
+function onRunEvent(type, detail) {
+  const run = runFor(String(detail.node), detail.run);
+  if (type === "progress") {
+    addLoss(run, detail.step, detail.loss, detail.lr);
+    Object.assign(run, { step: detail.step, total: detail.total, status: "training", message: "" });
+    run.secondsPerStep = run.secondsPerStep == null ? detail.seconds_per_step
+      : 0.8 * run.secondsPerStep + 0.2 * detail.seconds_per_step;
+  } else if (type === "checkpoint") {
+    run.checkpoints = mergeCheckpoints(run.checkpoints, [{ step: detail.step, file: detail.file }]);
+  } else if (type === "status") {
+    Object.assign(run, { status: detail.status, message: detail.message ?? "" });
+  }
+  const node = nodeForExecutionId(detail.node);
   if (!node) return;
-  const state = (node.loraLab ??= { losses: [] });
-  if (detail.step === 1) state.losses = [];
-  state.losses.push(detail.loss);
-  if (state.losses.length > HISTORY) state.losses.shift();
-  Object.assign(state, detail, { status: "training" });
-  node.setDirtyCanvas(true, false);
+  renderNode(node);
+  if (type === "progress" && hasGap(run)) refetchSoon(node);
+}
+
+api.addEventListener("lora_lab.progress", ({ detail }) => onRunEvent("progress", detail));
+api.addEventListener("lora_lab.checkpoint", ({ detail }) => onRunEvent("checkpoint", detail));
+api.addEventListener("lora_lab.status", ({ detail }) => onRunEvent("status", detail));
+api.addEventListener("reconnected", () => {
+  for (const node of allNodes()) if (node.comfyClass === TRAIN_NODE) loadHistory(node);
 });
 
-api.addEventListener("lora_lab.checkpoint", ({ detail }) => {
-  const node = nodeById(detail.node);
-  if (node?.loraLab) node.loraLab.saved = `saved step ${detail.step}`;
-});
+// --- the panel ---------------------------------------------------------------------------------
+const STATUS_COLOURS = { training: "#4a9eff", finished: "#3fb950", stopped: "#d29922", failed: "#f85149" };
 
-api.addEventListener("lora_lab.stopped", ({ detail }) => {
-  const node = nodeById(detail.node);
-  if (node?.loraLab) node.loraLab.status = detail.message ?? `stopped, saved ${detail.path}`;
-});
+function element(tag, style, parent) {
+  const made = document.createElement(tag);
+  Object.assign(made.style, style);
+  parent?.append(made);
+  return made;
+}
+
+function makePanel() {
+  const root = element("div", { display: "flex", flexDirection: "column", gap: "4px", boxSizing: "border-box",
+                                height: `${PANEL_HEIGHT - 8}px`, padding: "6px 8px", overflow: "hidden",
+                                font: "12px sans-serif", color: "var(--input-text, #ddd)",
+                                background: "var(--comfy-input-bg, #222)", borderRadius: "6px" });
+  root.className = "lora-lab-panel";
+  const header = element("div", { display: "flex", alignItems: "center", gap: "8px", flexWrap: "wrap" }, root);
+  const status = element("span", { padding: "1px 8px", borderRadius: "9px", color: "#111", fontWeight: "bold" },
+                         header);
+  status.className = "lora-lab-status";
+  const numbers = element("span", { whiteSpace: "normal" }, header);
+  numbers.className = "lora-lab-numbers";
+  const chart = element("canvas", { width: "100%", height: "170px", flex: "0 0 170px" }, root);
+  chart.className = "lora-lab-chart";
+  const message = element("div", { whiteSpace: "normal", overflowWrap: "anywhere", overflowY: "auto",
+                                   flex: "1 1 auto", minHeight: "0" }, root);
+  message.className = "lora-lab-message";
+  return { root, status, numbers, chart, message };
+}
+
+function duration(seconds) {
+  if (!isFinite(seconds)) return "";
+  if (seconds < 90) return `${Math.round(seconds)} s`;
+  if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+  return `${(seconds / 3600).toFixed(1)} h`;
+}
+
+function renderNode(node) {
+  const parts = node.loraLabPanel;
+  if (!parts) return;
+  const run = runs.get(executionIdOf(node));
+  if (!run) {
+    parts.status.textContent = "no run yet";
+    parts.status.style.background = "#888";
+    parts.numbers.textContent = "";
+    parts.message.textContent = "Queue the workflow to train. Progress, the loss curve and how to continue " +
+      "after a Cancel appear here.";
+    drawChart(parts.chart, null);
+    return;
+  }
+  parts.status.textContent = run.status;
+  parts.status.style.background = STATUS_COLOURS[run.status] ?? "#888";
+  const last = run.losses.at(-1);
+  const speed = run.secondsPerStep ? ` · ${run.secondsPerStep.toFixed(2)} s/step` : "";
+  const eta = run.status === "training" && run.secondsPerStep && run.total
+    ? ` · ETA ${duration((run.total - run.step) * run.secondsPerStep)}` : "";
+  parts.numbers.textContent = `${run.name} · step ${run.step} / ${run.total || "?"}` +
+    (last ? ` · loss ${last[1].toFixed(4)}` : "") + speed + eta;
+  parts.message.textContent = run.message || (run.checkpoints.length
+    ? `Saved: ${run.checkpoints.map((c) => c.file ?? `step ${c.step}`).join(", ")}` : "");
+  drawChart(parts.chart, run);
+  node.setDirtyCanvas?.(true, false);
+}
+
+function movingAverage(values, window) {
+  let total = 0;
+  return values.map((value, index) => {
+    total += value;
+    if (index >= window) total -= values[index - window];
+    return total / Math.min(index + 1, window);
+  });
+}
+
+function drawChart(canvas, run) {
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.max(120, canvas.clientWidth || 300);
+  const height = 170;
+  if (canvas.width !== Math.round(width * ratio)) canvas.width = Math.round(width * ratio);
+  if (canvas.height !== Math.round(height * ratio)) canvas.height = Math.round(height * ratio);
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  ctx.clearRect(0, 0, width, height);
+  ctx.font = "11px sans-serif";
+  ctx.fillStyle = "#999";
+  const left = 48, right = 40, top = 8, bottom = 28;
+  const plotWidth = width - left - right, plotHeight = height - top - bottom;
+  ctx.strokeStyle = "#555";
+  ctx.strokeRect(left, top, plotWidth, plotHeight);
+  ctx.save();
+  ctx.translate(10, top + plotHeight / 2);
+  ctx.rotate(-Math.PI / 2);
+  ctx.textAlign = "center";
+  ctx.fillText("loss", 0, 0);
+  ctx.restore();
+  ctx.textAlign = "center";
+  ctx.fillText("step", left + plotWidth / 2, height - 4);
+  canvas.dataset.points = String(run?.losses.length ?? 0); // what the chart shows, for tests
+  canvas.dataset.first = String(run?.losses[0]?.[0] ?? "");
+  canvas.dataset.last = String(run?.losses.at(-1)?.[0] ?? "");
+  if (!run || run.losses.length === 0) {
+    ctx.fillText("no steps yet", left + plotWidth / 2, top + plotHeight / 2);
+    return;
+  }
+  const steps = run.losses.map((row) => row[0]);
+  const values = run.losses.map((row) => row[1]);
+  const rates = run.losses.map((row) => row[2]);
+  const first = steps[0], lastStep = Math.max(run.total || 0, steps.at(-1), first + 1);
+  const low = Math.min(...values), high = Math.max(...values);
+  const span = high - low || Math.abs(high) || 1;
+  const x = (step) => left + ((step - first) / (lastStep - first || 1)) * plotWidth;
+  const y = (value) => top + (1 - (value - low) / span) * plotHeight;
+  ctx.textAlign = "right";
+  for (const value of [high, (high + low) / 2, low]) ctx.fillText(value.toPrecision(3), left - 4, y(value) + 4);
+  ctx.textAlign = "center";
+  ctx.fillText(String(first), left, top + plotHeight + 13);
+  ctx.fillText(String(lastStep), left + plotWidth, top + plotHeight + 13);
+  ctx.setLineDash([2, 3]);
+  ctx.strokeStyle = "#888";
+  for (const checkpoint of run.checkpoints) {
+    ctx.beginPath();
+    ctx.moveTo(x(checkpoint.step), top);
+    ctx.lineTo(x(checkpoint.step), top + plotHeight);
+    ctx.stroke();
+  }
+  ctx.setLineDash([]);
+  const line = (points, colour, lineWidth) => {
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = lineWidth;
+    ctx.beginPath();
+    points.forEach(([px, py], i) => (i ? ctx.lineTo(px, py) : ctx.moveTo(px, py)));
+    ctx.stroke();
+  };
+  const maxRate = Math.max(...rates);
+  if (maxRate > 0) {
+    line(steps.map((s, i) => [x(s), top + (1 - rates[i] / maxRate) * plotHeight]), "rgba(230,85,13,0.6)", 1);
+    ctx.fillStyle = "#e6550d";
+    ctx.textAlign = "left";
+    ctx.fillText(`lr ${maxRate.toExponential(0)}`, left + plotWidth + 3, top + 10);
+  }
+  line(steps.map((s, i) => [x(s), y(values[i])]), "rgba(158,202,225,0.8)", 1);
+  const smooth = movingAverage(values, Math.max(3, Math.floor(values.length / 20)));
+  line(steps.map((s, i) => [x(s), y(smooth[i])]), "#2b7bd6", 2);
+}
+
+function addPanel(node) {
+  if (node.loraLabPanel) return;
+  const parts = makePanel();
+  const widget = node.addDOMWidget("lora_lab_panel", "lora_lab_panel", parts.root, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => PANEL_HEIGHT, getMaxHeight: () => PANEL_HEIGHT,
+  });
+  widget.serialize = false; // not part of the workflow's widget values: they are positional
+  node.loraLabPanel = parts;
+  new ResizeObserver(() => renderNode(node)).observe(parts.root);
+  renderNode(node);
+}
+
+// --- text on Load Dataset and Caption ----------------------------------------------------------
+function addTextPanel(node, placeholder) {
+  if (node.loraLabText) return;
+  const box = element("div", { boxSizing: "border-box", height: `${TEXT_HEIGHT - 8}px`, overflowY: "auto",
+                               padding: "6px 8px", whiteSpace: "pre-wrap", overflowWrap: "anywhere",
+                               font: "12px sans-serif", color: "var(--input-text, #ddd)",
+                               background: "var(--comfy-input-bg, #222)", borderRadius: "6px" });
+  box.className = "lora-lab-text";
+  box.textContent = placeholder;
+  const widget = node.addDOMWidget("lora_lab_text", "lora_lab_text", box, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => TEXT_HEIGHT, getMaxHeight: () => TEXT_HEIGHT,
+  });
+  widget.serialize = false;
+  node.loraLabText = box;
+}
+
+// Multiline text boxes would otherwise take all of a node's spare height, leaving the image preview
+// (Sample Checkpoint's grid, Train LoRA's loss curve) a strip: they keep to a few lines.
+function capTextBoxes(node) {
+  for (const widget of node.widgets ?? []) {
+    if (widget.type === "customtext" && widget.options) widget.options.getMaxHeight = () => MULTILINE_HEIGHT;
+  }
+}
 
 app.registerExtension({
-  name: "lora_lab.train_progress",
+  name: "lora_lab.panels",
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== TRAIN_NODE) return;
-    const onDrawForeground = nodeType.prototype.onDrawForeground;
-    nodeType.prototype.onDrawForeground = function (ctx) {
-      onDrawForeground?.apply(this, arguments);
-      const state = this.loraLab;
-      if (!state || this.flags?.collapsed) return;
-      const width = this.size[0] - 20;
-      const top = this.size[1] - 46;
-      ctx.save();
-      ctx.fillStyle = "#bbb";
-      ctx.font = "12px sans-serif";
-      const speed = state.seconds_per_step ? ` · ${state.seconds_per_step.toFixed(2)} s/step` : "";
-      ctx.fillText(`step ${state.step}/${state.total} · loss ${state.loss.toFixed(4)}${speed}`, 10, top);
-      if (state.saved || state.status !== "training") ctx.fillText(state.status !== "training" ? state.status : state.saved, 10, top + 14);
-      const losses = state.losses;
-      if (losses.length > 1) {
-        const low = Math.min(...losses), high = Math.max(...losses) || 1;
-        ctx.strokeStyle = "#4a9eff";
-        ctx.beginPath();
-        losses.forEach((value, i) => {
-          const x = 10 + (i / (losses.length - 1)) * width;
-          const y = top + 40 - ((value - low) / (high - low || 1)) * 20;
-          i ? ctx.lineTo(x, y) : ctx.moveTo(x, y);
-        });
-        ctx.stroke();
-      }
-      ctx.restore();
+    if (!nodeData.name.startsWith("LoraLab")) return;
+    const placeholder = TEXT_NODES[nodeData.name];
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const result = onNodeCreated?.apply(this, arguments);
+      capTextBoxes(this);
+      if (nodeData.name === TRAIN_NODE) addPanel(this);
+      else if (placeholder !== undefined) addTextPanel(this, placeholder);
+      return result;
     };
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      onExecuted?.apply(this, arguments);
+      const text = message?.text;
+      if (this.loraLabText && text) this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
+    };
+  },
+  async loadedGraphNode(node) {
+    if (node.comfyClass === TRAIN_NODE) setTimeout(() => loadHistory(node), 0);
+  },
+  async nodeCreated(node) {
+    if (node.comfyClass === TRAIN_NODE) setTimeout(() => loadHistory(node), 0);
   },
 });

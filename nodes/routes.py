@@ -1,0 +1,67 @@
+"""Read-only routes on ComfyUI's server for the training panel (web/lora_lab.js): a run's state and
+whole loss history, read from the files the trainer keeps in the run folder (trainer/history.py),
+so a reloaded page or a second browser shows the same curve as the tab that queued the run.
+
+    GET /lora_lab/run?name=<run>   the run of that name
+    GET /lora_lab/run?node=<id>    the newest run started by that node ("5" or "5:3" in a subgraph)
+
+Both answer {"run": <journal>, "losses": [[step, loss, lr], ...]}; a node that has not trained yet
+gets {"run": null} (not an error: every Train LoRA node asks when the page loads). Bad queries get
+400 and unknown run names 404, each with {"error": ...}.
+Nothing outside the LoRA Lab folder under models/loras is ever read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..trainer.history import journal_path, loss_log_path, read_journal, read_loss_log
+from . import comfy_bridge as comfy
+
+RUN_ROUTE = "/lora_lab/run"
+
+
+def runs_folder() -> Path:
+    return comfy.lora_root() / comfy.LORA_SUBFOLDER
+
+
+def run_answer(folder: Path, run_dir: Path) -> tuple[int, dict[str, Any]]:
+    journal = read_journal(journal_path(run_dir, run_dir.name))
+    if run_dir.parent.resolve() != folder.resolve() or journal is None:
+        return 404, {"error": f"no run named {run_dir.name!r} in {folder}"}
+    losses = loss_log_path(run_dir, run_dir.name)
+    return 200, {"run": journal, "losses": read_loss_log(losses) if losses.is_file() else []}
+
+
+def newest_run_of_node(folder: Path, node: str) -> Path | None:
+    """The run folder whose journal names `node` as its owner and was updated last."""
+    owned = []
+    for path in folder.glob("*/*-run.json") if folder.is_dir() else []:
+        journal = read_journal(path)
+        if journal and path.name == f"{path.parent.name}-run.json" and journal.get("owner", {}).get("node") == node:
+            owned.append((journal.get("updated", 0), path.parent))
+    return max(owned)[1] if owned else None
+
+
+def run_route(query: dict[str, str], folder: Path | None = None) -> tuple[int, dict[str, Any]]:
+    folder = folder or runs_folder()
+    if query.get("name"):
+        name = query["name"]
+        if "/" in name or "\\" in name or name.startswith("."):
+            return 400, {"error": "a run name is one folder name"}
+        return run_answer(folder, folder / name)
+    if query.get("node"):
+        run_dir = newest_run_of_node(folder, query["node"])
+        return run_answer(folder, run_dir) if run_dir else (200, {"run": None, "losses": []})
+    return 400, {"error": "ask for ?name=<run> or ?node=<node id>"}
+
+
+_registered: list[str] = []
+
+
+def register() -> None:
+    """Add the routes once (a second call, e.g. from a reloaded extension, adds nothing)."""
+    if RUN_ROUTE not in _registered:
+        comfy.add_json_route(RUN_ROUTE, run_route)
+        _registered.append(RUN_ROUTE)

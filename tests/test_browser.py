@@ -1,0 +1,283 @@
+"""What a person sees: the real ComfyUI frontend in headless Chromium, against a real server.
+
+Skipped unless COMFYUI_DIR points at a ComfyUI checkout (like the server tests) and Playwright for
+Python and Debian's Chromium are installed (`pip install playwright`, `apt-get install chromium`;
+never `playwright install`). LORA_LAB_FRONTEND_ROOT runs it against another frontend build,
+LORA_LAB_VUE_NODES=1 in the frontend's "Nodes 2.0" mode. Screenshots go to LORA_LAB_SCREENSHOTS
+(default: a temporary folder); their paths are printed.
+
+Checked: every example loads with the values it means and no two nodes overlap; the Templates
+browser shows the examples with thumbnails; the SD 1.5 example trains with a training panel that
+shows step and loss and covers no widget, keeps its whole curve across a page reload, shows the
+Cancel message inside the node, and ends with the grid and loss images in view; Train LoRA's
+lora_name links to core LoraLoader; a Train LoRA node inside a subgraph gets its panel; and none
+of it logs an error from LoRA Lab's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from lora_lab.trainer import embedded
+
+from .comfy_server import REPO, ComfyServer, build_sd15_checkpoint, comfy_python, frontend_args
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+playwright_api = pytest.importorskip("playwright.sync_api") if COMFYUI_DIR else None
+sys.path.insert(0, str(REPO / "scripts"))
+from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, example_path, intended_values  # noqa: E402
+from comfy_browser import (  # noqa: E402
+    CHROMIUM,
+    fit_view,
+    launch,
+    load_workflow,
+    node_facts,
+    open_comfyui,
+    set_widgets,
+)
+from render_example_thumbnails import THUMBNAIL_SIDE  # noqa: E402
+
+pytestmark = [pytest.mark.comfyui,
+              pytest.mark.skipif(not COMFYUI_DIR or not Path(CHROMIUM).exists(),
+                                 reason="set COMFYUI_DIR (and install chromium and playwright) to run")]
+VUE_NODES = os.environ.get("LORA_LAB_VUE_NODES") == "1"
+SETTINGS = {"Comfy.VueNodes.Enabled": VUE_NODES}
+CHECKPOINT = "random_sd15.safetensors"
+SMALL_TRAINING = {"steps": 40, "resolution": 64, "batch_size": 2, "rank": 4, "learning_rate": 0.001,
+                  "save_every": 20}
+
+
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory) -> Path:
+    folder = Path(os.environ.get("LORA_LAB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_browser")
+    (base / "models" / "checkpoints").mkdir(parents=True)
+    build_sd15_checkpoint(base / "models" / "checkpoints" / CHECKPOINT)
+    shutil.copytree(embedded.CONCEPT_DATASET, base / "input" / "concept")
+    comfy = ComfyServer(Path(COMFYUI_DIR), base, comfy_python(Path(COMFYUI_DIR)), frontend_args())
+    comfy.start()
+    yield comfy
+    comfy.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page, errors = open_comfyui(browser, server.url, SETTINGS)
+    yield page, errors
+    assert not errors.ours(), errors.ours()  # zero errors from LoRA Lab's files, whatever the test did
+    page.close()
+
+
+def shot(page, folder: Path, name: str, description: str) -> None:
+    path = folder / f"{name}{'-vue' if VUE_NODES else ''}.png"
+    page.screenshot(path=str(path))
+    print(f"screenshot {path}: {description}")
+
+
+def overlaps(facts: list[dict]) -> list[tuple]:
+    """Pairs of nodes whose boxes (title bar included) intersect."""
+    boxes = [(f["id"], f["pos"][0], f["pos"][1] - f["titleHeight"], f["pos"][0] + f["size"][0],
+              f["pos"][1] + f["size"][1]) for f in facts]
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
+def test_examples_load_with_the_values_they_mean(page, server, example, screenshots):
+    page, _ = page
+    load_workflow(page, json.loads(example_path(example).read_text()))
+    fit_view(page)
+    shot(page, screenshots, f"example-{example.name}", "the example as loaded, whole")
+    facts = {f["id"]: f for f in node_facts(page)}
+    intended = intended_values(example, server.get("/object_info"))
+    checked = 0
+    for node_id, values in intended.items():
+        shown = {w["name"]: w["value"] for w in facts[node_id]["widgets"]}
+        for name, value in values.items():
+            assert shown[name] == pytest.approx(value) if isinstance(value, float) else shown[name] == value, (
+                f"{example.name}: node {node_id} ({facts[node_id]['type']}) {name} = {shown[name]!r}, meant {value!r}")
+            checked += 1
+    print(f"{example.name}: {checked} widget values as meant; overlapping nodes: {overlaps(list(facts.values()))}")
+    assert not overlaps(list(facts.values()))
+
+
+def test_templates_browser_shows_the_examples_with_thumbnails(page, server, screenshots):
+    page, _ = page
+    templates = server.get("/workflow_templates")
+    names = next(v for k, v in templates.items() if "lora" in k.lower())
+    assert sorted(names) == sorted(e.name for e in EXAMPLES)
+    module = next(k for k in templates if "lora" in k.lower())
+    for name in names:  # the thumbnail the browser asks for is there
+        assert server.get_bytes(f"/api/workflow_templates/{module}/{name.replace(' ', '%20')}.jpg")[:2] == b"\xff\xd8"
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.get_by_text(module, exact=True).first.click()
+    page.wait_for_timeout(1500)
+    shot(page, screenshots, "templates", "the Templates browser on LoRA Lab's examples")
+    # Each card: its thumbnail loaded (the browser shows them as blob images) and its title shown.
+    loaded = page.evaluate("() => [...document.querySelectorAll('img')].filter((img) => img.complete"
+                           " && img.naturalWidth >= THUMBNAIL).length".replace("THUMBNAIL", str(THUMBNAIL_SIDE)))
+    assert loaded >= len(names)
+    for name in names:
+        assert page.get_by_text(name, exact=True).count() >= 1, name
+    page.get_by_text(TRAIN_AND_TEST.name, exact=True).first.click()
+    page.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'LoraLabTrainLora')", timeout=30_000)
+    facts = {f["id"]: f for f in node_facts(page)}
+    assert {w["name"]: w["value"] for w in facts[4]["widgets"]}["name"] == "xyz_style"
+
+
+def panel_state(page, node_id: int = 4) -> dict:
+    """The training panel's text and geometry, and the rectangles of the node's other widgets."""
+    return page.evaluate("""(id) => {
+        const node = window.app.graph.getNodeById(id);
+        const panel = node.loraLabPanel.root.getBoundingClientRect();
+        const canvas = window.app.canvas, bounds = canvas.canvas.getBoundingClientRect();
+        const toScreen = (x, y) => [bounds.left + (x + canvas.ds.offset[0]) * canvas.ds.scale,
+                                    bounds.top + (y + canvas.ds.offset[1]) * canvas.ds.scale];
+        const widgets = node.widgets.filter((w) => w.name !== 'lora_lab_panel' && w.y != null).map((w) => {
+            const [left, top] = toScreen(node.pos[0], node.pos[1] + w.y);
+            const [right, bottom] = toScreen(node.pos[0] + node.size[0], node.pos[1] + w.y + (w.computedHeight ?? 20));
+            return { name: w.name, left, top, right, bottom };
+        });
+        const [nodeLeft, nodeTop] = toScreen(node.pos[0], node.pos[1]);
+        const [nodeRight, nodeBottom] = toScreen(node.pos[0] + node.size[0], node.pos[1] + node.size[1]);
+        const parts = node.loraLabPanel, message = parts.message;
+        return { status: parts.status.textContent, numbers: parts.numbers.textContent, message: message.textContent,
+                 messageFits: message.scrollWidth <= message.clientWidth + 1,
+                 messageRect: message.getBoundingClientRect().toJSON(), points: Number(parts.chart.dataset.points),
+                 panel: panel.toJSON(), widgets,
+                 node: { left: nodeLeft, top: nodeTop, right: nodeRight, bottom: nodeBottom } };
+    }""", node_id)
+
+
+def intersects(a: dict, b: dict) -> bool:
+    return (a["left"] < b["right"] - 1 and b["left"] < a["right"] - 1
+            and a["top"] < b["bottom"] - 1 and b["top"] < a["bottom"] - 1)
+
+
+def small_sd15_example(page) -> None:
+    load_workflow(page, json.loads(example_path(TRAIN_AND_TEST).read_text()))
+    set_widgets(page, 1, {"ckpt_name": CHECKPOINT})
+    set_widgets(page, 2, {"folder": "concept", "trigger_word": "zkw_toy"})
+    set_widgets(page, 3, {"trigger_word": "zkw_toy"})
+    set_widgets(page, 4, {**SMALL_TRAINING, "name": "browser_run"})
+    set_widgets(page, 5, {"width": 64, "height": 64, "steps": 2, "strengths": "0, 1", "prompts": "{trigger}"})
+    set_widgets(page, 9, {"width": 64, "height": 64})
+    set_widgets(page, 10, {"steps": 2})
+
+
+def wait_status(page, statuses: tuple[str, ...], timeout: float = 600) -> dict:
+    page.wait_for_function("(statuses) => statuses.includes(window.app.graph.getNodeById(4)?.loraLabPanel?.status"
+                           ".textContent)", arg=list(statuses), timeout=timeout * 1000)
+    return panel_state(page)
+
+
+def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser, screenshots):
+    page, errors = page
+    small_sd15_example(page)
+    fit_view(page, 0.8)
+    page.evaluate("() => { const c = window.app.canvas; c.ds.offset = [-500, -330]; c.setDirty(true, true); }")
+    queued = time.time()
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    page.wait_for_function("() => Number(window.app.graph.getNodeById(4).loraLabPanel.chart.dataset.points) > 0",
+                           timeout=300_000)
+    print(f"seconds from Queue to the first loss point on the panel: {time.time() - queued:.1f}")
+    page.wait_for_function("() => Number(window.app.graph.getNodeById(4).loraLabPanel.chart.dataset.points) >= 8",
+                           timeout=300_000)
+    state = panel_state(page)
+    shot(page, screenshots, "training", f"the panel while training: {state['numbers']}")
+    assert state["status"] == "training" and "step" in state["numbers"] and "loss" in state["numbers"]
+    covered = [w["name"] for w in state["widgets"] if intersects(w, state["panel"])]
+    assert not covered, covered
+    assert state["panel"]["bottom"] <= state["node"]["bottom"] + 1 and state["panel"]["top"] >= state["node"]["top"]
+    # A reload in the middle of the run: the whole curve comes back from the run folder.
+    page.reload()
+    page.wait_for_function("() => window.app?.graph?.getNodeById(4)?.loraLabPanel", timeout=120_000)
+    page.wait_for_function("(before) => { const data = window.app.graph.getNodeById(4).loraLabPanel.chart.dataset;"
+                           " return Number(data.points) > before && Number(data.points) === Number(data.last); }",
+                           arg=state["points"], timeout=60_000)  # steps missed while away are filled in
+    fit_view(page, 0.8)
+    page.evaluate("() => { const c = window.app.canvas; c.ds.offset = [-500, -330]; c.setDirty(true, true); }")
+    after_reload = panel_state(page)
+    first, last = page.evaluate("() => ['first', 'last'].map((key) => Number(window.app.graph.getNodeById(4)"
+                                ".loraLabPanel.chart.dataset[key]))")
+    shot(page, screenshots, "reloaded", f"after a reload mid-run: {after_reload['points']} points, steps {first} "
+                                        f"to {last}")
+    assert first == 1 and after_reload["points"] == last  # the whole curve, no step missing
+    # Cancel: a checkpoint is saved and the panel says how to continue, inside the node.
+    page.evaluate("() => fetch('/api/interrupt', {method: 'POST'})")
+    stopped = wait_status(page, ("stopped",))
+    shot(page, screenshots, "stopped", f"after Cancel: {stopped['message']}")
+    assert "resume to 'latest'" in stopped["message"] and stopped["messageFits"]
+    assert stopped["messageRect"]["right"] <= stopped["node"]["right"] + 1
+    assert stopped["messageRect"]["bottom"] <= stopped["node"]["bottom"] + 1
+    # Resume and finish: the grid and the loss curve are shown, nothing covers them.
+    set_widgets(page, 4, {"resume": "latest"})
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    finished = wait_status(page, ("finished", "failed"))
+    assert finished["status"] == "finished", finished["message"]
+    page.wait_for_function("() => [4, 5, 12].every((id) => (window.app.graph.getNodeById(id).imgs ?? [])"
+                           ".some((img) => img.naturalWidth > 0))", timeout=300_000)
+    fit_view(page)
+    shot(page, screenshots, "finished", "after the run: panel finished, loss curve under it, grid on Sample "
+                                        "Checkpoint, the image on Save Image")
+    facts = node_facts(page)
+    assert not overlaps(facts)
+    assert not errors.ours()
+
+
+def test_lora_name_links_to_core_lora_loader(page, server):
+    page, _ = page
+    load_workflow(page, json.loads(example_path(TRAIN_AND_TEST).read_text()))
+    linked = page.evaluate("""() => {
+        const train = window.app.graph.getNodeById(4);
+        const loader = window.LiteGraph.createNode('LoraLoader');
+        window.app.graph.add(loader);
+        const slot = loader.inputs.findIndex((input) => input.name === 'lora_name');
+        train.connect(4, loader, slot);
+        return loader.inputs[slot].link != null;
+    }""")
+    assert linked
+
+
+def test_a_train_node_in_a_subgraph_gets_its_panel(page, server, screenshots):
+    page, _ = page
+    small_sd15_example(page)
+    set_widgets(page, 4, {**SMALL_TRAINING, "steps": 6, "save_every": 3, "name": "in_subgraph"})
+    made = page.evaluate("""() => {
+        const graph = window.app.graph, train = graph.getNodeById(4);
+        if (!graph.convertToSubgraph) return null;
+        const { node } = graph.convertToSubgraph(new Set([train]));
+        return node.id;
+    }""")
+    if made is None:
+        pytest.skip("this frontend has no subgraphs")
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    execution_id = f"{made}:4"
+    page.wait_for_function("""(id) => {
+        const [outer, inner] = id.split(':').map(Number);
+        const node = window.app.graph.getNodeById(outer)?.subgraph?.getNodeById(inner);
+        return node?.loraLabPanel?.status.textContent === 'finished';
+    }""", arg=execution_id, timeout=600_000)
+    page.evaluate("""(outer) => { window.app.canvas.setGraph(window.app.graph.getNodeById(outer).subgraph); }""", made)
+    fit_view(page)
+    shot(page, screenshots, "subgraph", f"Train LoRA inside a subgraph ({execution_id}) after its run")
