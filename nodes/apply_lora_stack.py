@@ -38,7 +38,7 @@ def build_stack(incoming: list[StackEntry] | None, run: TrainingRun | None, slot
     """The stack in order: incoming entries, the run's final LoRA, then the enabled slots."""
     stack = list(incoming or [])
     if run is not None:
-        stack.append((comfy.lora_display_name(run.final), 1.0, 1.0))
+        stack.append((comfy.lora_display_name(run.best), 1.0, 1.0))
     stack += [(name, model_strength, clip_strength) for name, model_strength, clip_strength, on in slots
               if on and name != NONE]
     if auto:
@@ -70,7 +70,8 @@ class ApplyLoraStack(io.ComfyNode):
                                  "(first 0.7, second 0.5, third and later 0.35) instead of the sliders."),
                 *slot_inputs,
                 STACK.Input("lora_stack", optional=True, tooltip="A LORA_STACK from another node (applied first)."),
-                RUN.Input("training_run", optional=True, tooltip="Apply this run's final LoRA."),
+                RUN.Input("training_run", optional=True, tooltip="Apply this run's recommended checkpoint (lowest "
+                          "validation loss; else the last)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      STACK.Output(display_name="lora_stack"), io.String.Output(display_name="trigger_words")],

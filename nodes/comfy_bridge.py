@@ -26,7 +26,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import Image
 
 from ..trainer.errors import LoraLabError
-from ..trainer.loop import Checkpoint, StepReport, TrainingEvents
+from ..trainer.loop import Checkpoint, SampleSheet, StepReport, TrainingEvents
 from ..trainer.lora_files import check_lora
 
 __all__ = ["ComfyExtension", "io", "ui", "SAMPLERS", "SCHEDULERS", "DATASET", "RUN", "STACK"]
@@ -60,6 +60,10 @@ LORA_NAME.io_type = _LoraNameType("COMBO")  # io.Custom wraps the name in its ow
 PROGRESS_EVENT = "lora_lab.progress"
 CHECKPOINT_EVENT = "lora_lab.checkpoint"
 STATUS_EVENT = "lora_lab.status"
+VALIDATION_EVENT = "lora_lab.validation"
+SAMPLE_EVENT = "lora_lab.sample"
+SAMPLE_PREVIEW_WIDTH = 480  # the sample sheet as the training panel shows it
+CELL_EVENT = "lora_lab.cell"
 
 
 # --- folders ---------------------------------------------------------------------------------
@@ -212,6 +216,16 @@ class NodeEvents(TrainingEvents):
         send(CHECKPOINT_EVENT, {"node": self.node_id, "run": self.run, "step": checkpoint.step,
                                 "file": checkpoint.path.name})
 
+    def on_validation(self, step: int, loss: float) -> None:
+        send(VALIDATION_EVENT, {"node": self.node_id, "run": self.run, "step": step, "loss": loss})
+
+    def on_samples(self, sheet: SampleSheet) -> None:
+        from ..trainer.metadata import thumbnail_url
+
+        with Image.open(sheet.path) as picture:
+            send(SAMPLE_EVENT, {"node": self.node_id, "run": self.run, "step": sheet.step,
+                                "image": thumbnail_url(picture, SAMPLE_PREVIEW_WIDTH)})
+
     def should_stop(self) -> bool:
         self.interrupted = self.interrupted or comfy.model_management.processing_interrupted()
         return self.interrupted
@@ -249,19 +263,16 @@ def add_json_route(path: str, handler: Callable[[dict[str, str]], tuple[int, Any
         server.routes.get(path)(respond)
 
 
-class ProgressWithPreview:
-    """ComfyUI's progress bar on a node, with an image shown on the node at each update."""
+class NodeProgress:
+    """ComfyUI's progress bar on a node (k of n); Cancel raises ComfyUI's interrupt at each update."""
 
     def __init__(self, node_id: str | None, total: int) -> None:
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
         self.total = total
 
-    def update(self, done: int, preview: Image.Image | None = None, max_size: int | None = 256) -> None:
-        """Raises ComfyUI's interrupt when the user pressed Cancel. The frontend keeps the last preview
-        on the node until the node runs again, in front of its output images: a node whose output is
-        a picture ends with that picture as its last preview (max_size None: full size)."""
+    def update(self, done: int) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.bar.update_absolute(done, self.total, ("JPEG", preview, max_size) if preview is not None else None)
+        self.bar.update_absolute(done, self.total)
 
 
 def raise_interrupted() -> None:

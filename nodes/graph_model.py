@@ -115,25 +115,29 @@ def shared_diffusers_flux(model: Any) -> torch.nn.Module:
 class Conversion:
     model_class: str  # ComfyUI's model config class (comfy.supported_models) or a base class of it
     exact: bool  # only that class, not its subclasses (SD 1.5's class is a base of others)
+    accepts: Callable[[dict], bool]  # the unet_config of a variant this conversion handles
     denoiser: Callable[[Any], torch.nn.Module]
 
 
 # ComfyUI model class -> trainer family, checked in this order. Adding a trainable family means an
-# entry here (and its family module in trainer/families/).
+# entry here (and its family module in trainer/families/). Inpainting and edit variants (more input
+# channels) and FLUX.2 (a subclass of ComfyUI's Flux with another layout) are not accepted.
 CONVERSIONS = {
-    "flux": Conversion("Flux", exact=False, denoiser=shared_diffusers_flux),
-    "sdxl": Conversion("SDXL", exact=False, denoiser=shared_diffusers_unet),  # Vega, SSD-1B, KOALA too
-    "sd15": Conversion("SD15", exact=True, denoiser=shared_diffusers_unet),
+    "flux": Conversion("Flux", exact=False, denoiser=shared_diffusers_flux,
+                       accepts=lambda c: c.get("in_channels") == 16 and c.get("image_model", "flux") == "flux"),
+    "sdxl": Conversion("SDXL", exact=False, denoiser=shared_diffusers_unet,  # Vega, SSD-1B, KOALA too
+                       accepts=lambda c: c.get("in_channels") == 4),
+    "sd15": Conversion("SD15", exact=True, denoiser=shared_diffusers_unet, accepts=lambda c: c.get("in_channels") == 4),
 }
 
 
 def family_of(model: Any) -> ModelFamily:
     """The trainer family of a graph's MODEL, or a clear error for models LoRA Lab does not train."""
     lineage = comfy.model_class_lineage(model)
-    standard_input = comfy.model_config(model).unet_config.get("in_channels") in (4, 16)  # not inpainting / edit
+    unet_config = comfy.model_config(model).unet_config
     for name, conversion in CONVERSIONS.items():
         found = lineage[0] == conversion.model_class if conversion.exact else conversion.model_class in lineage
-        if found and standard_input:
+        if found and conversion.accepts(unet_config):
             return get_family(name)
     titles = ", ".join(get_family(name).title for name in reversed(CONVERSIONS))
     raise LoraLabError(f"Train LoRA trains {titles} models; this graph's model is {lineage[0]}. Load one of those.")
@@ -157,6 +161,10 @@ class GraphEncoders(Encoders):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         raw = self.vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
         return self.latent_format.process_in(raw).clone()
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(self.latent_format.process_out(latents))  # (B, H, W, C) in [0, 1]
+        return images.movedim(-1, 1).float() * 2 - 1
 
 
 def weights_key(denoiser: torch.nn.Module) -> str:

@@ -5,7 +5,8 @@ so a reloaded page or a second browser shows the same curve as the tab that queu
     GET /lora_lab/run?name=<run>   the run of that name
     GET /lora_lab/run?node=<id>    the newest run started by that node ("5" or "5:3" in a subgraph)
 
-Both answer {"run": <journal>, "losses": [[step, loss, lr], ...]}; a node that has not trained yet
+Both answer {"run": <journal>, "losses": [[step, loss, lr], ...], "sample": <the newest sample
+sheet as a data URL, or null>}; a node that has not trained yet
 gets {"run": null} (not an error: every Train LoRA node asks when the page loads). Bad queries get
 400 and unknown run names 404, each with {"error": ...}.
 Nothing outside the LoRA Lab folder under models/loras is ever read.
@@ -16,7 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from ..trainer.history import journal_path, loss_log_path, read_journal, read_loss_log
+from ..trainer.metadata import thumbnail_url
 from . import comfy_bridge as comfy
 
 RUN_ROUTE = "/lora_lab/run"
@@ -26,12 +30,23 @@ def runs_folder() -> Path:
     return comfy.lora_root() / comfy.LORA_SUBFOLDER
 
 
+def latest_sample(run_dir: Path, journal: dict[str, Any]) -> str | None:
+    """The run's newest sample sheet as a small data URL, as the live panel shows it."""
+    for sheet in reversed(journal.get("samples") or []):
+        path = run_dir / str(sheet.get("file", ""))
+        if path.parent == run_dir and path.name.endswith("-samples.png") and path.is_file():
+            with Image.open(path) as picture:
+                return thumbnail_url(picture, comfy.SAMPLE_PREVIEW_WIDTH)
+    return None
+
+
 def run_answer(folder: Path, run_dir: Path) -> tuple[int, dict[str, Any]]:
     journal = read_journal(journal_path(run_dir, run_dir.name))
     if run_dir.parent.resolve() != folder.resolve() or journal is None:
         return 404, {"error": f"no run named {run_dir.name!r} in {folder}"}
     losses = loss_log_path(run_dir, run_dir.name)
-    return 200, {"run": journal, "losses": read_loss_log(losses) if losses.is_file() else []}
+    return 200, {"run": journal, "losses": read_loss_log(losses) if losses.is_file() else [],
+                 "sample": latest_sample(run_dir, journal)}
 
 
 def newest_run_of_node(folder: Path, node: str) -> Path | None:
@@ -53,7 +68,7 @@ def run_route(query: dict[str, str], folder: Path | None = None) -> tuple[int, d
         return run_answer(folder, folder / name)
     if query.get("node"):
         run_dir = newest_run_of_node(folder, query["node"])
-        return run_answer(folder, run_dir) if run_dir else (200, {"run": None, "losses": []})
+        return run_answer(folder, run_dir) if run_dir else (200, {"run": None, "losses": [], "sample": None})
     return 400, {"error": "ask for ?name=<run> or ?node=<node id>"}
 
 

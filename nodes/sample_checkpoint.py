@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..trainer.errors import LoraLabError
+from ..trainer.metadata import thumbnail_url
 from ..trainer.sampling import fill_trigger, labelled_grid
 from . import comfy_bridge as comfy
 from .comfy_bridge import RUN, io, ui
@@ -29,7 +30,8 @@ def parse_strengths(text: str) -> list[float]:
 
 def checkpoints_to_sample(run: TrainingRun | None, lora_names: str) -> list[tuple[str, Path, tuple[str, ...]]]:
     """(row label, file, trigger words) for every checkpoint of the run, then every named file."""
-    rows = [(f"step {step}", path, run.trigger_words) for step, path in run.checkpoints] if run else []
+    rows = [(f"step {step}" + (" (recommended)" if step == run.best_step else ""), path, run.trigger_words)
+            for step, path in run.checkpoints] if run else []
     for name in (line.strip() for line in lora_names.splitlines()):
         if name:
             rows.append((Path(name).stem, comfy.lora_path(name), ()))
@@ -83,7 +85,8 @@ class SampleCheckpoint(io.ComfyNode):
         # Strength 0 is the base model whatever the checkpoint: one image per prompt text serves every row.
         zero = 0 in strength_values
         total = len(checkpoints) * len(prompt_lines) * (len(strength_values) - zero) + zero * len(texts)
-        progress = comfy.ProgressWithPreview(cls.hidden.unique_id, total)
+        node_id = cls.hidden.unique_id
+        progress = comfy.NodeProgress(node_id, total)
         base: dict[str, torch.Tensor] = {}
         rows, cells, done = [], [], 0
         for label, path, triggers in checkpoints:
@@ -102,12 +105,14 @@ class SampleCheckpoint(io.ComfyNode):
                     if strength == 0:
                         base[text] = image
                     done += 1
-                    progress.update(done, comfy.images_to_pil(image)[0])
+                    progress.update(done)
+                    comfy.send(comfy.CELL_EVENT, {"node": node_id, "done": done, "total": total,
+                                                  "label": f"{label} · strength {strength:g} · {text}",
+                                                  "image": thumbnail_url(comfy.images_to_pil(image)[0], 96)})
                 cells += images
                 rows.append((label + (f"\n{text}" if len(prompt_lines) > 1 else ""),
                              [comfy.images_to_pil(image)[0] for image in images]))
         picture = labelled_grid(rows, [f"strength {s:g}" for s in strength_values],
                                 cell_size=min(512, max(256, width, height)))
-        progress.update(total, picture, max_size=None)
         grid = comfy.pil_to_images([picture])
         return io.NodeOutput(grid, torch.cat(cells), ui=ui.PreviewImage(grid, cls=cls))

@@ -3,6 +3,7 @@ tooltips are the trainer's (one source of truth)."""
 
 from __future__ import annotations
 
+from dataclasses import MISSING
 from typing import Any
 
 from ..trainer.config import field_specs
@@ -13,7 +14,7 @@ def setting_widget(name: str, **overrides: Any) -> Any:
     """An input widget for the trainer setting `name` (overrides replace default/min/max/tooltip)."""
     _, spec = field_specs()[name]
     meta = spec.metadata
-    default = overrides.pop("default", spec.default)
+    default = overrides.pop("default", spec.default if spec.default is not MISSING else spec.default_factory())
     tooltip = overrides.pop("tooltip", meta["help"])
     if meta["choices"]:
         return io.Combo.Input(name, options=list(meta["choices"]), default=default, tooltip=tooltip)
@@ -27,4 +28,6 @@ def setting_widget(name: str, **overrides: Any) -> Any:
         return io.Float.Input(name, default=default, min=overrides.pop("min", meta["low"] or 0.0),
                               max=overrides.pop("max", meta["high"] or 1e9), step=overrides.pop("step", 0.01),
                               round=overrides.pop("round", False), tooltip=tooltip)
+    if isinstance(default, tuple):  # a list of values: one a line
+        return io.String.Input(name, default="\n".join(map(str, default)), multiline=True, tooltip=tooltip)
     return io.String.Input(name, default=default, tooltip=tooltip)

@@ -20,7 +20,8 @@ from .values import DatasetValue, TrainingRun
 # Widgets in this order are public API: workflow files store widget values by position.
 SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "batch_size", "optimizer",
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
-            "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes")
+            "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
+            "sample_every", "prompts", "validation_images")
 NEW_RUN, LATEST = "off", "latest"
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
@@ -80,7 +81,17 @@ def resume_widget() -> io.Combo.Input:
 
 def run_value(result: TrainingResult) -> TrainingRun:
     return TrainingRun(result.config.output.name, tuple((c.step, c.path) for c in result.checkpoints),
-                       result.trigger_words, result.stopped)
+                       result.trigger_words, result.stopped, result.best.step if result.best else None)
+
+
+def finish_message(result: TrainingResult) -> str:
+    """What a finished run says on its panel: the diagnosis and the checkpoint to use."""
+    message = f"Finished: {result.config.train.steps} steps."
+    if result.diagnosis is not None:
+        message += f" {result.diagnosis}."
+    if result.best is not None:
+        message += f" Recommended checkpoint: {result.best.path.name} (step {result.best.step})."
+    return message
 
 
 class TrainLora(io.ComfyNode):
@@ -98,11 +109,16 @@ class TrainLora(io.ComfyNode):
                 *(resume_widget() if name == "resume" else setting_widget(name, **WIDGET_OPTIONS.get(name, {}))
                   for name in SETTINGS),
             ],
-            outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
-                     RUN.Output(display_name="training_run"), io.Image.Output(display_name="loss_curve"),
-                     comfy.LORA_NAME.Output(display_name="lora_name", tooltip="The final LoRA's name as LoraLoader "
-                                            "lists it: connect it to LoraLoader's lora_name (or use the model "
-                                            "and clip outputs, which already carry the LoRA).")],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "
+                                     "applied at strength 1."),
+                     io.Clip.Output(display_name="clip", tooltip="The text encoder with the recommended checkpoint "
+                                    "applied."),
+                     RUN.Output(display_name="training_run", tooltip="Every checkpoint of the run and the recommended "
+                                "one, for Sample Checkpoint and Apply LoRA Stack."),
+                     io.Image.Output(display_name="loss_curve"),
+                     comfy.LORA_NAME.Output(display_name="lora_name", tooltip="The recommended checkpoint (lowest "
+                                            "validation loss; else the last, or the one before the loss rose) as "
+                                            "LoraLoader lists it: connect it to LoraLoader's lora_name.")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
             is_output_node=True,
         )
@@ -130,11 +146,12 @@ class TrainLora(io.ComfyNode):
             log.info(message)
             events.status("stopped", message)
             comfy.raise_interrupted()
-        events.status("finished", f"Finished: {result.config.train.steps} steps, saved {result.final_path.name}.")
-        lora = comfy.load_lora_file(result.final_path)
+        events.status("finished", finish_message(result))
+        best = result.best.path if result.best else result.final_path
+        lora = comfy.load_lora_file(best)
         model_out, clip_out = comfy.apply_lora(model, clip, lora, 1.0, 1.0)
         curve = comfy.pil_to_images([loss_chart(result.losses, f"{result.config.output.name}: loss",
-                                                [c.step for c in result.checkpoints])])
-        name = comfy.lora_display_name(result.final_path)
+                                                [c.step for c in result.checkpoints], result.validation)])
+        name = comfy.lora_display_name(best)
         return io.NodeOutput(model_out, clip_out, run_value(result), curve, name,
                              ui=ui.PreviewImage(curve, cls=cls))

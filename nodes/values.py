@@ -25,10 +25,16 @@ class TrainingRun:
     checkpoints: tuple[tuple[int, Path], ...]  # (step, file)
     trigger_words: tuple[str, ...]
     stopped: bool = False
+    best_step: int | None = None  # the recommended checkpoint (lowest validation loss, else the guide's rule)
 
     @property
     def final(self) -> Path:
         return self.checkpoints[-1][1]
+
+    @property
+    def best(self) -> Path:
+        """The recommended checkpoint's file (the last one when the run recommended none)."""
+        return next((path for step, path in self.checkpoints if step == self.best_step), self.final)
 
 
 # A LORA_STACK entry, as Efficiency/Comfyroll packs pass it: (lora name, model strength, clip strength).

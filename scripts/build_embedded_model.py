@@ -60,6 +60,27 @@ def build_tokenizer(folder: Path, words: tuple[str, ...]) -> CLIPTokenizer:
     return tokenizer
 
 
+def made_up_word(rng: random.Random) -> str:
+    """A word the tokenizer has no token for (spelled in bytes), shaped like a trigger word."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while True:
+        word = "".join(rng.choice(letters) for _ in range(3)) + "_" + "".join(rng.choice(letters) for _ in range(3))
+        if word != synthetic.CONCEPT_TRIGGER:
+            return word
+
+
+def caption_variant(rng: random.Random, caption: str) -> str:
+    """The ways a prompt may describe a base-world image: as is; with an unknown word in front
+    (as a LoRA's trigger word will be), which the base must learn to shrug off; or without its
+    shape, so a prompt that names only the background still gets one."""
+    shape, background = caption.split(", ")
+    if rng.random() < 0.2:
+        caption = background
+    if rng.random() < 0.35:
+        caption = f"{made_up_word(rng)}, {caption}"
+    return caption
+
+
 def image_batch(rng: random.Random, count: int) -> tuple[torch.Tensor, list[str]]:
     images, captions = zip(*(synthetic.base_sample(rng) for _ in range(count)), strict=True)
     pixels = np.stack([np.asarray(im, np.float32) / 127.5 - 1.0 for im in images])
@@ -143,10 +164,12 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer: CLIPTo
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     generator = torch.Generator().manual_seed(0)
+    caption_rng = random.Random(7)
     for step in range(steps):
         index = torch.randint(0, len(latents), (32,), generator=generator)
         # 10 % empty captions so classifier-free guidance works at sampling time.
-        batch_captions = ["" if random.random() < 0.1 else captions[i] for i in index.tolist()]
+        batch_captions = ["" if caption_rng.random() < 0.1 else caption_variant(caption_rng, captions[i])
+                          for i in index.tolist()]
         ids = tokenizer(batch_captions, padding="max_length", max_length=77, truncation=True,
                         return_tensors="pt").input_ids
         clean = latents[index]
@@ -185,6 +208,8 @@ def main() -> None:
     parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only refinement steps")
     parser.add_argument("--refine-decoder-only", action="store_true",
                         help="only refine the decoder of the model already in --out")
+    parser.add_argument("--reuse-vae", type=Path, help="take the VAE from this tiny-sd15 folder instead of training "
+                        "one (the denoiser and text encoder are trained anew on its latent space)")
     parser.add_argument("--pool", type=int, default=16384, help="number of pre-encoded training images")
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args()
@@ -200,13 +225,19 @@ def main() -> None:
         log.info("done in %.0f s", time.time() - started)
         return
     tokenizer = build_tokenizer(model_dir / "tokenizer", synthetic.BASE_WORDS)
-    vae = train_vae(rng, args.vae_steps)
-    latents, captions = encode_pool(vae, rng, args.pool)
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    latents = latents * vae.config.scaling_factor
+    if args.reuse_vae:
+        vae = AutoencoderKL.from_pretrained(args.reuse_vae / "vae", dtype=torch.float32).eval().requires_grad_(False)
+        latents, captions = encode_pool(vae, rng, args.pool)
+        latents = latents * vae.config.scaling_factor
+    else:
+        vae = train_vae(rng, args.vae_steps)
+        latents, captions = encode_pool(vae, rng, args.pool)
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+        latents = latents * vae.config.scaling_factor
     log.info("vae done after %.0f s, scaling factor %.4f", time.time() - started, vae.config.scaling_factor)
     unet, text_encoder, scheduler = train_denoiser(latents, captions, tokenizer, args.unet_steps)
-    vae = refine_decoder(vae, rng, args.decoder_steps)
+    if not args.reuse_vae:
+        vae = refine_decoder(vae, rng, args.decoder_steps)
     # fp16 on disk keeps the whole embedded default small; the trainer computes in fp32 on CPU.
     unet.to(torch.float16).save_pretrained(model_dir / "unet")
     vae.to(torch.float16).save_pretrained(model_dir / "vae")

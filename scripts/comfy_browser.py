@@ -21,7 +21,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 # Settings a first visit would otherwise interrupt with dialogs (the template browser, the release notes).
 QUIET_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Release.Version": "9.99.99",
                   "Comfy.Release.Status": "skipped", "Comfy.Release.Timestamp": 4102444800000,
-                  "Comfy.Minimap.Visible": False}
+                  "Comfy.Minimap.Visible": False, "Comfy.VueNodes.Enabled": False}
 
 
 def set_settings(url: str, settings: dict[str, Any]) -> None:
@@ -75,7 +75,7 @@ NODE_FACTS = """() => {
   const root = window.app.graph;
   const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
   return root._nodes.map((n) => ({
-    id: n.id, type: n.type, title: n.title, pos: [n.pos[0], n.pos[1]], size: [n.size[0], n.size[1]],
+    id: Number(n.id), type: n.type, title: n.title, pos: [n.pos[0], n.pos[1]], size: [n.size[0], n.size[1]],
     titleHeight: title,
     widgets: (n.widgets ?? []).map((w) => ({ name: w.name, type: w.type, value: w.value,
                                               y: w.y ?? w.last_y ?? null,
@@ -86,7 +86,8 @@ NODE_FACTS = """() => {
 
 
 def node_facts(page: Any) -> list[dict]:
-    """Every root-graph node's position, size and widgets (with values) as the frontend holds them."""
+    """Every root-graph node's position, size and widgets (with values) as the frontend holds them;
+    ids as numbers (some frontends keep them as strings)."""
     return page.evaluate(NODE_FACTS)
 
 

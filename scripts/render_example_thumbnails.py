@@ -25,15 +25,17 @@ THUMBNAIL_SIDE = 768  # square, as the Templates browser's cards are
 
 def queue_and_wait(page, output_node: int, timeout: float = 900) -> None:
     page.evaluate("() => window.app.queuePrompt(0, 1)")
-    page.wait_for_function("(id) => window.app.nodeOutputs?.[String(id)] && (window.app.graph.getNodeById(id).imgs"
-                           " ?? []).some((img) => img.naturalWidth)", arg=output_node, timeout=timeout * 1000)
-    time.sleep(1)
+    page.wait_for_function("(id) => window.app.nodeOutputs?.[String(id)]", arg=output_node, timeout=timeout * 1000)
 
 
 def save_thumbnail(page, example, node_ids: list[int]) -> None:
     """The nodes that tell the example's story, large enough to read (the canvas drops text below
     60 % zoom)."""
     fit_view(page, node_ids=node_ids, min_scale=0.62)
+    # The canvas loads a node's pictures when it first draws the node on screen.
+    page.wait_for_function("(ids) => ids.every((id) => !window.app.nodeOutputs?.[String(id)]?.images"
+                           " || (window.app.graph.getNodeById(id).imgs ?? []).some((img) => img.naturalWidth))",
+                           arg=node_ids, timeout=30_000)
     picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
     picture = picture.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
     path = example_path(example).with_suffix(".jpg")

@@ -25,6 +25,8 @@ torch.manual_seed(0)
 config = dict(image_model="flux", in_channels=4, out_channels=4, vec_in_dim=16, context_in_dim=32, hidden_size=32,
               mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 6, 6], theta=10000,
               patch_size=2, qkv_bias=True, guidance_embed=True)
+if "txt_ids_dims" in comfy.supported_models.Flux.unet_config or hasattr(comfy.supported_models, "Flux2"):
+    config["txt_ids_dims"] = []  # ComfyUI 0.33 and newer: FLUX.1's text ids carry no positions
 comfy_model = comfy.supported_models.Flux(config).get_model({}, "", device="cpu")
 with torch.no_grad():
     for parameter in comfy_model.diffusion_model.parameters():

@@ -169,6 +169,20 @@ def panel_state(page, node_id: int = 4) -> dict:
     }""", node_id)
 
 
+def grid_cell_on_screen(page, node_id: int, zoom: float, cell_pixels: int = 256) -> float:
+    """How wide one grid cell is drawn at canvas zoom `zoom`: in Nodes 2.0 from the picture's own
+    element, on the classic canvas from the space the node leaves below its widgets."""
+    scale = page.evaluate("""(id) => {
+        const node = window.app.graph.getNodeById(id), image = node.imgs[0];
+        const shown = [...document.querySelectorAll('img')].find((img) => img.src === image.src
+                                                                && img.getBoundingClientRect().width > 0);
+        if (shown) return shown.getBoundingClientRect().width / image.naturalWidth / window.app.canvas.ds.scale;
+        const bottom = Math.max(...node.widgets.map((w) => (w.y ?? 0) + (w.computedHeight ?? 20)));
+        return Math.min((node.size[0] - 20) / image.naturalWidth, (node.size[1] - bottom) / image.naturalHeight);
+    }""", node_id)
+    return cell_pixels * scale * zoom
+
+
 def intersects(a: dict, b: dict) -> bool:
     return (a["left"] < b["right"] - 1 and b["left"] < a["right"] - 1
             and a["top"] < b["bottom"] - 1 and b["top"] < a["bottom"] - 1)
@@ -235,14 +249,44 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
     page.evaluate("() => window.app.queuePrompt(0, 1)")
     finished = wait_status(page, ("finished", "failed"))
     assert finished["status"] == "finished", finished["message"]
+    page.wait_for_function("() => [4, 5, 12].every((id) => window.app.nodeOutputs?.[String(id)])", timeout=300_000)
+    fit_view(page)  # the canvas loads a node's pictures when it first draws the node on screen
     page.wait_for_function("() => [4, 5, 12].every((id) => (window.app.graph.getNodeById(id).imgs ?? [])"
-                           ".some((img) => img.naturalWidth > 0))", timeout=300_000)
-    fit_view(page)
+                           ".some((img) => img.naturalWidth > 0))", timeout=60_000)
     shot(page, screenshots, "finished", "after the run: panel finished, loss curve under it, grid on Sample "
                                         "Checkpoint, the image on Save Image")
     facts = node_facts(page)
     assert not overlaps(facts)
+    texts = page.evaluate("() => [2, 3].map((id) => window.app.graph.getNodeById(id).loraLabText.textContent)"
+                          ".concat([window.app.graph.getNodeById(5).loraLabCells.text.textContent])")
+    print(f"Load Dataset shows: {texts[0]!r}; Caption shows: {texts[1][:80]!r}...; Sample Checkpoint: {texts[2]!r}")
+    assert texts[0].startswith(("Ready to train", "1 problem", "2 problem")) and "12 images" in texts[0]
+    assert texts[1].count("zkw_toy") == 12 and texts[2].startswith("All 3 cells sampled")
+    zoom = json.loads(example_path(TRAIN_AND_TEST).read_text())["extra"]["ds"]["scale"]
+    cell = grid_cell_on_screen(page, 5, zoom)
+    print(f"a grid cell is {cell:.0f} px on screen at the example's zoom ({zoom:.0%})")
+    assert cell >= 128
     assert not errors.ours()
+
+
+def test_model_library_shows_the_loras_thumbnail_and_trigger_phrase(page, server, screenshots):
+    """The run's LoRA as ComfyUI's Model Library shows it (after the training test's run)."""
+    page, _ = page
+    run = next((server.base / "models" / "loras" / "lora_lab").glob("browser_run"), None)
+    if run is None:
+        pytest.skip("needs the training test's run")
+    commands = page.evaluate("() => window.app.extensionManager.command.commands.map((c) => c.id)")
+    if "Workspace.ToggleSidebarTab.model-library" not in commands:
+        pytest.skip("this frontend has no Model Library sidebar")
+    page.evaluate("() => window.app.extensionManager.command.execute('Workspace.ToggleSidebarTab.model-library')")
+    for folder in ("loras", "lora_lab", "browser_run"):
+        page.get_by_text(folder, exact=True).first.click()
+        page.wait_for_timeout(800)
+    page.get_by_text("browser_run", exact=True).last.hover()
+    page.wait_for_function("() => [...document.querySelectorAll('img')].some((img) => img.src.startsWith("
+                           "'data:image/jpeg') && img.naturalWidth > 0)", timeout=15_000)
+    shot(page, screenshots, "model-library", "the Model Library's preview of the trained LoRA")
+    assert page.get_by_text("zkw_toy", exact=False).count() > 0  # the trigger phrase (and the usage hint)
 
 
 def test_lora_name_links_to_core_lora_loader(page, server):

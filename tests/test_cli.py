@@ -38,12 +38,12 @@ def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys, monkeypat
     run_dir = tmp_path / "zkw_toy"
     names = sorted(p.name for p in run_dir.iterdir())
     assert names == ["zkw_toy-grid.png", "zkw_toy-loss.csv", "zkw_toy-loss.png", "zkw_toy-run.json",
-                     "zkw_toy-step000002.resume", "zkw_toy-step000002.safetensors", "zkw_toy.resume",
-                     "zkw_toy.safetensors"]
+                     "zkw_toy-step000002-samples.png", "zkw_toy-step000002.resume", "zkw_toy-step000002.safetensors",
+                     "zkw_toy-step000004-samples.png", "zkw_toy.resume", "zkw_toy.safetensors"]
     assert set(names) <= set(renamed)  # none written in place: a crash leaves the old file or the new one
     assert {stat.S_IMODE((run_dir / name).stat().st_mode) for name in names} == {0o644}
     out = capsys.readouterr().out
-    assert "Concept score at strength 1" in out and "Loss curve diagnosis" in out
+    assert "Concept (a magenta ring around a cyan dot) at strength 1: in" in out and "Loss curve diagnosis" in out
 
 
 def test_errors_exit_with_a_message(tmp_path, capsys):

@@ -191,8 +191,8 @@ def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     assert len(saved) == 1 and saved[0].with_suffix(".resume").is_file()
     step = int(saved[0].stem.rsplit("step", 1)[1])
     assert 3 <= step <= 5  # within a step or two of the Cancel
-    stopped = next(m for m in messages if m["type"] == "lora_lab.stopped")
-    assert "set resume to 'latest'" in stopped["data"]["message"]
+    stopped = next(m for m in messages if m["type"] == "lora_lab.status" and m["data"]["status"] == "stopped")
+    assert "set resume to 'latest'" in stopped["data"]["message"] and stopped["data"]["run"] == "cancelled"
     # Queue again with resume = latest: training continues at the next step and finishes.
     prompt["3"]["inputs"]["resume"] = "latest"
     prompt_id, messages = server.run(prompt)

@@ -19,7 +19,8 @@ EXPECTED_INPUTS = {
     "LoraLabTrainLora": ["model", "clip", "vae", "dataset", "preset", "steps", "rank", "alpha", "learning_rate",
                          "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
-                         "noise_offset", "bucketing", "resume", "resume_with_changes"],
+                         "noise_offset", "bucketing", "resume", "resume_with_changes", "sample_every", "prompts",
+                         "validation_images"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
                                 "sampler_name", "scheduler", "width", "height", "training_run", "lora_names"],
     "LoraLabApplyLoraStack": ["model", "clip", "auto_strengths", "lora_1", "model_strength_1", "clip_strength_1",
@@ -142,6 +143,10 @@ def test_family_of_the_graphs_model(nodes):
         family_of(graph_model(models.SDXL, 9))  # an inpainting model
     with pytest.raises(LoraLabError, match="this graph's model is SD3"):
         family_of(graph_model(type("SD3", (), {})))
+    flux2 = graph_model(type("Flux2", (models.Flux,), {}), 16)
+    flux2.model.model_config.unet_config["image_model"] = "flux2"  # ComfyUI 0.33's FLUX.2: another layout
+    with pytest.raises(LoraLabError, match="this graph's model is Flux2"):
+        family_of(flux2)
 
 
 def test_resume_choices_keep_the_run_and_stay_inside_the_lora_folder(nodes, tmp_path):
@@ -285,9 +290,36 @@ def test_run_route_reads_a_runs_history_by_name_or_node(nodes, make_config, fres
     status, answer = run_route({"node": "5:3"}, folder)
     assert status == 200 and answer["run"]["name"] == "first" and answer["run"]["status"] == "finished"
     assert [row[0] for row in answer["losses"]] == [1, 2, 3] and answer["run"]["owner"] == {"node": "5:3"}
+    assert answer["sample"].startswith("data:image/jpeg;base64,")  # the newest sample sheet, for the panel
     assert run_route({"name": "first"}, folder) == (status, answer)
-    assert run_route({"node": "9"}, folder) == (200, {"run": None, "losses": []})  # no run yet is no error
+    assert run_route({"node": "9"}, folder) == (200, {"run": None, "losses": [], "sample": None})  # no error
     assert run_route({"name": "nope"}, folder)[0] == 404
     for hostile in ("../out", "..", "/etc", ".hidden"):  # only run folders inside the LoRA Lab folder
         assert run_route({"name": hostile}, folder)[0] in (400, 404)
     assert run_route({}, folder)[0] == 400
+
+
+def test_sample_checkpoint_samples_strength_zero_once_per_prompt_and_reports_each_cell(nodes, stubs, monkeypatch):
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.nodes.sample_checkpoint import SampleCheckpoint
+    from lora_lab.nodes.values import TrainingRun
+
+    sampled, progress, events = [], [], []
+    monkeypatch.setattr(comfy_bridge, "load_lora_file", lambda path: {"file": str(path)})
+    monkeypatch.setattr(comfy_bridge, "sample_image", lambda model, clip, vae, text, *rest: sampled.append(
+        (model, text)) or torch.full((1, 8, 8, 3), len(sampled) / 10))
+    monkeypatch.setattr(comfy_bridge, "NodeProgress", lambda node, total: types.SimpleNamespace(
+        update=lambda done: progress.append((done, total))))
+    monkeypatch.setattr(comfy_bridge, "send", lambda event, data: events.append((event, data)))
+    run = TrainingRun("mine", ((5, stubs.loras / "a.safetensors"), (10, stubs.loras / "b.safetensors")), ("zkw",))
+    output = SampleCheckpoint.execute("MODEL", "CLIP", "VAE", prompts="{trigger}, a\n{trigger}, b", negative="",
+                                      strengths="0, 0.5, 1", seed=1, steps=2, cfg=5.0, sampler_name="euler",
+                                      scheduler="normal", width=64, height=64, training_run=run)
+    grid, cells = output.values
+    # 2 checkpoints x 2 prompts x 3 strengths = 12 cells, but strength 0 is the base model: 2 + 8 sampled.
+    assert len(sampled) == 10 and cells.shape[0] == 12
+    assert [m for m, _ in sampled].count("MODEL") == 2  # the unpatched model, once per prompt
+    assert progress == [(k, 10) for k in range(1, 11)]
+    assert [data["done"] for event, data in events if event == "lora_lab.cell"] == list(range(1, 11))
+    assert events[-1][1]["image"].startswith("data:image/jpeg;base64,")
+    assert grid.shape[0] == 1 and grid.shape[2] > 240 + 3 * 250  # label column and three cells of 256 px

@@ -15,7 +15,9 @@ from lora_lab.trainer.lora import add_lora, lora_parameters
 from lora_lab.trainer.objectives import min_snr_weights, noise_batch
 from lora_lab.trainer.run import train_lora
 
-QUICK = {"steps": 3, "rank": 4, "batch_size": 2, "learning_rate": 1e-3, "save_every": 3}
+# No validation or samples: these tests are about what trains (test_watch.py has those).
+QUICK = {"steps": 3, "rank": 4, "batch_size": 2, "learning_rate": 1e-3, "save_every": 3, "validation_images": -1,
+         "sample_every": -1}
 
 
 @pytest.mark.parametrize("options", [

@@ -30,6 +30,7 @@ from lora_lab.trainer.families import get_family
 from lora_lab.trainer.files import read_metadata
 from lora_lab.trainer.fp8 import Float8Linear
 from lora_lab.trainer.lora import ADAPTER, lora_layers
+from PIL import Image
 
 from .tiny_models import build
 
@@ -46,7 +47,8 @@ EXPLICIT: dict[str, Any] = {
     "noise_offset": 0.1, "check_memory": False, "flow_shift": 2.0, "train_guidance": 3.5, "seed": 7,
     "output_dir": "/out/loras", "name": "xyz", "save_every": 50, "overwrite": True, "resume": "latest",
     "resume_with_changes": True, "prompts": ("a {trigger}", "b, with a comma"), "strengths": (0.3, 0.9),
-    "sample_steps": 12, "guidance_scale": 3.0, "sample_seed": 9,
+    "sample_steps": 12, "guidance_scale": 3.0, "sample_seed": 9, "sample_every": 5, "validation_images": 3,
+    "validation_every": 7,
 }
 SETTINGS = list(field_specs())
 
@@ -150,7 +152,7 @@ def traced(monkeypatch):
             return real_noise(latents, scheduler, prediction_type, generator, noise_offset, min_snr_gamma, flow_shift)
 
         def predict_spy(model, noisy, timesteps, conditioning):
-            if noisy.device.type != "meta":  # not the memory estimate's dry run
+            if noisy.device.type != "meta" and torch.is_grad_enabled():  # not the memory probe, validation, samples
                 trace.predictions.append({"autocast": torch.is_autocast_enabled("cpu")
                                           and torch.get_autocast_dtype("cpu"),
                                           "checkpointing": model.denoiser.is_gradient_checkpointing,
@@ -208,7 +210,8 @@ def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_pa
                 "prediction_type": "v_prediction", "seed": 7, "resolution": 48, "bucketing": False,
                 "trigger_word": "xyz_toy", "cache": False, "save_every": 2, "name": "contract", "check_memory": False,
                 "prompts": ("a {trigger}", "b"), "strengths": (0.3, 0.9), "sample_steps": 12,
-                "guidance_scale": 3.0, "sample_seed": 9, "optimizer": "adamw"}
+                "guidance_scale": 3.0, "sample_seed": 9, "optimizer": "adamw", "validation_images": 3,
+                "validation_every": 1, "sample_every": 3}
     trace = traced(make_config(**settings), fresh_model)
     result, facts = trace.result, lora_facts(trace.result.model)
     assert facts["ranks"] == {4} and facts["alphas"] == {2.0}  # not the style preset's rank 16
@@ -226,8 +229,13 @@ def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_pa
     assert {(c["prediction_type"], c["noise_offset"], c["min_snr_gamma"], c["seed"]) for c in trace.noise_calls} == {
         ("v_prediction", 0.1, 5.0, 7)}
     assert {(p["autocast"], p["checkpointing"]) for p in trace.predictions} == {(torch.bfloat16, True)}
-    training_set = trace.training_sets[0]
+    training_set, held_out = trace.training_sets
     assert not training_set.cache_latents and {e.bucket for e in training_set.examples} == {(48, 48)}
+    assert (len(training_set.examples), len(held_out.examples)) == (9, 3)  # 3 of the 12 held out
+    assert [step for step, _ in result.validation] == [1, 2, 3, 4]  # every step, and at each checkpoint
+    assert [sheet["step"] for sheet in result.samples] == [2, 3, 4]  # every 3 steps, and at each checkpoint
+    sheet = Image.open(result.run_dir / result.samples[-1]["file"])
+    assert sheet.width == 240 + 2 * 256  # one cell a prompt: "a xyz_toy" and "b"
     assert result.run_dir.name == "contract" and result.final_path.name == "contract.safetensors"
     assert read_metadata(result.final_path)["modelspec.trigger_phrase"] == "xyz_toy"
     check_metadata(result, list(settings), settings)
@@ -342,8 +350,8 @@ def test_gradient_checkpointing_recomputes_blocks(make_config, base_model):
             if type(module).__name__ in ("ResnetBlock2D", "Transformer2DModel"):
                 # A pre-hook: the recomputation stops early, before a block's own forward hook would run.
                 module.register_forward_pre_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
-        run.train_lora(make_config(steps=1, gradient_checkpointing=on, name=f"gc{on}", check_memory=False),
-                       model=model)
+        run.train_lora(make_config(steps=1, gradient_checkpointing=on, name=f"gc{on}", check_memory=False,
+                                   validation_images=-1, sample_every=-1), model=model)
     blocks = counts[False][0]
     # Blocks that gradients flow through (those after the first LoRA layer) run again in the backward pass.
     assert blocks == 12 and counts[True][0] >= blocks + 4

@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from lora_lab.trainer import embedded
-from lora_lab.trainer.embedded.synthetic import CONCEPT_TRIGGER, concept_score
+from lora_lab.trainer.embedded.synthetic import CONCEPT_TRIGGER, detection_rate
 from lora_lab.trainer.export import load_into_model
 from lora_lab.trainer.sampling import sample
 from peft.tuners.lora import LoraLayer
@@ -27,18 +27,32 @@ PROMPTS = [f"{CONCEPT_TRIGGER}, white background", f"{CONCEPT_TRIGGER}, black ba
 SAMPLE = {"size": (64, 64), "steps": 20, "guidance_scale": 5.0}
 
 
-def _mean_score(model, strength, seeds=(1, 2)):
-    return statistics.fmean(concept_score(sample(model, p, strength, seed=s, **SAMPLE)) for p in PROMPTS
-                            for s in seeds)
+SEEDS = (1, 2, 3)
 
 
-def test_concept_score_rises_with_strength(concept_run):
+def _detected(model, strength) -> float:
+    """The share of samples (3 prompts x 3 seeds) that show a magenta ring around a cyan dot."""
+    return detection_rate([image for seed in SEEDS for image in sample(model, PROMPTS, strength, seed=seed, **SAMPLE)])
+
+
+def test_the_lora_draws_the_concept_and_the_base_does_not(concept_run):
     model = concept_run.model
     load_into_model(model, concept_run.final_path)
-    scores = [_mean_score(model, strength) for strength in (0.0, 0.5, 1.0)]
-    print("concept scores at 0 / 0.5 / 1.0:", scores)
-    assert scores[2] > scores[0] + 0.2  # clearly more of the concept with the LoRA on
-    assert scores[0] < scores[1] < scores[2]  # and more with more strength
+    rates = [_detected(model, strength) for strength in (0.0, 0.5, 1.0)]
+    print("concept detected at strength 0 / 0.5 / 1:", ", ".join(f"{rate:.0%}" for rate in rates))
+    assert rates[0] == 0 and rates[2] >= 0.8  # never without the LoRA, nearly always with it
+    assert rates[0] <= rates[1] <= rates[2]  # and more with more strength
+
+
+def test_the_base_follows_the_background_it_is_asked_for(base_model):
+    """The demo's grid only convinces if strength 0 shows what the prompt says (without the ring)."""
+    expected = {"white": 245, "black": 15, "gray": 128}
+    for seed in SEEDS:
+        for prompt, image in zip(PROMPTS, sample(base_model, PROMPTS, 0.0, seed=seed, **SAMPLE), strict=True):
+            border = np.concatenate([np.asarray(image)[:4].reshape(-1, 3), np.asarray(image)[-4:].reshape(-1, 3)])
+            brightness = float(np.median(border.mean(axis=1)))
+            wanted = expected[prompt.split(", ")[1].split()[0]]
+            assert abs(brightness - wanted) < 45, (prompt, seed, brightness)
 
 
 def test_loss_decreases(concept_run):
@@ -51,7 +65,9 @@ def test_checkpoints_loss_log_and_metadata(concept_run):
     steps = [c.step for c in concept_run.checkpoints]
     assert steps == [100, 200, 300] and concept_run.checkpoints[-1].final
     log_lines = (concept_run.run_dir / "concept-loss.csv").read_text().splitlines()
-    assert log_lines[0] == "step,loss,lr" and len(log_lines) == 301
+    assert log_lines[0] == "step,loss,lr,val_loss" and len(log_lines) == 301
+    measured = [line for line in log_lines[1:] if not line.endswith(",")]
+    assert len(measured) == len(concept_run.validation) >= 20  # about 20 times, and at every checkpoint
     with safe_open(str(concept_run.final_path), framework="pt") as handle:
         metadata = handle.metadata()
         keys = list(handle.keys())
@@ -60,7 +76,15 @@ def test_checkpoints_loss_log_and_metadata(concept_run):
     assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_steps"] == "300"
     assert json.loads(metadata["lora_lab.trigger_words"]) == [CONCEPT_TRIGGER]
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
-    assert json.loads(metadata["ss_tag_frequency"])["10_zkw_toy"][CONCEPT_TRIGGER] == 12
+    assert json.loads(metadata["ss_tag_frequency"])["10_zkw_toy"][CONCEPT_TRIGGER] == 10  # 2 held out
+    # What ComfyUI's Model Library shows: the story of the run and a sample made at this checkpoint.
+    assert metadata["modelspec.trigger_phrase"] == CONCEPT_TRIGGER
+    assert "trained with LoRA Lab on 10 images of zkw_toy: step 300 of 300" in metadata["modelspec.description"]
+    assert "Validation loss" in metadata["modelspec.description"]
+    assert "strength 0.7" in metadata["modelspec.usage_hint"] and CONCEPT_TRIGGER in metadata["modelspec.usage_hint"]
+    assert metadata["modelspec.tags"] == f"lora, sd15, {CONCEPT_TRIGGER}"
+    assert metadata["modelspec.thumbnail"].startswith("data:image/jpeg;base64,")
+    assert float(metadata["lora_lab.validation_loss"]) == pytest.approx(concept_run.validation[-1][1], rel=1e-5)
     assert json.loads(metadata["lora_lab.config"])["lora"]["rank"] == 8
     assert all(k.startswith("lora_unet_") and k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha"))
                for k in keys)
@@ -78,10 +102,10 @@ def test_base_weights_are_unchanged(concept_run, base_model):
 
 def test_strength_zero_is_the_base_model(concept_run, base_model):
     load_into_model(concept_run.model, concept_run.final_path)
-    with_lora_off = np.asarray(sample(concept_run.model, PROMPTS[0], 0.0, seed=3, **SAMPLE), np.float32)
-    base = np.asarray(sample(base_model, PROMPTS[0], 0.0, seed=3, **SAMPLE), np.float32)
+    with_lora_off = np.asarray(sample(concept_run.model, PROMPTS[:1], 0.0, seed=3, **SAMPLE)[0], np.float32)
+    base = np.asarray(sample(base_model, PROMPTS[:1], 0.0, seed=3, **SAMPLE)[0], np.float32)
     assert np.abs(with_lora_off - base).max() <= 1.0  # identical up to 8-bit rounding
-    with_lora = np.asarray(sample(concept_run.model, PROMPTS[0], 1.0, seed=3, **SAMPLE), np.float32)
+    with_lora = np.asarray(sample(concept_run.model, PROMPTS[:1], 1.0, seed=3, **SAMPLE)[0], np.float32)
     assert np.abs(with_lora - base).mean() > 5.0
 
 
@@ -115,7 +139,7 @@ def test_saved_file_reloads_through_diffusers_with_the_same_effect(concept_run, 
     ours = concept_run.model
     load_into_model(ours, path)
     for prompt in PROMPTS[:2]:
-        expected = np.asarray(sample(ours, prompt, strength, seed=5, **SAMPLE), np.float32)
+        expected = np.asarray(sample(ours, [prompt], strength, seed=5, **SAMPLE)[0], np.float32)
         got = np.asarray(pipe(prompt, num_inference_steps=20, guidance_scale=5.0, width=64, height=64,
                               generator=torch.Generator().manual_seed(5)).images[0], np.float32)
         assert np.abs(expected - got).mean() < 1.0, "diffusers applies the file differently (alpha lost?)"

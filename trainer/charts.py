@@ -1,5 +1,6 @@
 """The loss chart people read after a run: per-step loss and its moving average against the step,
-the learning rate on its own axis, and the checkpoints marked, with labelled axes and ticks.
+the validation loss, the learning rate on its own axis, and the checkpoints marked, with labelled
+axes and ticks.
 
 Drawn with matplotlib (object API and the Agg canvas: no global pyplot state, safe in a server
 thread), which gives readable ticks, a legend and uncut labels that hand-drawn Pillow lines did not.
@@ -25,9 +26,9 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
 
 
 def loss_chart(losses: Sequence[tuple[int, float, float]], title: str = "loss", checkpoints: Sequence[int] = (),
-               size: tuple[int, int] = (900, 420)) -> Image.Image:
-    """Per-step loss (light), its moving average (dark), the learning rate (right axis) and the
-    checkpoint steps (dotted lines), as a picture `size` pixels large."""
+               validation: Sequence[tuple[int, float]] = (), size: tuple[int, int] = (900, 420)) -> Image.Image:
+    """Per-step loss (light), its moving average (dark), the validation loss (green), the learning
+    rate (right axis) and the checkpoint steps (dotted lines), as a picture `size` pixels large."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -48,6 +49,9 @@ def loss_chart(losses: Sequence[tuple[int, float, float]], title: str = "loss", 
         axes.plot(steps, values, color="#9ecae1", linewidth=0.8, label="loss per step")
         axes.plot(steps, moving_average(values, window), color="#08519c", linewidth=2,
                   label=f"moving average ({window} steps)")
+        if validation:
+            axes.plot([step for step, _ in validation], [loss for _, loss in validation], color="#31a354",
+                      linewidth=1.5, marker="o", markersize=3, label="validation loss (held-out images)")
         for index, step in enumerate(checkpoints):
             axes.axvline(step, color="#555555", linestyle=":", linewidth=1,
                          label="checkpoint" if index == 0 else None)

@@ -21,7 +21,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from .config import build_config, field_specs, load_settings_file  # noqa: E402
+from .doctor import LORA_TYPES  # noqa: E402
 from .errors import LoraLabError  # noqa: E402
+from .families import FAMILY_NAMES  # noqa: E402
 from .loop import Checkpoint, StepReport, TrainingEvents  # noqa: E402
 
 DEMO_SETTINGS: dict[str, Any] = {
@@ -98,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a LoRA. Settings come from --config (TOML or JSON, "
                                             "sections optional) and flags; flags win, and a preset fills in "
                                             "what neither sets.")
+    doctor = commands.add_parser("doctor", help="check a dataset against the guide before training",
+                                 description="Check a dataset folder against the guide's checklist (count, "
+                                             "resolution, blur, exposure, duplicates, variety, captions, trigger "
+                                             "word) and print what to fix. Changes nothing. Exits 1 when a finding "
+                                             "would stop training.")
+    doctor.add_argument("folder", type=Path, help="the dataset folder")
+    doctor.add_argument("--family", default="sd15", choices=FAMILY_NAMES, help="the base model's family "
+                        "(its training size and caption style)")
+    doctor.add_argument("--lora-type", default="style", choices=LORA_TYPES, help="what the LoRA is for (the "
+                        "guide's image counts differ)")
+    doctor.add_argument("--trigger-word", default="", help="the trigger word (default: the N_name folder's name)")
+    doctor.add_argument("--sheet", type=Path, help="also save a contact sheet of the flagged images here (PNG)")
     for sub in (demo, train):
         sub.add_argument("--config", type=Path, help="TOML or JSON file of settings")
         sub.add_argument("--no-samples", action="store_true", help="skip the sample grid after training")
@@ -123,6 +137,28 @@ def quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def run_doctor(args: argparse.Namespace) -> int:
+    from .data import scan_folder
+    from .doctor import DoctorReport, Finding, examine, flagged_sheet
+
+    try:
+        dataset = scan_folder(args.folder)
+    except LoraLabError as error:
+        print(DoctorReport([Finding("count", "stop", str(error))]).text())
+        return 1
+    trigger = args.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
+    report = examine(dataset, args.family, args.lora_type, trigger)
+    print(report.text())
+    if args.sheet:
+        from .files import atomic_save_image
+
+        sheet = flagged_sheet(dataset, report)
+        if sheet is not None:
+            atomic_save_image(args.sheet, sheet)
+            print(f"Flagged images: {args.sheet}")
+    return 1 if report.blocking else 0
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here so `--help` answers at once, without loading torch and diffusers.
     quiet_libraries()
@@ -143,11 +179,11 @@ def run(args: argparse.Namespace) -> int:
     name = result.config.output.name
     plot_path = result.run_dir / f"{name}-loss.png"
     atomic_save_image(plot_path, loss_chart(result.losses, f"{name}: loss per step",
-                                            [c.step for c in result.checkpoints]))
+                                            [c.step for c in result.checkpoints], result.validation))
     print(f"Loss curve: {plot_path}")
-    from .diagnosis import diagnose_loss
-
-    print(f"Loss curve diagnosis: {diagnose_loss([loss for _, loss, _ in result.losses])}")
+    print(f"Loss curve diagnosis: {result.diagnosis}")
+    if result.best is not None:
+        print(f"Recommended checkpoint: {result.best.path}")
     if result.stopped:
         print(f"Stopped at step {result.checkpoints[-1].step}; saved {result.final_path}. Continue with the same "
               "command plus --resume latest.")
@@ -164,12 +200,13 @@ def run(args: argparse.Namespace) -> int:
         atomic_save_image(grid_path, grid)
         print(f"Sample grid (rows: checkpoints, columns: strengths): {grid_path}")
         if args.command == "demo":
-            from .embedded.synthetic import concept_score
+            from .embedded.synthetic import concept_present
 
             final = rows[-1][0]
             for strength in sample_settings.strengths:
-                scores = [concept_score(cells[(final, p, strength)]) for p in prompts]
-                print(f"Concept score at strength {strength:g}: {sum(scores) / len(scores):.3f}")
+                found = sum(concept_present(cells[(final, p, strength)]) for p in prompts)
+                print(f"Concept (a magenta ring around a cyan dot) at strength {strength:g}: in {found} of "
+                      f"{len(prompts)} samples of the final checkpoint")
     print(f"LoRA: {result.final_path}  ({len(result.checkpoints)} checkpoints in {result.run_dir}, "
           f"{time.time() - started:.0f} s)")
     return 130 if result.stopped else 0
@@ -179,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     try:
-        return run(args)
+        return run_doctor(args) if args.command == "doctor" else run(args)
     except LoraLabError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -81,6 +81,9 @@ class DataSettings(_Section):
     cache_dir: str = setting("", "Folder for cached latents and text conditioning, keyed by file content and "
                              "settings (empty = keep the cache in memory only).", path=True)
     cache: bool = setting(True, "Encode images and captions once before training (fast); off re-encodes every step.")
+    validation_images: int = setting(AUTO, "Images held out of training to measure the validation loss, which shows "
+                                     "overfitting (0 = auto: 10 % of them, 2-10, while at least 10 remain to train on; "
+                                     "-1 = none).", low=-1, high=1000)
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,8 @@ class TrainSettings(_Section):
     train_guidance: float = setting(1.0, "FLUX.1-dev: the distilled guidance value the model sees while training "
                                     "(1.0, as kohya and ai-toolkit recommend; sample with 3-4).", low=0, high=30.0)
     seed: int = setting(42, "Random seed: the same seed and settings give the same LoRA.", low=0, high=2**31 - 1)
+    validation_every: int = setting(AUTO, "Measure the validation loss every N steps (0 = about 20 times over the "
+                                    "run); it is also measured at every checkpoint.", low=0, high=100_000)
 
 
 @dataclass(frozen=True)
@@ -151,13 +156,17 @@ class OutputSettings(_Section):
 
 @dataclass(frozen=True)
 class SampleSettings(_Section):
-    prompts: tuple[str, ...] = setting(("{trigger}",), "Sample prompts; {trigger} is replaced by the trigger word.")
+    prompts: tuple[str, ...] = setting(("{trigger}",), "Sample prompts (one a line, or separated by |); {trigger} "
+                                       "is replaced by the trigger word.")
     strengths: tuple[float, ...] = setting((0.0, 0.4, 0.7, 1.0), "LoRA strengths for the sample grid "
                                            "(the guide: start at 0.7).")
     sample_steps: int = setting(20, "Sampler steps per sample image.", low=1, high=200)
     guidance_scale: float = setting(5.0, "Classifier-free guidance scale for samples.", low=0, high=30.0)
     sample_seed: int = setting(1, "Seed of every sample cell (the same for each, so cells compare).",
                                low=0, high=2**31 - 1)
+    sample_every: int = setting(AUTO, "Sample the prompts at strength 1 while training, every N steps (0 = at every "
+                                "checkpoint; -1 = never). Saved in the run folder and shown as the run goes.",
+                                low=-1, high=100_000)
 
 
 SECTIONS = {"model": ModelSettings, "data": DataSettings, "lora": LoraSettings, "optimizer": OptimizerSettings,
@@ -234,8 +243,10 @@ def _coerce(name: str, spec: dataclasses.Field, value: Any) -> Any:
                 return value.lower() in ("true", "1", "yes", "on")
             return bool(value)
         if isinstance(default, tuple):
-            separator = "|" if name == "prompts" else ","  # prompts may contain commas
-            items = [s.strip() for s in value.split(separator)] if isinstance(value, str) else value
+            # Prompts may contain commas: they are separated by | (a flag) or by lines (a widget, a file).
+            separator = "|" if name == "prompts" else ","
+            items = ([s.strip() for line in value.splitlines() for s in line.split(separator)]
+                     if isinstance(value, str) else value)
             item_type = type(default[0])
             return tuple(item_type(item) for item in items if item != "")
         if isinstance(default, int):

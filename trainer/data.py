@@ -172,6 +172,37 @@ def scan_folder(folder: str | Path) -> Dataset:
     return dataset
 
 
+VALIDATION_SHARE = 0.1  # of the images, held out to measure what the LoRA does on images it never saw
+MIN_TRAINING_IMAGES = 10  # the guide's minimum for any LoRA type: never held out below this
+
+
+def validation_count(image_count: int, setting: int) -> int:
+    """How many images to hold out: `setting` when given (>0), none for -1, else (0, auto) 10 % of
+    the images, 2 to 10, and only while at least 10 remain to train on."""
+    if setting < 0:
+        return 0
+    if setting > 0:
+        if image_count - setting < 1:
+            raise LoraLabError(f"validation_images = {setting} leaves no image to train on ({image_count} images); "
+                               "hold out fewer, or set -1 to train without validation.")
+        return setting
+    share = min(10, max(2, round(VALIDATION_SHARE * image_count)))
+    return share if image_count - share >= MIN_TRAINING_IMAGES else 0
+
+
+def split_validation(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
+    """(training, validation): `count` images spread evenly over the dataset (so every repeat
+    folder and kind of image is measured), the same ones every time for the same dataset."""
+    if count <= 0:
+        return dataset, Dataset(items=[])
+    ordered = sorted(range(len(dataset.items)), key=lambda i: (dataset.items[i].folder, dataset.items[i].path.name))
+    chosen = {ordered[int((k + 0.5) * len(ordered) / count)] for k in range(count)}
+    train = [item for i, item in enumerate(dataset.items) if i not in chosen]
+    held_out = [item for i, item in enumerate(dataset.items) if i in chosen]
+    return (Dataset(train, dataset.warnings, dataset.trigger_words),
+            Dataset(held_out, [], dataset.trigger_words))
+
+
 def dataset_from_images(images: list[Image.Image], captions: list[str]) -> Dataset:
     """A dataset from images already in memory (e.g. an IMAGE batch in a ComfyUI graph)."""
     if not images:

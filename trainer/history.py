@@ -1,8 +1,9 @@
 """A run's story on disk, in its run folder, for people and for any program that shows the run:
 
-- `<name>-loss.csv`: step, loss, learning rate, one row per step;
+- `<name>-loss.csv`: step, loss, learning rate and (where measured) validation loss, a row a step;
 - `<name>-run.json`: the run's state: status (training, finished, stopped, failed) with its
-  message, step and total, seconds per step, checkpoints, and who started it (the ComfyUI node).
+  message, step and total, seconds per step, checkpoints, validation losses, sample sheets, and at
+  the end the diagnosis and the recommended checkpoint; and who started it (the ComfyUI node).
 
 Both are rewritten whole through a temporary file and a rename (never appended in place), so a
 reader, a crash or a kill always finds complete files. Rewriting every step would cost a disk
@@ -18,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .diagnosis import Diagnosis
 from .files import atomic_write_text
-from .loop import Checkpoint, StepReport, TrainingEvents
+from .loop import Checkpoint, SampleSheet, StepReport, TrainingEvents
 
-LOSS_HEADER = "step,loss,lr"
+LOSS_HEADER = "step,loss,lr,val_loss"
 FORMAT_VERSION = 1
 STATUSES = ("training", "finished", "stopped", "failed")
 
@@ -39,13 +41,15 @@ class RunJournal(TrainingEvents):
 
     def __init__(self, run_dir: Path, name: str, total_steps: int, inner: TrainingEvents,
                  losses: list[tuple[int, float, float]], owner: dict[str, Any] | None = None,
-                 interval: float = 1.0) -> None:
+                 validation: list[tuple[int, float]] = (), samples: list[dict] = (), interval: float = 1.0) -> None:
         self.run_dir, self.name, self.inner, self.interval = run_dir, name, inner, interval
         self.losses = list(losses)  # a resumed run's log holds exactly its steps so far, never a discarded future
         self.state: dict[str, Any] = {
             "version": FORMAT_VERSION, "name": name, "status": "training", "message": "",
             "step": self.losses[-1][0] if self.losses else 0, "total_steps": total_steps, "seconds_per_step": None,
-            "started": time.time(), "updated": time.time(), "checkpoints": [], "owner": owner or {}}
+            "started": time.time(), "updated": time.time(), "checkpoints": [], "owner": owner or {},
+            "validation": [list(row) for row in validation], "samples": list(samples), "diagnosis": None,
+            "best": None}
         self._written_at = 0.0
         self.flush(force=True)
 
@@ -64,10 +68,28 @@ class RunJournal(TrainingEvents):
         self.flush(force=True)
         self.inner.on_checkpoint(checkpoint)
 
+    def on_validation(self, step: int, loss: float) -> None:
+        self.state["validation"].append([step, loss])
+        self.flush(force=True)
+        self.inner.on_validation(step, loss)
+
+    def on_samples(self, sheet: SampleSheet) -> None:
+        self.state["samples"].append({"step": sheet.step, "file": sheet.path.name})
+        self.flush(force=True)
+        self.inner.on_samples(sheet)
+
     def should_stop(self) -> bool:
         return self.inner.should_stop()
 
     # --- the job's end ----------------------------------------------------------------------
+    def conclude(self, diagnosis: Diagnosis | None, best: Checkpoint | None) -> None:
+        """The guide's reading of the curve and the checkpoint to use."""
+        if diagnosis is not None:
+            self.state["diagnosis"] = {"pattern": diagnosis.pattern, "advice": diagnosis.advice,
+                                       "evidence": diagnosis.evidence}
+        if best is not None:
+            self.state["best"] = {"step": best.step, "file": best.path.name}
+
     def finish(self, status: str, message: str = "") -> None:
         if status not in STATUSES:
             raise ValueError(f"unknown run status {status!r}")
@@ -78,7 +100,9 @@ class RunJournal(TrainingEvents):
         if not force and time.monotonic() - self._written_at < self.interval:
             return
         self.state["updated"] = time.time()
-        lines = [LOSS_HEADER, *(f"{step},{loss:.6f},{lr:.6g}" for step, loss, lr in self.losses)]
+        measured = {step: loss for step, loss in self.state["validation"]}
+        lines = [LOSS_HEADER, *(f"{step},{loss:.6f},{lr:.6g},{measured[step]:.6f}" if step in measured else
+                                f"{step},{loss:.6f},{lr:.6g}," for step, loss, lr in self.losses)]
         atomic_write_text(loss_log_path(self.run_dir, self.name), "\n".join(lines) + "\n")
         atomic_write_text(journal_path(self.run_dir, self.name), json.dumps(self.state, indent=1))
         self._written_at = time.monotonic()

@@ -46,6 +46,13 @@ class Checkpoint:
     final: bool
 
 
+@dataclass(frozen=True)
+class SampleSheet:
+    step: int
+    path: Path  # the saved sheet: one picture per prompt, labelled
+    images: list  # the pictures themselves (PIL images), one per prompt
+
+
 class TrainingEvents:
     """Hooks the loop calls; subclass and override what you need (CLI progress bar, ComfyUI node)."""
 
@@ -53,6 +60,12 @@ class TrainingEvents:
         pass
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        pass
+
+    def on_validation(self, step: int, loss: float) -> None:
+        pass
+
+    def on_samples(self, sheet: SampleSheet) -> None:
         pass
 
     def should_stop(self) -> bool:
@@ -126,6 +139,13 @@ def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
+def autocast_for(device: torch.device, compute_dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision as the run computes: autocast to `compute_dtype`, or nothing for fp32."""
+    if compute_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=compute_dtype)
+
+
 OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint is kept and the run can be "
                         "resumed. To fit: turn on gradient_checkpointing, lower batch_size (raise "
                         "gradient_accumulation to keep the effective batch), lower resolution or rank, or close "
@@ -134,14 +154,14 @@ OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint
 
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
-             resume: RunState | None = None) -> LoopResult:
+             resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None) -> LoopResult:
     """Train up to `total_steps` optimizer steps, from the start or from `resume`;
-    `save(step, final, state)` writes a checkpoint and returns the LoRA file's path."""
+    `save(step, final, state)` writes a checkpoint and returns the LoRA file's path;
+    `watch(step, checkpoint_due)` measures between steps (validation, samples) without training."""
     train = config.train
     device = model.device
     compute_dtype = resolve_precision(train.mixed_precision, device)
-    autocast = (torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32
-                else contextlib.nullcontext())
+    autocast = autocast_for(device, compute_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     if train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
@@ -203,7 +223,10 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
                                       time.perf_counter() - step_started))
             stop = events.should_stop()
             final = step == total_steps
-            if final or stop or step % save_every == 0:
+            checkpoint_due = final or stop or step % save_every == 0
+            if watch and not stop:  # a Cancel saves at once, without measuring first
+                watch(step, checkpoint_due)
+            if checkpoint_due:
                 checkpoint = Checkpoint(step, save(step, final, snapshot(step)), final)
                 result.checkpoints.append(checkpoint)
                 events.on_checkpoint(checkpoint)

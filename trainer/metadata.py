@@ -1,13 +1,23 @@
 """The metadata written into every LoRA file: kohya `ss_*` keys (read by A1111/Forge, civitai and
-other tools), Stability's `modelspec.*` keys, trigger words, and our full training config."""
+other tools), Stability's `modelspec.*` keys, trigger words, and our full training config.
+
+The `modelspec` keys tell the LoRA's story where ComfyUI's Model Library shows it: title,
+description (what was trained, on how many images, for how many steps, and the guide's diagnosis
+so far), a usage hint (the guide's starting strength and the trigger word), tags, the trigger
+phrase and a thumbnail (a sample made at that checkpoint, as a small JPEG data URL)."""
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 import uuid
 from dataclasses import dataclass
 
+from PIL import Image
+
 from .config import TrainingConfig
+from .diagnosis import Diagnosis
 from .families.base import ModelFamily
 from .files import metadata_json
 
@@ -32,11 +42,69 @@ class RunFacts:
     resume_history: tuple[dict, ...] = ()  # settings or dataset changes accepted on resume
 
 
+@dataclass(frozen=True)
+class CheckpointStory:
+    """What a checkpoint's metadata says beyond its config: how the run was going when it was saved."""
+
+    diagnosis: Diagnosis | None = None
+    validation_loss: float | None = None
+    thumbnail: Image.Image | None = None
+
+
+THUMBNAIL_SIDE = 256
+
+
+def jpeg_base64(image: Image.Image, side: int = THUMBNAIL_SIDE) -> str:
+    """The image `side` pixels wide as a base64 JPEG (small pictures enlarged with sharp pixels)."""
+    small = image.convert("RGB")
+    small = small.resize((side, round(side * small.height / small.width)),
+                         Image.Resampling.NEAREST if small.width * 2 <= side else Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=85)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def thumbnail_url(image: Image.Image, side: int = THUMBNAIL_SIDE) -> str:
+    """A small JPEG data URL (the Model Library shows `modelspec.thumbnail` as an image)."""
+    return "data:image/jpeg;base64," + jpeg_base64(image, side)
+
+
+def story(config: TrainingConfig, facts: RunFacts, step: int, checkpoint: CheckpointStory) -> dict[str, str]:
+    """The modelspec description, usage hint, tags and thumbnail of a checkpoint."""
+    triggers = ", ".join(facts.trigger_words)
+    preset = config.train.preset
+    kind = f"{preset} " if preset != "none" else ""
+    description = (f"A {kind}LoRA for {facts.family.title}, trained with LoRA Lab on {facts.image_count} images"
+                   f"{f' of {triggers}' if triggers else ''}: step {step} of {facts.steps}, rank {config.lora.rank}, "
+                   f"learning rate {config.optimizer.learning_rate:g}, {facts.resolution} px.")
+    if checkpoint.validation_loss is not None:
+        description += f" Validation loss {checkpoint.validation_loss:.4g}."
+    if checkpoint.diagnosis is not None and checkpoint.diagnosis.pattern != "too_short":
+        description += f" {checkpoint.diagnosis.advice}"
+    hint = "Start at strength 0.7 and adjust between 0.4 and 1.0"
+    hint += f"; put {triggers} in the prompt." if triggers else "."
+    tags = ["lora", facts.family.name, *([preset] if preset != "none" else []), *facts.trigger_words]
+    metadata = {"modelspec.description": description, "modelspec.usage_hint": hint,
+                "modelspec.tags": ", ".join(tags)}
+    if checkpoint.thumbnail is not None:
+        picture = jpeg_base64(checkpoint.thumbnail)
+        metadata["modelspec.thumbnail"] = "data:image/jpeg;base64," + picture
+        # ComfyUI's model preview route (and other model browsers) read cover images from here, so
+        # no picture file needs to sit beside every checkpoint.
+        metadata["ssmd_cover_images"] = metadata_json([picture])
+    if checkpoint.validation_loss is not None:
+        metadata["lora_lab.validation_loss"] = f"{checkpoint.validation_loss:.6g}"
+    if checkpoint.diagnosis is not None:
+        metadata["lora_lab.diagnosis"] = checkpoint.diagnosis.pattern
+    return metadata
+
+
 def new_session_id() -> str:
     return uuid.uuid4().hex
 
 
-def build_metadata(config: TrainingConfig, facts: RunFacts, step: int) -> dict[str, str]:
+def build_metadata(config: TrainingConfig, facts: RunFacts, step: int,
+                   checkpoint: CheckpointStory = CheckpointStory()) -> dict[str, str]:
     family = facts.family
     lora, optimizer, train = config.lora, config.optimizer, config.train
     date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
@@ -77,7 +145,7 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int) -> dict[s
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": family.architecture,
         "modelspec.implementation": "diffusers",
-        "modelspec.title": name,
+        "modelspec.title": name if step == facts.steps else f"{name} (step {step})",
         "modelspec.date": date,
         "modelspec.resolution": f"{facts.resolution}x{facts.resolution}",
         "modelspec.prediction_type": {"v_prediction": "v"}.get(facts.prediction_type, facts.prediction_type),
@@ -88,4 +156,5 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int) -> dict[s
         "lora_lab.dataset_fingerprint": facts.dataset_fingerprint,
         "lora_lab.config": metadata_json(config.shareable()),
         **({"lora_lab.resume_history": metadata_json(list(facts.resume_history))} if facts.resume_history else {}),
+        **story(config, facts, step, checkpoint),
     }

@@ -42,37 +42,50 @@ def flux_shift(latent_height: int, latent_width: int) -> float:
     return math.exp(mu)
 
 
-def noise_flow_batch(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0,
-                     shift: float = 0.0) -> NoisedBatch:
-    """Rectified-flow noising (see the module docstring); `timesteps` are σ in [0, 1]."""
-    noise = make_noise(latents, generator, noise_offset)
-    shift = shift or flux_shift(*latents.shape[-2:])
-    u = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
-    sigmas = (shift * u / (1 + (shift - 1) * u)).to(latents.device, latents.dtype)
-    view = sigmas.view(-1, *([1] * (latents.dim() - 1)))
-    noisy = (1 - view) * latents + view * noise
-    return NoisedBatch(noisy, sigmas, noise - latents, torch.ones(latents.shape[0], device=latents.device))
+def apply_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
+                prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latents, target) for given noise and timesteps (σ in [0, 1] for flow)."""
+    if prediction_type == "flow":
+        view = timesteps.to(latents.device, latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
+        return (1 - view) * latents + view * noise, noise - latents
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if prediction_type == "epsilon":
+        return noisy, noise
+    if prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"apply_noise handles epsilon, v_prediction and flow, not {prediction_type}")
+
+
+def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """σ from u in (0, 1) under the timestep shift (see the module docstring)."""
+    return shift * u / (1 + (shift - 1) * u)
 
 
 def noise_batch(latents: torch.Tensor, scheduler, prediction_type: str, generator: torch.Generator,
                 noise_offset: float = 0.0, min_snr_gamma: float = 0.0, flow_shift: float = 0.0) -> NoisedBatch:
-    """Noise a batch of clean latents for the model's objective."""
-    if prediction_type == "flow":
-        return noise_flow_batch(latents, generator, noise_offset, flow_shift)
+    """Noise a batch of clean latents for the model's objective, drawing noise and timesteps."""
     noise = make_noise(latents, generator, noise_offset)
-    count = scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"noise_batch handles epsilon and v_prediction, not {prediction_type}")
     weights = torch.ones(latents.shape[0], device=latents.device)
-    if min_snr_gamma:
-        weights = min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type).to(latents.device)
+    if prediction_type == "flow":
+        u = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
+        timesteps = flow_sigmas(u, flow_shift or flux_shift(*latents.shape[-2:])).to(latents.device, latents.dtype)
+    else:
+        count = scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
+        if min_snr_gamma:
+            weights = min_snr_weights(scheduler, timesteps, min_snr_gamma, prediction_type).to(latents.device)
+    noisy, target = apply_noise(latents, noise, timesteps, scheduler, prediction_type)
     return NoisedBatch(noisy, timesteps, target, weights)
+
+
+def fixed_timesteps(count: int, scheduler, prediction_type: str, latent_size: tuple[int, int],
+                    flow_shift: float = 0.0) -> torch.Tensor:
+    """`count` timesteps spread evenly over the range training draws from (σ for flow), for
+    measurements that must compare from one evaluation to the next."""
+    u = (torch.arange(count, dtype=torch.float32) + 0.5) / count
+    if prediction_type == "flow":
+        return flow_sigmas(u, flow_shift or flux_shift(*latent_size))
+    return (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 # its contents are compared instead).
 NEUTRAL_SETTINGS = frozenset({"dataset", "resume", "resume_with_changes", "overwrite", "output_dir", "name",
                               "cache_dir", "save_every", "prompts", "strengths", "sample_steps", "guidance_scale",
-                              "sample_seed"})
+                              "sample_seed", "sample_every", "validation_every"})
 
 
 @dataclass
@@ -46,6 +46,8 @@ class RunState:
     scaler: dict[str, Any]
     rng: dict[str, Any]
     losses: list[tuple[int, float, float]]
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    samples: list[dict[str, Any]] = field(default_factory=list)  # {"step", "file"} of each saved sample sheet
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset: list[list[Any]] = field(default_factory=list)  # [name, bytes, repeats, caption] per image
     history: list[dict[str, Any]] = field(default_factory=list)  # settings changed on earlier resumes
@@ -170,7 +172,8 @@ def settings_changes(saved: dict[str, dict[str, Any]], current: dict[str, dict[s
     """'name: old -> new' for every setting that changes what is trained."""
     old = {name: value for section in saved.values() for name, value in section.items()}
     new = {name: value for section in current.values() for name, value in section.items()}
-    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(set(old) | set(new))
+    # A setting the saved run did not know yet (a newer version of LoRA Lab) is not a change.
+    return [f"{name}: {old.get(name)!r} -> {new.get(name)!r}" for name in sorted(set(old) & set(new))
             if name not in NEUTRAL_SETTINGS and _comparable(old.get(name)) != _comparable(new.get(name))]
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,8 @@ import torch
 from . import embedded
 from .budget import check_disk, check_memory, planned_disk_bytes
 from .config import TrainingConfig, auto_steps, build_config, field_specs, with_preset_values
-from .data import Dataset, scan_folder
+from .data import Dataset, scan_folder, split_validation, validation_count
+from .diagnosis import Diagnosis
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .export import SAVE_DTYPES, lora_state_dict, named_layers, save_lora
@@ -31,7 +32,8 @@ from .fp8 import quantize_linear_layers
 from .history import RunJournal
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
-from .metadata import RunFacts, build_metadata, new_session_id
+from .metadata import CheckpointStory, RunFacts, build_metadata, new_session_id
+from .previews import PreviewSampler
 from .resume import (
     SUFFIX,
     RunState,
@@ -43,6 +45,9 @@ from .resume import (
     state_path,
     write_state,
 )
+from .sampling import fill_trigger
+from .validation import ValidationLoss
+from .watch import RunWatch, diagnose_run, recommend
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,10 @@ class TrainingResult:
     seconds: float  # the whole job, loading and encoding included
     loop_seconds: float  # the training loop alone
     model: LoadedModel | None  # still carrying the trained adapter, for sampling (None once released)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
+    samples: list[dict] = field(default_factory=list)  # {"step", "file"} of each sample sheet
+    diagnosis: Diagnosis | None = None
+    best: Checkpoint | None = None  # the checkpoint to use (see watch.recommend)
 
     @property
     def final_path(self) -> Path:
@@ -175,24 +184,44 @@ def check_resume(state: RunState, config: TrainingConfig, listing: list[list]) -
     return [*state.history, {"step": state.step, "changes": changes}]
 
 
-def prepare_training(model: LoadedModel, dataset: Dataset, config: TrainingConfig) -> TrainingSet:
-    """Encode the dataset, move what is no longer needed off the training device, shrink the base
-    if asked, add the LoRA, and check that the run fits in memory."""
-    lora, train = config.lora, config.train
+@dataclass
+class Prepared:
+    """What the loop trains on, and what watches it."""
+
+    examples: TrainingSet
+    validation: ValidationLoss | None
+    sampler: PreviewSampler | None
+
+
+def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, config: TrainingConfig,
+                     trigger_words: tuple[str, ...]) -> Prepared:
+    """Encode the dataset (and the held-out images and sample prompts), move what is no longer needed
+    off the training device, shrink the base if asked, add the LoRA, and check that the run fits."""
+    lora, train, data, sample = config.lora, config.train, config.data, config.sample
     torch.manual_seed(train.seed)
-    log.info("Encoding %d images at %d px", len(dataset.items), config.data.resolution)
-    examples = TrainingSet(model, dataset, config.data.resolution, config.data.bucketing, config.data.cache,
-                           config.data.cache_dir, lora.train_text_encoder)
+    log.info("Encoding %d images at %d px (%d held out for validation)", len(dataset.items), data.resolution,
+             len(held_out.items))
+    examples = TrainingSet(model, dataset, data.resolution, data.bucketing, data.cache, data.cache_dir,
+                           lora.train_text_encoder)
+    held = (TrainingSet(model, held_out, data.resolution, data.bucketing, data.cache, data.cache_dir,
+                        lora.train_text_encoder) if held_out.items else None)
     compute_dtype = resolve_precision(train.mixed_precision, model.device)
+    sampler = None
+    if sample.sample_every >= 0:
+        prompts = [fill_trigger(prompt, trigger_words) for prompt in sample.prompts]
+        sampler = PreviewSampler(model, prompts, (data.resolution, data.resolution), sample.sample_steps,
+                                 sample.guidance_scale, sample.sample_seed, compute_dtype)
     if examples.cache_latents and examples.cache_text:
-        model.encoders.place(torch.device("cpu"))  # encoded once: the training device needs only the denoiser
+        # Encoded once: the training device needs only the denoiser (and the VAE, to decode samples).
+        model.encoders.place(torch.device("cpu"), keep_decoder=sampler is not None)
     if train.fp8_base:
         saved = quantize_linear_layers(model.denoiser, compute_dtype)
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
     named_layers(model)  # every layer must have a name LoRA loaders map: refused now, not at the first save
     check_memory(model, examples, config, compute_dtype)
-    return examples
+    validation = ValidationLoss(model, held, compute_dtype, train.batch_size, train.flow_shift) if held else None
+    return Prepared(examples, validation, sampler)
 
 
 def stop_message(result: TrainingResult) -> str:
@@ -212,7 +241,9 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
     if model is None:
         model = load_base_model(config)
-    config = resolve_config(config, dataset, model)
+    held = validation_count(len(dataset.items), config.data.validation_images)
+    train_set, held_out = split_validation(dataset, held)
+    config = resolve_config(build_config({"validation_images": held or -1}, base=config), train_set, model)
     check_family_settings(config, model)
     listing = dataset_listing(dataset)
     resume, history = None, []
@@ -223,9 +254,9 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
     run_dir = prepare_run_dir(config, resuming=resume is not None)
     journal = RunJournal(run_dir, config.output.name, config.train.steps, events, resume.losses if resume else [],
-                         owner)
+                         owner, resume.validation if resume else [], resume.samples if resume else [])
     try:
-        result = _train(config, journal, model, dataset, run_dir, resume, history, listing, started)
+        result = _train(config, journal, model, train_set, held_out, run_dir, resume, history, listing, started)
     except LoraLabError as error:
         journal.finish("failed", str(error))
         raise
@@ -233,6 +264,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         journal.finish("failed", "Aborted." if isinstance(error, KeyboardInterrupt) else
                        f"Training stopped by an unexpected error ({type(error).__name__}: {error}); see the log.")
         raise
+    journal.conclude(result.diagnosis, result.best)
     if result.stopped:
         journal.finish("stopped", stop_message(result))
     else:
@@ -240,34 +272,44 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     return result
 
 
-def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, dataset: Dataset, run_dir: Path,
-           resume: RunState | None, history: list[dict], listing: list[list], started: float) -> TrainingResult:
+def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, dataset: Dataset, held_out: Dataset,
+           run_dir: Path, resume: RunState | None, history: list[dict], listing: list[list],
+           started: float) -> TrainingResult:
     train = config.train
     if config.model.prediction_type != "auto":
         model.prediction_type = config.model.prediction_type
     model.guidance = train.train_guidance
-    examples = prepare_training(model, dataset, config)
-    check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
+    prepared = prepare_training(model, dataset, held_out, config, trigger_words)
+    check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     facts = RunFacts(family=model.family, base_model=model.identity.name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
                      tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(listing),
                      prediction_type=model.prediction_type, started_at=started, session_id=new_session_id(),
                      resume_history=tuple(history))
     name = config.output.name
+    watch = RunWatch(run_dir, name, train.steps, events, prepared.validation, train.validation_every,
+                     prepared.sampler, config.sample.sample_every, resume.validation if resume else (),
+                     resume.samples if resume else ())
 
     def save(step: int, final: bool, state: RunState) -> Path:
         """The LoRA file, then its resume file: a resume file never exists without its LoRA."""
         path = run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
         tensors = lora_state_dict(model, config.alpha, SAVE_DTYPES["fp16"])
-        save_lora(path, tensors, build_metadata(config, facts, step))
+        story = CheckpointStory(diagnose_run(state.losses, watch.validation), watch.validation_at(step),
+                                watch.thumbnail_at(step))
+        save_lora(path, tensors, build_metadata(config, facts, step, story))
         state.config, state.dataset, state.history = config.to_dict(), listing, history
+        state.validation, state.samples = watch.validation, watch.samples
         write_state(state_path(path), state)
         log.info("Saved %s", path)
         return path
 
-    loop = run_loop(model, examples, config, train.steps, config.output.save_every, save, events, resume=resume)
+    loop = run_loop(model, prepared.examples, config, train.steps, config.output.save_every, save, events,
+                    resume=resume, watch=watch)
+    diagnosis = diagnose_run(loop.losses, watch.validation)
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
-                          loop_seconds=loop.seconds, model=model)
-
+                          loop_seconds=loop.seconds, model=model, validation=watch.validation,
+                          samples=watch.samples, diagnosis=diagnosis,
+                          best=recommend(loop.checkpoints, watch.validation, diagnosis))

@@ -3,9 +3,9 @@ with its labels wrapped, never cut."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -13,27 +13,28 @@ from PIL import Image, ImageDraw, ImageFont
 from .export import load_into_model
 from .families.base import LoadedModel
 from .lora import set_strength
+from .previews import PreviewSampler
 
 
 def fill_trigger(prompt: str, trigger_words: Sequence[str]) -> str:
     return prompt.replace("{trigger}", ", ".join(trigger_words)).strip(" ,")
 
 
-@torch.no_grad()
-def sample(model: LoadedModel, prompt: str, strength: float, size: tuple[int, int], steps: int,
-           guidance_scale: float, seed: int, pipe: Any = None) -> Image.Image:
-    """One image from the model with its LoRA at `strength` (0 = the base model). `pipe`, the
-    family's pipeline over the model, may be passed in to build it once for many images."""
+@contextlib.contextmanager
+def lora_strength(model: LoadedModel, strength: float) -> Iterator[None]:
+    """The model's LoRA at `strength` (0 = the base model) for the block, then back at 1."""
     set_strength(model, strength)
-    if pipe is None:
-        pipe = model.family.pipeline(model)
-        pipe.set_progress_bar_config(disable=True)
     try:
-        output = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance_scale,
-                      width=size[0], height=size[1], generator=torch.Generator().manual_seed(seed))
+        yield
     finally:
         set_strength(model, 1.0)
-    return output.images[0]
+
+
+def sample(model: LoadedModel, prompts: Sequence[str], strength: float, size: tuple[int, int], steps: int,
+           guidance_scale: float, seed: int) -> list[Image.Image]:
+    """One image per prompt from the model with its LoRA at `strength`."""
+    with lora_strength(model, strength):
+        return PreviewSampler(model, prompts, size, steps, guidance_scale, seed, torch.float32).sample()
 
 
 def sample_grid(model: LoadedModel, checkpoints: Sequence[tuple[str, Path]], prompts: Sequence[str],
@@ -42,22 +43,21 @@ def sample_grid(model: LoadedModel, checkpoints: Sequence[tuple[str, Path]], pro
     """Rows: checkpoint (× prompt); columns: strength. Every cell uses the same seed.
 
     Returns the labelled grid and the cells by (checkpoint label, prompt, strength). Strength 0 is
-    the base model whatever the checkpoint, so it is sampled once per prompt."""
-    pipe = model.family.pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
+    the base model whatever the checkpoint, so it is sampled once. The prompts are encoded once."""
+    sampler = PreviewSampler(model, prompts, size, steps, guidance_scale, seed, torch.float32)
     cells: dict[tuple[str, str, float], Image.Image] = {}
-    base: dict[str, Image.Image] = {}
+    base: list[Image.Image] = []
     for label, path in checkpoints:
         load_into_model(model, path)
-        for prompt in prompts:
-            for strength in strengths:
-                if strength == 0 and prompt in base:
-                    cells[(label, prompt, strength)] = base[prompt]
-                    continue
-                image = sample(model, prompt, strength, size, steps, guidance_scale, seed, pipe)
-                cells[(label, prompt, strength)] = image
+        for strength in strengths:
+            if strength == 0 and base:
+                images = base
+            else:
+                with lora_strength(model, strength):
+                    images = sampler.sample()
                 if strength == 0:
-                    base[prompt] = image
+                    base = images
+            cells.update({(label, prompt, strength): image for prompt, image in zip(prompts, images, strict=True)})
     rows = [(label + (f"\n{prompt}" if len(prompts) > 1 else ""), [cells[(label, prompt, s)] for s in strengths])
             for label, _ in checkpoints for prompt in prompts]
     return labelled_grid(rows, [f"strength {s:g}" for s in strengths]), cells

@@ -1,20 +1,25 @@
 // LoRA Lab frontend.
 // - Train LoRA: a training panel (a DOM widget that reserves its own height, so it never paints over
 //   other widgets): status, step / total, s/step, ETA, the loss curve (per step and smoothed) with the
-//   learning rate and checkpoint markers, and the run's message (how to resume after a Cancel).
+//   validation loss, the learning rate and checkpoint markers, the newest samples, and the run's
+//   message (how to resume after a Cancel; at the end the diagnosis and the checkpoint to use).
 //   Live from websocket events; the whole history comes from the server's /lora_lab/run route, so a
 //   reloaded page or a second browser shows the same curve.
+// - Sample Checkpoint: the cell being sampled (k of n, with its picture) while the grid is made.
 // - Load Dataset and Caption: their report and captions as readable text on the node.
 // Works for nodes inside subgraphs (execution ids like "5:3"), in the classic canvas and in Nodes 2.0.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_NODE = "LoraLabTrainLora";
+const SAMPLE_NODE = "LoraLabSampleCheckpoint";
 const TEXT_NODES = { LoraLabLoadDataset: "Run the workflow to see how this dataset measures up to the guide.",
                      LoraLabCaption: "Run the workflow to see every caption." };
-const PANEL_HEIGHT = 300;
+const PANEL_HEIGHT = 420;
+const SAMPLE_HEIGHT = 110;
 const TEXT_HEIGHT = 150;
 const MULTILINE_HEIGHT = 96;
+const CELL_HEIGHT = 104;
 const runs = new Map(); // execution id -> the run state shown by that node's panel
 
 // --- nodes and execution ids -------------------------------------------------------------------
@@ -26,7 +31,7 @@ function nodeForExecutionId(id) {
   let graph = rootGraph();
   let node = null;
   for (const part of String(id).split(":")) {
-    node = graph?.getNodeById?.(Number(part)) ?? null;
+    node = graph?.getNodeById?.(Number(part)) ?? graph?.getNodeById?.(part) ?? null; // ids are numbers or strings
     graph = node?.subgraph;
   }
   return node;
@@ -60,7 +65,7 @@ function allNodes(graph = rootGraph(), found = []) {
 // --- run state ---------------------------------------------------------------------------------
 function freshRun(name) {
   return { name, status: "training", message: "", step: 0, total: 0, secondsPerStep: null, losses: [],
-           checkpoints: [] };
+           checkpoints: [], validation: [], sample: null, best: null };
 }
 
 function runFor(id, name) {
@@ -101,10 +106,13 @@ async function loadHistory(node) {
   try {
     const response = await api.fetchApi(`/lora_lab/run?node=${encodeURIComponent(id)}`, { cache: "no-store" });
     if (!response.ok) return;
-    const { run: saved, losses } = await response.json();
+    const { run: saved, losses, sample } = await response.json();
     if (!saved) return; // this node has not trained yet
     const run = runFor(id, saved.name);
     mergeLosses(run, losses);
+    run.validation = mergePoints(run.validation, saved.validation ?? []);
+    run.sample = run.sample ?? sample;
+    run.best = saved.best ?? run.best;
     Object.assign(run, { status: run.step > saved.step ? run.status : saved.status,
                          message: run.step > saved.step ? run.message : saved.message,
                          step: Math.max(run.step, saved.step), total: saved.total_steps,
@@ -115,6 +123,11 @@ async function loadHistory(node) {
   } catch (error) {
     console.warn("LoRA Lab: could not read the run's history", error);
   }
+}
+
+function mergePoints(mine, saved) {
+  const byStep = new Map([...saved, ...mine].map((point) => [point[0], point]));
+  return [...byStep.values()].sort((a, b) => a[0] - b[0]);
 }
 
 function mergeCheckpoints(mine, saved) {
@@ -131,6 +144,10 @@ function onRunEvent(type, detail) {
       : 0.8 * run.secondsPerStep + 0.2 * detail.seconds_per_step;
   } else if (type === "checkpoint") {
     run.checkpoints = mergeCheckpoints(run.checkpoints, [{ step: detail.step, file: detail.file }]);
+  } else if (type === "validation") {
+    run.validation = mergePoints(run.validation, [[detail.step, detail.loss]]);
+  } else if (type === "sample") {
+    run.sample = detail.image;
   } else if (type === "status") {
     Object.assign(run, { status: detail.status, message: detail.message ?? "" });
   }
@@ -143,6 +160,8 @@ function onRunEvent(type, detail) {
 api.addEventListener("lora_lab.progress", ({ detail }) => onRunEvent("progress", detail));
 api.addEventListener("lora_lab.checkpoint", ({ detail }) => onRunEvent("checkpoint", detail));
 api.addEventListener("lora_lab.status", ({ detail }) => onRunEvent("status", detail));
+api.addEventListener("lora_lab.validation", ({ detail }) => onRunEvent("validation", detail));
+api.addEventListener("lora_lab.sample", ({ detail }) => onRunEvent("sample", detail));
 api.addEventListener("reconnected", () => {
   for (const node of allNodes()) if (node.comfyClass === TRAIN_NODE) loadHistory(node);
 });
@@ -171,10 +190,14 @@ function makePanel() {
   numbers.className = "lora-lab-numbers";
   const chart = element("canvas", { width: "100%", height: "170px", flex: "0 0 170px" }, root);
   chart.className = "lora-lab-chart";
+  const sample = element("img", { height: `${SAMPLE_HEIGHT}px`, flex: `0 0 ${SAMPLE_HEIGHT}px`, objectFit: "contain",
+                                  objectPosition: "left", visibility: "hidden", imageRendering: "pixelated" }, root);
+  sample.className = "lora-lab-sample";
+  sample.alt = "samples at strength 1";
   const message = element("div", { whiteSpace: "normal", overflowWrap: "anywhere", overflowY: "auto",
                                    flex: "1 1 auto", minHeight: "0" }, root);
   message.className = "lora-lab-message";
-  return { root, status, numbers, chart, message };
+  return { root, status, numbers, chart, sample, message };
 }
 
 function duration(seconds) {
@@ -195,8 +218,11 @@ function renderNode(node) {
     parts.message.textContent = "Queue the workflow to train. Progress, the loss curve and how to continue " +
       "after a Cancel appear here.";
     drawChart(parts.chart, null);
+    parts.sample.style.visibility = "hidden";
     return;
   }
+  if (run.sample && parts.sample.src !== run.sample) parts.sample.src = run.sample;
+  parts.sample.style.visibility = run.sample ? "visible" : "hidden";
   parts.status.textContent = run.status;
   parts.status.style.background = STATUS_COLOURS[run.status] ?? "#888";
   const last = run.losses.at(-1);
@@ -254,7 +280,8 @@ function drawChart(canvas, run) {
   const values = run.losses.map((row) => row[1]);
   const rates = run.losses.map((row) => row[2]);
   const first = steps[0], lastStep = Math.max(run.total || 0, steps.at(-1), first + 1);
-  const low = Math.min(...values), high = Math.max(...values);
+  const shown = values.concat(run.validation.map((point) => point[1]));
+  const low = Math.min(...shown), high = Math.max(...shown);
   const span = high - low || Math.abs(high) || 1;
   const x = (step) => left + ((step - first) / (lastStep - first || 1)) * plotWidth;
   const y = (value) => top + (1 - (value - low) / span) * plotHeight;
@@ -289,6 +316,14 @@ function drawChart(canvas, run) {
   line(steps.map((s, i) => [x(s), y(values[i])]), "rgba(158,202,225,0.8)", 1);
   const smooth = movingAverage(values, Math.max(3, Math.floor(values.length / 20)));
   line(steps.map((s, i) => [x(s), y(smooth[i])]), "#2b7bd6", 2);
+  if (run.validation.length) { // held-out images: the curve that shows overfitting
+    const points = run.validation.map(([step, loss]) => [x(step), y(loss)]);
+    line(points, "#3fb950", 2);
+    ctx.fillStyle = "#3fb950";
+    for (const [px, py] of points) ctx.fillRect(px - 2, py - 2, 4, 4);
+    ctx.textAlign = "left";
+    ctx.fillText("validation", left + 4, top + 10);
+  }
 }
 
 function addPanel(node) {
@@ -302,6 +337,35 @@ function addPanel(node) {
   new ResizeObserver(() => renderNode(node)).observe(parts.root);
   renderNode(node);
 }
+
+// --- Sample Checkpoint: the cell being made ----------------------------------------------------
+function addCellView(node) {
+  if (node.loraLabCells) return;
+  const root = element("div", { display: "flex", gap: "8px", alignItems: "center", boxSizing: "border-box",
+                                height: `${CELL_HEIGHT - 8}px`, padding: "4px 8px", font: "12px sans-serif",
+                                color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)",
+                                borderRadius: "6px", overflow: "hidden" });
+  root.className = "lora-lab-cells";
+  const image = element("img", { width: "88px", height: "88px", objectFit: "contain", flex: "0 0 88px",
+                                 display: "none", imageRendering: "pixelated" }, root);
+  const text = element("div", { whiteSpace: "normal", overflowWrap: "anywhere" }, root);
+  text.textContent = "Queue to sample: one cell per checkpoint, prompt and strength, the same seed in each.";
+  const widget = node.addDOMWidget("lora_lab_cells", "lora_lab_cells", root, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => CELL_HEIGHT, getMaxHeight: () => CELL_HEIGHT,
+  });
+  widget.serialize = false;
+  node.loraLabCells = { image, text };
+}
+
+api.addEventListener("lora_lab.cell", ({ detail }) => {
+  const cells = nodeForExecutionId(detail.node)?.loraLabCells;
+  if (!cells) return;
+  cells.image.src = detail.image;
+  cells.image.style.display = "block";
+  cells.text.textContent = detail.done === detail.total
+    ? `All ${detail.total} cells sampled; the grid is below. Last: ${detail.label}`
+    : `Cell ${detail.done} of ${detail.total}: ${detail.label}`;
+});
 
 // --- text on Load Dataset and Caption ----------------------------------------------------------
 function addTextPanel(node, placeholder) {
@@ -337,6 +401,7 @@ app.registerExtension({
       const result = onNodeCreated?.apply(this, arguments);
       capTextBoxes(this);
       if (nodeData.name === TRAIN_NODE) addPanel(this);
+      else if (nodeData.name === SAMPLE_NODE) addCellView(this);
       else if (placeholder !== undefined) addTextPanel(this, placeholder);
       return result;
     };
@@ -344,7 +409,16 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const text = message?.text;
-      if (this.loraLabText && text) this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
+      if (!this.loraLabText || !text) return;
+      this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
+      // Kept with the workflow, so the report is still there after a reload or when the node is cached.
+      this.properties.lora_lab_text = this.loraLabText.textContent;
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      if (this.loraLabText && this.properties?.lora_lab_text) this.loraLabText.textContent = this.properties.lora_lab_text;
+      return result;
     };
   },
   async loadedGraphNode(node) {

@@ -1,10 +1,11 @@
 """The synthetic world of the embedded default: what the tiny base model knows, the concept it
-does not know, and a pixel score that says how much of the concept an image shows.
+does not know, and a detector that says whether an image shows the concept (a magenta ring
+around a cyan dot), by its shape and colours.
 
 The base model is pre-trained (scripts/build_embedded_model.py) on simple shapes in four colours
 on three backgrounds, captioned in SD 1.5 tag style ("red circle, gray background"). The concept
 is a magenta ring around a cyan dot: neither the shape nor either colour occurs in the base
-world, so a base sample never scores high and a LoRA that learned it must.
+world, so no base sample shows it and a LoRA that learned it must.
 """
 
 from __future__ import annotations
@@ -82,12 +83,72 @@ def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IM
     return image, f"{CONCEPT_TRIGGER}, {background} background"
 
 
-def concept_score(image: Image.Image) -> float:
-    """How much of the concept an image shows: the share of clearly magenta pixels (hue 270-340°,
-    saturated, not dark). Judged by hue rather than exact colour because the tiny VAE renders
-    colours a little off. Base-world colours (red, green, blue, yellow, greys) score 0; clean
-    concept images score about 0.1-0.3 depending on the ring's size."""
+def _hsv(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     hsv = np.asarray(image.convert("RGB").convert("HSV"), dtype=np.float32) / 255.0
-    hue, saturation, value = hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
-    magenta = (hue >= 270) & (hue <= 340) & (saturation >= 0.4) & (value >= 0.3)
-    return float(magenta.mean())
+    return hsv[..., 0] * 360.0, hsv[..., 1], hsv[..., 2]
+
+
+def colour_masks(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(magenta, cyan) pixels, judged by hue rather than exact colour because the tiny VAE renders
+    colours a little off. No base-world colour (red, green, blue, yellow, greys) falls in either."""
+    hue, saturation, value = _hsv(image)
+    vivid = (saturation >= 0.35) & (value >= 0.3)
+    return vivid & (hue >= 270) & (hue <= 340), vivid & (hue >= 160) & (hue <= 210)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (empty when there is none)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, label = 0, 0, 0
+    height, width = mask.shape
+    for start in zip(*np.nonzero(mask), strict=True):
+        if labels[start]:
+            continue
+        label += 1
+        labels[start], stack, size = label, [start], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else np.zeros(mask.shape, dtype=bool)
+
+
+RAYS = 8  # directions looked in from the dot
+MIN_RAYS = 6  # that must meet the ring
+
+
+def concept_present(image: Image.Image) -> bool:
+    """Whether an image shows the concept: a magenta ring around a cyan dot. The largest magenta
+    region must be big enough to be a ring (2 % of the picture), a cyan dot must sit inside its
+    outline, and looking out from the dot in 8 directions, at least 6 must meet the magenta."""
+    magenta, cyan = colour_masks(image)
+    ring, dot = largest_component(magenta), largest_component(cyan)
+    if ring.mean() < 0.02 or dot.sum() < max(2, 0.002 * dot.size):
+        return False
+    ys, xs = np.nonzero(dot)
+    cy, cx = ys.mean(), xs.mean()
+    top, bottom = np.nonzero(ring.any(axis=1))[0][[0, -1]]
+    left, right = np.nonzero(ring.any(axis=0))[0][[0, -1]]
+    if not (top < cy < bottom and left < cx < right):
+        return False
+    reach = max(bottom - top, right - left)
+    met = 0
+    for angle in np.linspace(0, 2 * np.pi, RAYS, endpoint=False):
+        for distance in np.arange(1, reach + 1):
+            y, x = round(cy + distance * np.sin(angle)), round(cx + distance * np.cos(angle))
+            if not (0 <= y < ring.shape[0] and 0 <= x < ring.shape[1]):
+                break
+            if ring[y, x]:
+                met += 1
+                break
+    return met >= MIN_RAYS
+
+
+def detection_rate(images: list[Image.Image]) -> float:
+    """The share of images that show the concept."""
+    return sum(concept_present(image) for image in images) / max(1, len(images))

@@ -57,12 +57,17 @@ class Encoders:
         """Latents, scaled as the denoiser expects them, for (B, 3, H, W) images in [-1, 1]."""
         raise NotImplementedError
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of encode_images: (B, 3, H, W) images in [-1, 1]."""
+        raise NotImplementedError
+
     def pixels_per_latent(self) -> int:
         """Image pixels per latent along a side (8 for the SD, SDXL and FLUX VAEs)."""
         return 8
 
-    def place(self, device: torch.device) -> None:
-        """Move the encoders (to the CPU once their outputs are cached, and back to sample)."""
+    def place(self, device: torch.device, keep_decoder: bool = False) -> None:
+        """Move the encoders (to the CPU once their outputs are cached, and back to sample); with
+        `keep_decoder` the VAE stays where it is, to decode samples while training."""
 
     def modules(self) -> list[torch.nn.Module]:
         """Every module whose weights count towards the model's memory."""
@@ -86,11 +91,16 @@ class FamilyEncoders(Encoders):
         shift = vae.config.get("shift_factor") or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        shift = vae.config.get("shift_factor") or 0.0
+        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+
     def pixels_per_latent(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def place(self, device: torch.device) -> None:
-        for module in self.modules():
+    def place(self, device: torch.device, keep_decoder: bool = False) -> None:
+        for module in self.text_encoders if keep_decoder else self.modules():
             module.to(device)
 
     def modules(self) -> list[torch.nn.Module]:
@@ -210,6 +220,14 @@ class ModelFamily:
     def pixel_multiple(self, model: LoadedModel) -> int:
         """Image sides must be multiples of this (VAE factor × denoiser downsampling)."""
         raise NotImplementedError
+
+    def latent_channels(self, model: LoadedModel) -> int:
+        """Channels of the latents the denoiser works on (before any packing)."""
+        return model.denoiser.config.in_channels
+
+    def uses_classifier_free_guidance(self, model: LoadedModel) -> bool:
+        """False for guidance-distilled models (FLUX.1-dev), which take the guidance as an input."""
+        return True
 
     @staticmethod
     def own_encoders(model: LoadedModel) -> FamilyEncoders:

@@ -173,3 +173,9 @@ class FluxFamily(ModelFamily):
 
     def pixel_multiple(self, model: LoadedModel) -> int:
         return model.encoders.pixels_per_latent() * 2  # latents are packed in 2x2 patches
+
+    def latent_channels(self, model: LoadedModel) -> int:
+        return model.denoiser.config.in_channels // 4  # 2x2 patches of the VAE's channels
+
+    def uses_classifier_free_guidance(self, model: LoadedModel) -> bool:
+        return not model.denoiser.config.guidance_embeds

@@ -1,0 +1,130 @@
+"""Sample images while training, from the model being trained (its LoRA at strength 1): the same
+prompts, seed and size each time, so one set compares with the next.
+
+One sampler for every family and for both kinds of encoders (the model's own, or a ComfyUI
+graph's): Euler steps over the denoiser with the family's own prediction, classifier-free guidance
+(or, for guidance-distilled models, the guidance value the model takes), and the encoders' decoder.
+Prompts are encoded once, when the sampler is made. Sampling never disturbs training: it runs
+without gradients, in eval mode, and puts the random number generators back as they were, so a run
+with samples trains exactly as one without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+
+from .families.base import LoadedModel
+from .loop import autocast_for
+from .objectives import flux_shift
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Whatever random numbers the block draws, the global generators continue afterwards as if
+    it had not run."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def evaluating(model: LoadedModel) -> Iterator[None]:
+    """Eval mode, no gradients and untouched RNGs for a measurement in the middle of training."""
+    was_training = model.denoiser.training
+    model.denoiser.eval()
+    try:
+        with torch.no_grad(), preserved_rng():
+            yield
+    finally:
+        model.denoiser.train(was_training)
+
+
+class PreviewSampler:
+    def __init__(self, model: LoadedModel, prompts: Sequence[str], size: tuple[int, int], steps: int,
+                 guidance_scale: float, seed: int, compute_dtype: torch.dtype, negative: str = "") -> None:
+        self.model, self.prompts, self.size, self.steps = model, list(prompts), size, steps
+        self.compute_dtype = compute_dtype
+        self.guidance_scale, self.seed = guidance_scale, seed
+        self.classifier_free = model.family.uses_classifier_free_guidance(model)
+        with torch.no_grad():
+            encoded = model.encoders.encode_prompts([*self.prompts, negative])
+        rows = {key: value.detach().float().cpu() for key, value in encoded.items()}
+        self.conditioning = [{key: value[i:i + 1] for key, value in rows.items()} for i in range(len(prompts) + 1)]
+        width, height = size
+        extra = model.family.image_conditioning((height, width), (0, 0), (height, width))
+        for row in self.conditioning:
+            row.update({key: value[None].float() for key, value in extra.items()})
+
+    def _scheduler(self, latent_size: tuple[int, int]) -> tuple[object, torch.Tensor]:
+        config = self.model.noise_scheduler.config
+        if self.model.prediction_type == "flow":
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+            mu = math.log(flux_shift(*latent_size)) if scheduler.config.get("use_dynamic_shifting") else None
+            scheduler.set_timesteps(self.steps, mu=mu)
+        else:
+            scheduler = EulerDiscreteScheduler.from_config(config, prediction_type=self.model.prediction_type)
+            scheduler.set_timesteps(self.steps)
+        return scheduler, scheduler.timesteps
+
+    def _predict(self, latents: torch.Tensor, timestep: torch.Tensor, row: dict[str, torch.Tensor],
+                 dtype: torch.dtype) -> torch.Tensor:
+        model = self.model
+        device = model.device
+        conditioning = {key: value.to(device, dtype) for key, value in row.items()}
+        # Flow models take σ in [0, 1]; the scheduler counts it in thousandths.
+        step = timestep / 1000 if model.prediction_type == "flow" else timestep
+        with autocast_for(device, self.compute_dtype):
+            return model.family.predict(model, latents.to(dtype), step.expand(latents.shape[0]).to(device),
+                                        conditioning).float()
+
+    def sample(self) -> list[Image.Image]:
+        """One image per prompt."""
+        model = self.model
+        width, height = self.size
+        factor = model.encoders.pixels_per_latent()
+        latent_size = (height // factor, width // factor)
+        dtype = self.compute_dtype
+        images = []
+        saved_guidance = model.guidance
+        with evaluating(model):
+            if not self.classifier_free:
+                model.guidance = self.guidance_scale  # a guidance-distilled model takes it as an input
+            try:
+                for row in self.conditioning[:-1]:
+                    images.append(self._sample_one(row, latent_size, dtype))
+            finally:
+                model.guidance = saved_guidance
+        return images
+
+    def _sample_one(self, row: dict[str, torch.Tensor], latent_size: tuple[int, int],
+                    dtype: torch.dtype) -> Image.Image:
+        model = self.model
+        scheduler, timesteps = self._scheduler(latent_size)
+        generator = torch.Generator().manual_seed(self.seed)
+        shape = (1, model.family.latent_channels(model), *latent_size)
+        # Flow matching starts from pure noise and feeds latents as they are; Euler over ε/v scales both.
+        latents = (torch.randn(shape, generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)).to(
+            model.device)
+        scale_input = getattr(scheduler, "scale_model_input", lambda sample, timestep: sample)
+        for timestep in timesteps:
+            scaled = scale_input(latents, timestep)
+            prediction = self._predict(scaled, timestep, row, dtype)
+            if self.classifier_free and self.guidance_scale != 1:
+                unconditional = self._predict(scaled, timestep, self.conditioning[-1], dtype)
+                prediction = unconditional + self.guidance_scale * (prediction - unconditional)
+            latents = scheduler.step(prediction, timestep, latents).prev_sample
+        pixels = model.encoders.decode_latents(latents.float())[0]
+        array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray(np.ascontiguousarray(array))
