@@ -99,6 +99,15 @@ def input_directory() -> Path:
     return Path(folder_paths.get_input_directory())
 
 
+def captioner_root() -> Path:
+    """models/captioners: where the Caption node finds captioning models (one folder each)."""
+    return Path(folder_paths.models_dir) / "captioners"
+
+
+def compute_device() -> torch.device:
+    return comfy.model_management.get_torch_device()
+
+
 # --- images ----------------------------------------------------------------------------------
 
 def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -109,6 +118,14 @@ def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 def pil_to_images(pictures: list[Image.Image]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), np.float32) / 255.0) for p in pictures])
+
+
+def text_and_preview(text: str, picture: Image.Image | None, cls: type) -> dict:
+    """What a node shows: its text (web/lora_lab.js puts it on the node) and a preview image."""
+    shown: dict = {"text": (text,)}
+    if picture is not None:
+        shown.update(ui.PreviewImage(pil_to_images([picture]), cls=cls).as_dict())
+    return shown
 
 
 # --- training inside ComfyUI -----------------------------------------------------------------

@@ -1,5 +1,7 @@
 """Load Dataset: a folder of images + .txt captions (kohya N_name repeats honoured), or an IMAGE
-batch from the graph with optional captions; reports how the dataset measures up to the guide."""
+batch from the graph with optional captions; the dataset doctor's report on the node, as text and
+as a sheet of the flagged images. The LoRA type chosen here travels with the dataset to Train
+LoRA's preset, and a connected MODEL sets the family the doctor checks against."""
 
 from __future__ import annotations
 
@@ -7,11 +9,16 @@ import hashlib
 from pathlib import Path
 
 from ..trainer.data import IMAGE_EXTENSIONS, Dataset, dataset_from_images, scan_folder
+from ..trainer.doctor import LORA_TYPES, examine, flagged_sheet
 from ..trainer.errors import LoraLabError
-from ..trainer.families import FAMILY_NAMES, get_family
-from ..trainer.quality import quality_report
-from .comfy_bridge import DATASET, images_to_pil, input_directory, io
+from ..trainer.families import DEFAULT_FAMILY
+from . import comfy_bridge as comfy
+from . import graph_model
+from .comfy_bridge import DATASET, io
 from .values import DatasetValue
+
+NO_MODEL_NOTE = ("· No MODEL connected: checked as SD 1.5 (512 px, tag captions). Connect your checkpoint loader's "
+                 "MODEL to check against your model.")
 
 
 def resolve_folder(folder: str) -> Path:
@@ -20,8 +27,8 @@ def resolve_folder(folder: str) -> Path:
     path = Path(folder.strip()).expanduser()
     if path.is_absolute():
         return path
-    inside = (input_directory() / path).resolve()
-    if not inside.is_relative_to(input_directory().resolve()):
+    inside = (comfy.input_directory() / path).resolve()
+    if not inside.is_relative_to(comfy.input_directory().resolve()):
         raise LoraLabError(f"Dataset folder {folder!r} points outside ComfyUI's input folder; give a folder inside "
                            "it (e.g. my_dataset) or an absolute path.")
     return inside
@@ -43,18 +50,18 @@ class LoadDataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="LoraLabLoadDataset", display_name="Load Dataset", category="LoRA Lab",
-            description="Images and captions to train a LoRA on, with a quality report.",
+            description="Images and captions to train a LoRA on, checked against the guide (the dataset doctor).",
             inputs=[
                 io.String.Input("folder", default="", tooltip="Folder of images with same-name .txt captions; "
                                 "N_name subfolders repeat their images N times. A relative path is read from "
                                 "ComfyUI's input folder. Leave empty to use the images input."),
-                io.Combo.Input("lora_type", options=["style", "character", "object", "likeness"], default="style",
-                               tooltip="What you are training: the report compares the image count with the "
-                                       "guide's recommendation for it."),
+                io.Combo.Input("lora_type", options=list(LORA_TYPES), default="style",
+                               tooltip="What you are training. The report compares the image count with the "
+                                       "guide's table for it, and Train LoRA's preset 'from dataset' uses it."),
                 io.String.Input("trigger_word", default="", tooltip="The trigger word the report checks for "
                                 "(empty = the N_name folder name, if there is one)."),
-                io.Combo.Input("family", options=list(FAMILY_NAMES), default=FAMILY_NAMES[0],
-                               tooltip="The base model family: the report flags images below its resolution."),
+                io.Model.Input("model", optional=True, tooltip="Your base model (optional): the report checks "
+                               "resolution and caption style against its family."),
                 io.Image.Input("images", optional=True, tooltip="Train on these images instead of a folder."),
                 io.String.Input("captions", optional=True, multiline=True, default="",
                                 tooltip="One caption per line for the images input."),
@@ -67,21 +74,25 @@ class LoadDataset(io.ComfyNode):
         return folder_fingerprint(resolve_folder(folder)) if folder.strip() else ""
 
     @classmethod
-    def execute(cls, folder: str, lora_type: str, trigger_word: str, family: str, images=None,
+    def execute(cls, folder: str, lora_type: str, trigger_word: str, model=None, images=None,
                 captions: str = "") -> io.NodeOutput:
         if folder.strip():
             root = resolve_folder(folder)
             dataset = scan_folder(root)
-            value = DatasetValue(dataset, str(root), folder_fingerprint(root))
+            source, fingerprint = str(root), folder_fingerprint(root)
         elif images is not None:
             lines = [line for line in (captions or "").splitlines() if line.strip()]
-            dataset = dataset_from_images(images_to_pil(images), lines)
-            value = DatasetValue(dataset, "graph images", hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest())
+            dataset = dataset_from_images(comfy.images_to_pil(images), lines)
+            source, fingerprint = "graph images", hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest()
         else:
             raise LoraLabError("Load Dataset needs a folder or an images input; set the folder to your dataset.")
-        trigger = trigger_word.strip() or _single(dataset)
-        report = quality_report(dataset, lora_type, trigger, get_family(family).default_resolution)
-        return io.NodeOutput(value, report, ui={"text": (report,)})
+        if lora_type not in LORA_TYPES:
+            raise LoraLabError(f"lora_type {lora_type!r} is not one of {', '.join(LORA_TYPES)}; pick one.")
+        family = graph_model.family_of(model).name if model is not None else ""
+        report = examine(dataset, family or DEFAULT_FAMILY, lora_type, trigger_word.strip() or _single(dataset))
+        text = report.text() + ("" if family else "\n" + NO_MODEL_NOTE)
+        value = DatasetValue(dataset, source, fingerprint, lora_type, family, report)
+        return io.NodeOutput(value, text, ui=comfy.text_and_preview(text, flagged_sheet(dataset, report), cls))
 
 
 def _single(dataset: Dataset) -> str:

@@ -17,7 +17,8 @@ def setting_widget(name: str, **overrides: Any) -> Any:
     default = overrides.pop("default", spec.default if spec.default is not MISSING else spec.default_factory())
     tooltip = overrides.pop("tooltip", meta["help"])
     if meta["choices"]:
-        return io.Combo.Input(name, options=list(meta["choices"]), default=default, tooltip=tooltip)
+        options = [*overrides.pop("extra_choices", ()), *meta["choices"]]
+        return io.Combo.Input(name, options=options, default=default, tooltip=tooltip)
     if isinstance(default, bool):
         return io.Boolean.Input(name, default=default, tooltip=tooltip)
     if isinstance(default, int):

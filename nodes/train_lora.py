@@ -25,8 +25,13 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
 NEW_RUN, LATEST = "off", "latest"
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
+# The preset follows the LoRA type chosen once on Load Dataset unless set here.
+FROM_DATASET = "from dataset"
 WIDGET_OPTIONS = {"alpha": {"step": 1.0}, "learning_rate": {"step": 1e-5, "round": 1e-7},
-                  "seed": {"control_after_generate": False}, "name": {"default": "my_lora"}}
+                  "seed": {"control_after_generate": False}, "name": {"default": "my_lora"},
+                  "preset": {"default": FROM_DATASET, "extra_choices": (FROM_DATASET,),
+                             "tooltip": "The guide's scenario: fills in rank, learning rate and the step range for "
+                                        "settings left at 0. 'from dataset' = the LoRA type chosen on Load Dataset."}}
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +63,11 @@ def chosen_checkpoint(output_dir: Path, choice: str) -> Path:
     return path
 
 
-def node_config(values: dict, output_dir: Path) -> TrainingConfig:
+def node_config(values: dict, output_dir: Path, lora_type: str = "none") -> TrainingConfig:
+    """The trainer config of the node's widgets; `lora_type` is the dataset's (Load Dataset)."""
     settings = {**values, "output_dir": str(output_dir)}
+    if settings.get("preset", FROM_DATASET) == FROM_DATASET:
+        settings["preset"] = lora_type
     name = str(values.get("name", "my_lora")).strip() or "my_lora"
     resume = str(values.get("resume", NEW_RUN))
     if resume == NEW_RUN:
@@ -126,7 +134,8 @@ class TrainLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset: DatasetValue, **settings) -> io.NodeOutput:
         family = graph_model.family_of(model)
-        config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER)
+        config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER,
+                             dataset.lora_type)
         node_id = cls.hidden.unique_id
         events = comfy.NodeEvents(node_id, config.output.name, config.train.steps or 1)
         events.status("training", "Loading the model and encoding the dataset ...")

@@ -6,15 +6,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..trainer.data import Dataset
+from ..trainer.doctor import DoctorReport
 
 
 @dataclass(frozen=True)
 class DatasetValue:
-    """A LORA_LAB_DATASET: the images and captions, where they came from, and their fingerprint."""
+    """A LORA_LAB_DATASET: the images and captions, where they came from, their fingerprint, and
+    the choices made once on Load Dataset that later nodes follow."""
 
     dataset: Dataset
     source: str  # the folder, or "graph images"
     fingerprint: str
+    lora_type: str = "style"  # what the LoRA is for: Train LoRA's preset "from dataset" follows it
+    family: str = ""  # the family of the MODEL connected to Load Dataset ("" when none was)
+    report: DoctorReport | None = None  # the dataset doctor's findings
 
 
 @dataclass(frozen=True)

@@ -63,17 +63,20 @@ SAMPLE = {"seed": 0, "steps": 20, "cfg": 7.0}
 TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
     Group("1 · Dataset", [[
         note(13, "1. Put 10-50 images with same-name .txt captions in ComfyUI/input/my_dataset (or set folder to an "
-                 "absolute path).\n2. Choose a trigger word, a made-up word like xyz_style.\n3. The report below "
-                 "Load Dataset says what to fix before training."),
-        Node(2, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "style", "trigger_word": "xyz_style"}),
-        Node(3, "LoraLabCaption", {"trigger_word": "xyz_style"}, {"dataset": (2, 0)}),
+                 "absolute path).\n2. Choose the LoRA type and a trigger word, a made-up word like xyz_style.\n3. "
+                 "The report on Load Dataset says what to fix before training; Caption shows every caption (edit "
+                 "them there, or let a captioner in models/captioners write the missing ones)."),
+        Node(2, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "style", "trigger_word": "xyz_style"},
+             {"model": (1, 0)}),
+        Node(3, "LoraLabCaption", {"trigger_word": "xyz_style"}, {"dataset": (2, 0), "model": (1, 0)}),
     ]]),
     Group("2 · Train", [[
         note(14, "4. Pick your SD 1.5 checkpoint in Load Checkpoint.\n5. Queue. The panel on Train LoRA shows the "
                  "loss, speed and time left; Cancel saves a checkpoint, and resume = latest continues it.\n"
-                 "Steps 0 = the guide's 100 per image; rank and learning rate 0 = the preset's."),
+                 "Preset 'from dataset' = the LoRA type on Load Dataset; steps 0 = the guide's 100 per image; rank "
+                 "and learning rate 0 = the preset's."),
         Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
-        Node(4, "LoraLabTrainLora", {"preset": "style", "name": "xyz_style"},
+        Node(4, "LoraLabTrainLora", {"name": "xyz_style"},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (3, 0)}, width=420, extra_height=300),
     ]], colour="#8a6d3b"),
     Group("3 · Test", [[
@@ -125,11 +128,11 @@ STACK_TWO = Example("Stack two LoRAs", [
 TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", [
     Group("1 · Dataset", [[
         note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset.\n2. FLUX likes sentences: "
-                "Caption (family flux) turns tags into them and puts the trigger word first.\n3. Read the report "
-                "below Load Dataset before training."),
-        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character",
-                                       "trigger_word": "xyz_person", "family": "flux"}),
-        Node(5, "LoraLabCaption", {"trigger_word": "xyz_person", "family": "flux"}, {"dataset": (4, 0)}),
+                "Caption (connected to the FLUX model) turns tags into them, the trigger word first.\n3. Read the "
+                "report on Load Dataset before training."),
+        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
+             {"model": (1, 0)}),
+        Node(5, "LoraLabCaption", {"trigger_word": "xyz_person"}, {"dataset": (4, 0), "model": (1, 0)}),
     ]]),
     Group("2 · Train", [[
         note(9, "4. Pick flux1-dev (loaded in fp8: about 12 GB), clip_l + t5xxl and ae.safetensors.\n5. Queue. "
@@ -139,9 +142,8 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", [
                                    "type": "flux"}),
         Node(3, "VAELoader", {"vae_name": "ae.safetensors"}),
     ], [
-        Node(6, "LoraLabTrainLora", {"preset": "character", "name": "xyz_person_flux", "gradient_checkpointing": True,
-                                     "rank": 16}, {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)},
-             width=420, extra_height=300),
+        Node(6, "LoraLabTrainLora", {"name": "xyz_person_flux", "gradient_checkpointing": True, "rank": 16},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=420, extra_height=300),
     ]], colour="#8a6d3b"),
     Group("3 · Test", [[
         Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "

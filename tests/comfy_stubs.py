@@ -70,7 +70,7 @@ def install(loras: Path, input_dir: Path) -> Recorder:
     recorder = Recorder(loras)
     io = make_io()
     ui = types.ModuleType("comfy_api.latest.ui")
-    ui.PreviewImage = lambda images, cls=None: {"preview": images}
+    ui.PreviewImage = lambda images, cls=None: types.SimpleNamespace(as_dict=lambda: {"images": images})
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ui, latest.ComfyExtension = io, ui, object
     folder_paths = types.ModuleType("folder_paths")
@@ -79,6 +79,7 @@ def install(loras: Path, input_dir: Path) -> Recorder:
                                                          for p in loras.rglob("*.safetensors"))
     folder_paths.get_full_path = lambda name, file: str(loras / file) if (loras / file).is_file() else None
     folder_paths.get_input_directory = lambda: str(input_dir)
+    folder_paths.models_dir = str(input_dir.parent / "models")
     comfy = types.ModuleType("comfy")
     modules = {"comfy": comfy, "folder_paths": folder_paths, "comfy_api": types.ModuleType("comfy_api"),
                "comfy_api.latest": latest}
@@ -88,6 +89,7 @@ def install(loras: Path, input_dir: Path) -> Recorder:
         modules[f"comfy.{name}"] = module
     comfy.samplers.KSampler = types.SimpleNamespace(SAMPLERS=["euler", "dpmpp_2m"], SCHEDULERS=["normal", "karras"])
     comfy.model_management.processing_interrupted = lambda: recorder.interrupted
+    comfy.model_management.get_torch_device = lambda: __import__("torch").device("cpu")
     for name, parent in (("SD15", object), ("SDXL", object), ("Flux", object)):  # model classes, by name
         setattr(comfy.supported_models, name, type(name, (parent,), {}))
     comfy.supported_models.Segmind_Vega = type("Segmind_Vega", (comfy.supported_models.SDXL,), {})

@@ -170,14 +170,15 @@ def test_sample_checkpoint_overhead_per_cell(server):
 def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
               "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
-                                                                   "trigger_word": "", "family": "sd15"}},
+                                                                   "trigger_word": "", "model": ["1", 0]}},
               "3": {"class_type": "LoraLabTrainLora", "inputs": {
                   "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "preset": "none",
                   "steps": 30, "rank": 4, "alpha": 0.0, "learning_rate": 0.0, "resolution": 64, "batch_size": 1,
                   "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 20,
                   "seed": 1, "name": "cancelled", "gradient_checkpointing": False, "mixed_precision": "auto",
                   "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
-                  "resume_with_changes": False}}}
+                  "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}",
+                  "validation_images": -1}}}
     interrupted = []
 
     def cancel_after_three_steps(comfy, message):
@@ -215,11 +216,11 @@ def test_sdxl_trains_through_the_nodes_and_its_lora_loads(server):
              "batch_size": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 1,
              "seed": 1, "name": "sdxl_test", "gradient_checkpointing": False, "mixed_precision": "auto",
              "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
-             "resume_with_changes": False}
+             "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}", "validation_images": -1}
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "random_sdxl.safetensors"}},
         "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
-                                                             "trigger_word": "", "family": "sdxl"}},
+                                                             "trigger_word": "", "model": ["1", 0]}},
         "3": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                           "dataset": ["2", 0], **train}},
         "4": {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": ["3", 1]}},

@@ -135,9 +135,11 @@ def test_variety_for_character_sets(tmp_path):
 
 def test_the_doctor_command_and_the_flagged_sheet(labelled, capsys, tmp_path):
     folder, expected = labelled
-    assert main(["doctor", str(folder), "--lora-type", "object", "--trigger-word", "xyz_thing"]) == 0
+    assert main(["doctor", str(folder), "--lora-type", "object", "--trigger-word", "xyz_thing",
+                 "--prompt", "{trigger}, picture clean 03, gradient background, shapes", "--prompt", "{trigger}"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Ready to train, with") and "look blurry" in out
+    assert "Sample prompt(s) xyz_thing, picture clean 03, gradient background, shapes repeat a training caption" in out
     sheet = flagged_sheet(scan_folder(folder), examine(scan_folder(folder), "sd15", "object", "xyz_thing"))
     assert sheet is not None and sheet.width == 4 * 160
     (tmp_path / "empty").mkdir()

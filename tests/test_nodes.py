@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 # Node ids and the order of their inputs are public API: workflow files store widget values by position.
 EXPECTED_INPUTS = {
-    "LoraLabLoadDataset": ["folder", "lora_type", "trigger_word", "family", "images", "captions"],
-    "LoraLabCaption": ["dataset", "trigger_word", "family", "template", "write_txt_files"],
+    "LoraLabLoadDataset": ["folder", "lora_type", "trigger_word", "model", "images", "captions"],
+    "LoraLabCaption": ["dataset", "model", "trigger_word", "template", "captioner", "replace_existing", "edits",
+                       "write_txt_files"],
     "LoraLabTrainLora": ["model", "clip", "vae", "dataset", "preset", "steps", "rank", "alpha", "learning_rate",
                          "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
@@ -193,26 +194,34 @@ def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
         ApplyLoraStack.execute("MODEL", "CLIP", False, lora_stack="junk", **slots)
 
 
-def test_load_dataset_and_caption_nodes(nodes, stubs, tmp_path):
-    from lora_lab.nodes.caption import Caption
-    from lora_lab.nodes.load_dataset import LoadDataset
+def test_load_dataset_reports_and_carries_the_lora_type(nodes, stubs, monkeypatch):
+    from lora_lab.nodes import graph_model
+    from lora_lab.nodes.load_dataset import NO_MODEL_NOTE, LoadDataset
+    from lora_lab.nodes.train_lora import node_config
     from lora_lab.trainer import embedded
+    from lora_lab.trainer.families import get_family
 
     folder = str(embedded.CONCEPT_DATASET)
-    dataset, report = LoadDataset.execute(folder, "style", "", "sd15").values
-    assert len(dataset.dataset.items) == 12 and report.startswith("Ready to train.")
-    assert "12 images" in report and "below 512 px" in report
+    output = LoadDataset.execute(folder, "character", "")
+    dataset, report = output.values
+    assert len(dataset.dataset.items) == 12 and report.startswith("Ready to train, with")
+    assert "12 images: a character LoRA needs at least 15" in report and "below 512 px" in report
+    assert report.endswith(NO_MODEL_NOTE) and dataset.family == ""
+    assert dataset.report.of("resolution") and output.ui["text"] == (report,)
+    assert output.ui["images"].shape[0] == 1  # the sheet of flagged images, on the node
+    assert dataset.lora_type == "character"
+    config = node_config({"preset": "from dataset"}, stubs.loras, dataset.lora_type)
+    assert config.train.preset == "character"  # chosen once, on Load Dataset
+    assert node_config({"preset": "likeness"}, stubs.loras, dataset.lora_type).train.preset == "likeness"
+    monkeypatch.setattr(graph_model, "family_of", lambda model: get_family("flux"))
+    dataset, report = LoadDataset.execute(folder, "style", "", model="MODEL").values
+    assert dataset.family == "flux" and NO_MODEL_NOTE not in report
+    assert "1024 is this model's size" in report  # checked against the connected model's family
     with pytest.raises(LoraLabError, match="needs a folder or an images input"):
-        LoadDataset.execute("", "style", "", "sd15")
-    before = [item.caption for item in dataset.dataset.items]
-    captioned, text = Caption.execute(dataset, "zkw_toy", "sdxl", "{trigger}", False).values
-    assert all(item.caption.startswith("zkw_toy ") and item.caption.count("zkw_toy") == 1
-               for item in captioned.dataset.items)
-    assert [item.caption for item in dataset.dataset.items] == before  # input untouched
-    assert captioned.dataset.items[0].caption == before[0].replace("zkw_toy,", "zkw_toy")
+        LoadDataset.execute("", "style", "")
     for hostile in ("../../etc", "../outside"):  # a stranger's workflow may not climb out of input/
         with pytest.raises(LoraLabError, match="points outside ComfyUI's input folder"):
-            LoadDataset.execute(hostile, "style", "", "sd15")
+            LoadDataset.execute(hostile, "style", "")
 
 
 def test_sample_checkpoint_rejects_bad_strengths(nodes):

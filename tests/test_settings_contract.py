@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 from lora_lab.trainer import budget, loop, run
+from lora_lab.trainer.captions import CaptionVariation
 from lora_lab.trainer.cli import build_parser, gather_settings
 from lora_lab.trainer.config import PRESETS, TrainingConfig, build_config, field_specs, load_settings_file
 from lora_lab.trainer.data import Dataset, ImageItem
@@ -48,7 +49,7 @@ EXPLICIT: dict[str, Any] = {
     "output_dir": "/out/loras", "name": "xyz", "save_every": 50, "overwrite": True, "resume": "latest",
     "resume_with_changes": True, "prompts": ("a {trigger}", "b, with a comma"), "strengths": (0.3, 0.9),
     "sample_steps": 12, "guidance_scale": 3.0, "sample_seed": 9, "sample_every": 5, "validation_images": 3,
-    "validation_every": 7,
+    "validation_every": 7, "caption_dropout": 0.1, "shuffle_tags": True, "keep_tokens": 2,
 }
 SETTINGS = list(field_specs())
 
@@ -211,7 +212,8 @@ def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_pa
                 "trigger_word": "xyz_toy", "cache": False, "save_every": 2, "name": "contract", "check_memory": False,
                 "prompts": ("a {trigger}", "b"), "strengths": (0.3, 0.9), "sample_steps": 12,
                 "guidance_scale": 3.0, "sample_seed": 9, "optimizer": "adamw", "validation_images": 3,
-                "validation_every": 1, "sample_every": 3}
+                "validation_every": 1, "sample_every": 3, "caption_dropout": 0.1, "shuffle_tags": True,
+                "keep_tokens": 2}
     trace = traced(make_config(**settings), fresh_model)
     result, facts = trace.result, lora_facts(trace.result.model)
     assert facts["ranks"] == {4} and facts["alphas"] == {2.0}  # not the style preset's rank 16
@@ -230,6 +232,8 @@ def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_pa
         ("v_prediction", 0.1, 5.0, 7)}
     assert {(p["autocast"], p["checkpointing"]) for p in trace.predictions} == {(torch.bfloat16, True)}
     training_set, held_out = trace.training_sets
+    assert training_set.variation == CaptionVariation(0.1, True, 2, 7)  # the seed decides each batch's captions
+    assert held_out.variation == CaptionVariation()  # validation measures the captions as written
     assert not training_set.cache_latents and {e.bucket for e in training_set.examples} == {(48, 48)}
     assert (len(training_set.examples), len(held_out.examples)) == (9, 3)  # 3 of the 12 held out
     assert [step for step, _ in result.validation] == [1, 2, 3, 4]  # every step, and at each checkpoint

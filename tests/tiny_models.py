@@ -120,3 +120,33 @@ def _build_sd15(folder: Path, size: str) -> Path:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def build_blip(folder: Path) -> Path:
+    """A randomly initialised BLIP captioning model with a 15-word vocabulary, saved as a user's
+    model folder would be (config, weights, processor): it proves the captioner path end to end,
+    not the quality of its captions."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "red", "circle", "on", "white",
+             "background", "photo", "of", "woman"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(folder / "vocab.txt"), bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = BlipConfig(text_config={**small, "vocab_size": len(words), "encoder_hidden_size": 32, "bos_token_id": 5,
+                                     "pad_token_id": 0, "sep_token_id": 3, "eos_token_id": 3,
+                                     "max_position_embeddings": 64},
+                        vision_config={**small, "image_size": 32, "patch_size": 8})
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

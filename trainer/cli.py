@@ -23,7 +23,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from .config import build_config, field_specs, load_settings_file  # noqa: E402
 from .doctor import LORA_TYPES  # noqa: E402
 from .errors import LoraLabError  # noqa: E402
-from .families import FAMILY_NAMES  # noqa: E402
+from .families import DEFAULT_FAMILY, FAMILY_NAMES  # noqa: E402
 from .loop import Checkpoint, StepReport, TrainingEvents  # noqa: E402
 
 DEMO_SETTINGS: dict[str, Any] = {
@@ -106,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                                              "word) and print what to fix. Changes nothing. Exits 1 when a finding "
                                              "would stop training.")
     doctor.add_argument("folder", type=Path, help="the dataset folder")
-    doctor.add_argument("--family", default="sd15", choices=FAMILY_NAMES, help="the base model's family "
+    doctor.add_argument("--family", default=DEFAULT_FAMILY, choices=FAMILY_NAMES, help="the base model's family "
                         "(its training size and caption style)")
     doctor.add_argument("--lora-type", default="style", choices=LORA_TYPES, help="what the LoRA is for (the "
                         "guide's image counts differ)")
     doctor.add_argument("--trigger-word", default="", help="the trigger word (default: the N_name folder's name)")
     doctor.add_argument("--sheet", type=Path, help="also save a contact sheet of the flagged images here (PNG)")
+    doctor.add_argument("--prompt", action="append", default=[], help="a sample prompt you will test with "
+                        "({trigger} filled in; repeat the flag for more): flagged if it repeats a caption")
     for sub in (demo, train):
         sub.add_argument("--config", type=Path, help="TOML or JSON file of settings")
         sub.add_argument("--no-samples", action="store_true", help="skip the sample grid after training")
@@ -147,7 +149,8 @@ def run_doctor(args: argparse.Namespace) -> int:
         print(DoctorReport([Finding("count", "stop", str(error))]).text())
         return 1
     trigger = args.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
-    report = examine(dataset, args.family, args.lora_type, trigger)
+    prompts = tuple(prompt.replace("{trigger}", trigger) for prompt in args.prompt)
+    report = examine(dataset, args.family, args.lora_type, trigger, prompts)
     print(report.text())
     if args.sheet:
         from .files import atomic_save_image

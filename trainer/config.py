@@ -81,6 +81,13 @@ class DataSettings(_Section):
     cache_dir: str = setting("", "Folder for cached latents and text conditioning, keyed by file content and "
                              "settings (empty = keep the cache in memory only).", path=True)
     cache: bool = setting(True, "Encode images and captions once before training (fast); off re-encodes every step.")
+    caption_dropout: float = setting(0.0, "Share of training steps on which a caption is left empty, so the LoRA "
+                                     "also applies without its words (0.05-0.1 for styles; 0 = off).", low=0, high=0.9)
+    shuffle_tags: bool = setting(False, "Shuffle a caption's comma-separated tags each time it is used (tag "
+                                 "captions, SD 1.5 and SDXL), keeping the first keep_tokens in place. Turns off "
+                                 "caption caching.")
+    keep_tokens: int = setting(1, "Tags at the start of a caption that shuffling leaves in place (1 keeps the "
+                               "trigger word first).", low=0, high=32)
     validation_images: int = setting(AUTO, "Images held out of training to measure the validation loss, which shows "
                                      "overfitting (0 = auto: 10 % of them, 2-10, while at least 10 remain to train on; "
                                      "-1 = none).", low=-1, high=1000)

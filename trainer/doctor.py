@@ -24,17 +24,15 @@ the fault put in.
 from __future__ import annotations
 
 import itertools
-import re
-import statistics
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .captions import is_sentence, is_tag_list, trigger_pattern
 from .data import Dataset, ImageItem, load_image
-from .families import get_family
+from .families import CLIP_TOKENIZER, DEFAULT_FAMILY, get_family
 
 # The guide's "How Many Images Do You Need?" table: (minimum, recommended low, recommended high).
 IMAGE_COUNTS = {"style": (10, 20, 50), "character": (15, 30, 100), "object": (10, 20, 40),
@@ -157,7 +155,7 @@ def measure(image: Image.Image) -> Measurements:
 def _clip_tokenizer():
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(Path(__file__).parent / "families" / "configs" / "sd15" / "tokenizer")
+    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
 
 
 def common_word(trigger: str) -> bool:
@@ -167,22 +165,12 @@ def common_word(trigger: str) -> bool:
 
 
 def _contains(caption: str, trigger: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(trigger)}(?![\w-])", caption, re.IGNORECASE) is not None
-
-
-def looks_like_tags(caption: str) -> bool:
-    """Comma-separated short phrases, as SD 1.5 likes them."""
-    parts = [p.strip() for p in caption.split(",") if p.strip()]
-    return len(parts) >= 3 and statistics.fmean(len(p.split()) for p in parts) <= 3
-
-
-def looks_like_sentences(caption: str) -> bool:
-    return len(caption.split()) >= 8 and caption.count(",") <= len(caption.split()) // 6
+    return trigger_pattern(trigger).search(caption) is not None
 
 
 # --- the examination --------------------------------------------------------------------------------
 
-def examine(dataset: Dataset, family: str = "sd15", lora_type: str = "style", trigger: str = "",
+def examine(dataset: Dataset, family: str = DEFAULT_FAMILY, lora_type: str = "style", trigger: str = "",
             sample_prompts: tuple[str, ...] = ()) -> DoctorReport:
     """Check a dataset against the guide (see the module docstring); never changes a file."""
     report = DoctorReport(image_count=len(dataset.items))
@@ -205,13 +193,22 @@ def examine(dataset: Dataset, family: str = "sd15", lora_type: str = "style", tr
     skipped = [w for w in dataset.warnings if w.startswith("Skipped")]
     if skipped:
         add(Finding("skipped", "warning", f"{len(skipped)} file(s) skipped: " + " ".join(skipped[:3])))
-    if sample_prompts:
-        repeated = [p for p in sample_prompts if any(p.strip().lower() == i.caption.strip().lower() for i in items)]
-        if repeated:
-            add(Finding("prompts", "warning", f"Sample prompt(s) {_names(repeated)} repeat a training caption word "
-                        "for word: test with prompts different from the captions (the guide), or the samples "
-                        "only show what was memorised."))
+    repeated = repeated_prompts(items, sample_prompts)
+    if repeated is not None:
+        add(repeated)
     return report
+
+
+def repeated_prompts(items: list[ImageItem], prompts: tuple[str, ...]) -> Finding | None:
+    """Sample prompts that repeat a training caption word for word (they only show what was
+    memorised), as a finding; None when there are none."""
+    captions = {" ".join(item.caption.lower().split()) for item in items}
+    repeated = [p for p in prompts if " ".join(p.lower().split()) in captions]
+    if not repeated:
+        return None
+    return Finding("prompts", "warning", f"Sample prompt(s) {_names(repeated)} repeat a training caption word for "
+                   "word: test with prompts different from the captions (the guide), or the samples only show what "
+                   "was memorised.")
 
 
 def _count(report: DoctorReport, lora_type: str) -> None:
@@ -321,13 +318,13 @@ def _captions(report: DoctorReport, items: list[ImageItem], family: str, trigger
                         f"({_names(late)}); tag captions usually do.", tuple(late)))
     title = get_family(family).title
     if style == "natural":
-        tagged = [item_name(i) for i in captioned if looks_like_tags(i.caption)]
+        tagged = [item_name(i) for i in captioned if is_tag_list(i.caption)]
         if tagged:
             add(Finding("style", "note", f"{len(tagged)} caption(s) are tag lists ({_names(tagged)}); {title} "
                         "learns best from natural sentences (the guide). The Caption node can rewrite them.",
                         tuple(tagged)))
     elif style == "tags":
-        prose = [item_name(i) for i in captioned if looks_like_sentences(i.caption)]
+        prose = [item_name(i) for i in captioned if is_sentence(i.caption)]
         if prose:
             add(Finding("style", "note", f"{len(prose)} caption(s) are long sentences ({_names(prose)}); {title} "
                         "learns best from comma-separated tags (the guide). The Caption node can rewrite them.",

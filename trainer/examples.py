@@ -2,7 +2,9 @@
 once with the model's own VAE and text encoder (in memory, and optionally in an on-disk cache
 keyed by file content and settings), and batches assembled from them.
 
-With caching off, or when the text encoder is trained, the work is done again for every batch.
+With caching off, when the text encoder is trained, or when tags are shuffled, the caption work is
+done again for every batch. Caption dropout keeps the cache: a dropped caption uses the empty
+caption's conditioning, encoded once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .captions import CaptionVariation
 from .data import Dataset, bucket_sizes, choose_bucket, prepare_image
 from .families.base import LoadedModel
 from .files import atomic_write
@@ -60,10 +63,11 @@ class DiskCache:
 
 class TrainingSet:
     def __init__(self, model: LoadedModel, dataset: Dataset, resolution: int, bucketing: bool, cache: bool,
-                 cache_dir: str, text_trained: bool) -> None:
+                 cache_dir: str, text_trained: bool, variation: CaptionVariation | None = None) -> None:
         self.model = model
+        self.variation = variation or CaptionVariation()
         self.cache_latents = cache
-        self.cache_text = cache and not text_trained
+        self.cache_text = cache and not text_trained and not self.variation.shuffle
         multiple = model.family.pixel_multiple(model)
         square = (resolution // multiple * multiple,) * 2
         buckets = bucket_sizes(resolution, multiple) if bucketing else [square]
@@ -86,6 +90,8 @@ class TrainingSet:
                 example.conditioning = self.disk.get_or_compute(
                     ("text", identity, item.caption), lambda c=item.caption: self._encode_text([c], row=0))
             self.examples.append(example)
+        self.empty_conditioning = (self.disk.get_or_compute(("text", identity, ""), lambda: self._encode_text([""], 0))
+                                   if self.cache_text and self.variation.dropout else None)
         if self.disk.folder is not None:
             log.info("Encoding cache: %d reused, %d computed.", self.disk.hits, self.disk.misses)
 
@@ -106,20 +112,25 @@ class TrainingSet:
     def repeats(self) -> list[int]:
         return [example.repeats for example in self.examples]
 
-    def batch(self, indices: list[int], dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Latents and conditioning for a batch, on the model's device."""
+    def batch(self, indices: list[int], dtype: torch.dtype,
+              batch_number: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Latents and conditioning for a batch, on the model's device. With a `batch_number` (the
+        training loop's), captions vary as the caption settings say; without, they are as written."""
         device = self.model.device
         examples = [self.examples[i] for i in indices]
         if self.cache_latents:
             latents = torch.stack([e.latents for e in examples])
         else:
             latents = self._encode_images(torch.stack([e.pixels for e in examples]))
+        captions = [e.caption if batch_number is None else self.variation.apply(e.caption, batch_number, position)
+                    for position, e in enumerate(examples)]
         if self.cache_text:
-            conditioning = {key: torch.stack([e.conditioning[key] for e in examples]).to(device, dtype)
-                            for key in examples[0].conditioning}
+            rows = [e.conditioning if caption or not e.caption else self.empty_conditioning
+                    for e, caption in zip(examples, captions, strict=True)]
+            conditioning = {key: torch.stack([row[key] for row in rows]).to(device, dtype) for key in rows[0]}
         else:
             # Text-encoder LoRA needs gradients through the encoder, so this is not under no_grad.
-            conditioning = self.model.encoders.encode_prompts([e.caption for e in examples])
+            conditioning = self.model.encoders.encode_prompts(captions)
             conditioning = {key: value.to(dtype) for key, value in conditioning.items()}
         for key in examples[0].image_conditioning:
             conditioning[key] = torch.stack([e.image_conditioning[key] for e in examples]).to(device, dtype)

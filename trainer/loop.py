@@ -194,7 +194,7 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             step_started = time.perf_counter()
             step_loss = 0.0
             for _ in range(train.gradient_accumulation):
-                latents, conditioning = examples.batch(order.batch(batch_number), compute_dtype)
+                latents, conditioning = examples.batch(order.batch(batch_number), compute_dtype, batch_number)
                 batch_number += 1
                 noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type, generator,
                                      train.noise_offset, train.min_snr_gamma, train.flow_shift)

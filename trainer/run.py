@@ -20,9 +20,11 @@ import torch
 
 from . import embedded
 from .budget import check_disk, check_memory, planned_disk_bytes
+from .captions import CaptionVariation
 from .config import TrainingConfig, auto_steps, build_config, field_specs, with_preset_values
 from .data import Dataset, scan_folder, split_validation, validation_count
 from .diagnosis import Diagnosis
+from .doctor import repeated_prompts
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .export import SAVE_DTYPES, lora_state_dict, named_layers, save_lora
@@ -201,8 +203,12 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
     torch.manual_seed(train.seed)
     log.info("Encoding %d images at %d px (%d held out for validation)", len(dataset.items), data.resolution,
              len(held_out.items))
+    variation = CaptionVariation(data.caption_dropout, data.shuffle_tags, data.keep_tokens, train.seed)
+    if data.shuffle_tags and model.family.caption_style == "natural":
+        log.warning("shuffle_tags shuffles comma-separated tags; %s captions are sentences, which it would jumble. "
+                    "Turn it off for this model.", model.family.title)
     examples = TrainingSet(model, dataset, data.resolution, data.bucketing, data.cache, data.cache_dir,
-                           lora.train_text_encoder)
+                           lora.train_text_encoder, variation)
     held = (TrainingSet(model, held_out, data.resolution, data.bucketing, data.cache, data.cache_dir,
                         lora.train_text_encoder) if held_out.items else None)
     compute_dtype = resolve_precision(train.mixed_precision, model.device)
@@ -280,6 +286,10 @@ def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, d
         model.prediction_type = config.model.prediction_type
     model.guidance = train.train_guidance
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
+    prompts = tuple(fill_trigger(prompt, trigger_words) for prompt in config.sample.prompts)
+    repeated = repeated_prompts(dataset.items + held_out.items, prompts)
+    if repeated is not None:
+        log.warning(repeated.message)
     prepared = prepare_training(model, dataset, held_out, config, trigger_words)
     check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     facts = RunFacts(family=model.family, base_model=model.identity.name, resolution=config.data.resolution,

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 # name -> "module:class". Adding a family means a module in this folder and a line here.
 REGISTRY = {"sd15": "sd15:StableDiffusionFamily", "sdxl": "sdxl:StableDiffusionXLFamily", "flux": "flux:FluxFamily"}
 FAMILY_NAMES = tuple(REGISTRY)
+# Where no model says otherwise (a dataset checked or captioned without one): the most trained family.
+DEFAULT_FAMILY = FAMILY_NAMES[0]
+# CLIP's vocabulary (CLIP-L's, which every family's first text encoder shares), shipped offline.
+CLIP_TOKENIZER = Path(__file__).parent / "configs" / DEFAULT_FAMILY / "tokenizer"
 
 
 @cache
