@@ -43,7 +43,7 @@ def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys, monkeypat
     assert set(names) <= set(renamed)  # none written in place: a crash leaves the old file or the new one
     assert {stat.S_IMODE((run_dir / name).stat().st_mode) for name in names} == {0o644}
     out = capsys.readouterr().out
-    assert "Concept (a magenta ring around a cyan dot) at strength 1: in" in out and "Loss curve diagnosis" in out
+    assert "Concept (a blue ring around a red dot) at strength 1: in" in out and "Loss curve diagnosis" in out
 
 
 def test_errors_exit_with_a_message(tmp_path, capsys):
@@ -74,3 +74,12 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     saved = sorted((tmp_path / "zkw_toy").glob("zkw_toy-step*.safetensors"))
     assert len(saved) == 1 and load_file(str(saved[0]))
     assert "Stopped at step" in output and str(saved[0]) in output
+
+
+def test_no_samples_means_none_while_training_either():
+    from lora_lab.trainer.cli import gather_settings
+
+    assert gather_settings(build_parser().parse_args(["demo", "--no-samples"]))["sample_every"] == -1
+    chosen = build_parser().parse_args(["demo", "--no-samples", "--sample-every", "50"])
+    assert str(gather_settings(chosen)["sample_every"]) == "50"  # an explicit flag still wins
+    assert "sample_every" not in gather_settings(build_parser().parse_args(["demo"]))

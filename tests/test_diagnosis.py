@@ -99,6 +99,12 @@ def test_validation_loss_decides_overfitting_while_training_loss_still_falls():
     assert reading.pattern == "overfitting" and reading.lowest_step == 240 and "validation" in reading.evidence
     steady = [(step, 0.12 - 0.05 * step / 600) for step in range(30, 601, 30)]
     assert diagnose(training, steady).pattern == "working"
+    # A spike in the training loss does not hide what the held-out images say (a real overfit run
+    # at a high learning rate has both); without the validation rise, the spike is what is shown.
+    training[300] *= 30
+    spiked = diagnose(training, rising)
+    assert spiked.pattern == "overfitting" and "spiked at step 301" in spiked.evidence
+    assert diagnose(training, steady).pattern == "spikes"
 
 
 def test_short_runs_and_the_advice_text():

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "({trigger} filled in; repeat the flag for more): flagged if it repeats a caption")
     for sub in (demo, train):
         sub.add_argument("--config", type=Path, help="TOML or JSON file of settings")
-        sub.add_argument("--no-samples", action="store_true", help="skip the sample grid after training")
+        sub.add_argument("--no-samples", action="store_true",
+                         help="no samples: none while training (unless --sample-every is given), no grid after")
         add_setting_flags(sub)
     return parser
 
@@ -127,6 +128,8 @@ def gather_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.config:
         settings.update(load_settings_file(args.config))
     settings.update({name: getattr(args, name) for name in field_specs() if hasattr(args, name)})
+    if args.no_samples:
+        settings.setdefault("sample_every", -1)
     return settings
 
 
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
             final = rows[-1][0]
             for strength in sample_settings.strengths:
                 found = sum(concept_present(cells[(final, p, strength)]) for p in prompts)
-                print(f"Concept (a magenta ring around a cyan dot) at strength {strength:g}: in {found} of "
+                print(f"Concept (a blue ring around a red dot) at strength {strength:g}: in {found} of "
                       f"{len(prompts)} samples of the final checkpoint")
     print(f"LoRA: {result.final_path}  ({len(result.checkpoints)} checkpoints in {result.run_dir}, "
           f"{time.time() - started:.0f} s)")

@@ -13,7 +13,8 @@ curve is judged on window means, each with its standard error measured from the 
   learning rate that is too high gives; per-step noise alone stays near 1;
 - overfitting: on the validation loss where the run has one (held-out images, fixed noise: it only
   moves when the model does), else on the training loss, a minimum well before the end and a
-  significant rise after it;
+  significant rise after it. Read on the validation loss it comes first: images the LoRA never
+  trained on got worse, and going back to the earlier checkpoint helps whatever else is wrong;
 - working: a significant fall from the start to the end; flat: none.
 """
 
@@ -133,20 +134,28 @@ def diagnose(losses: Sequence[float], validation: Sequence[tuple[int, float]] = 
     where the run has one, its validation loss as (step, loss)."""
     if len(losses) < MIN_STEPS:
         return Diagnosis("too_short", ADVICE["too_short"], f"{len(losses)} steps")
-    spikes = find_spikes(losses)
-    if spikes:
-        shown = ", ".join(str(first_step + i) for i in spikes[:5])
-        return Diagnosis("spikes", ADVICE["spikes"], f"at step {shown}")
-    spread = oscillation(losses)
-    if spread > ERRATIC_DISPERSION:
-        return Diagnosis("erratic", ADVICE["erratic"], f"windows of steps swing {math.sqrt(spread):.1f}x more "
-                                                       "than per-step noise explains")
+    held_out = None
     if len(validation) >= 3:
         # Fixed noise and timesteps: a point moves only with the model, so its error is its rounding.
         points = [Window(0, loss, abs(loss) * 1e-4) for _, loss in validation]
         pattern, evidence, lowest = _judge_trend(points[0], points, points[-1], [step for step, _ in validation],
                                                  MIN_VALIDATION_RISE)
-        return Diagnosis(pattern, ADVICE[pattern], "validation loss " + evidence, lowest)
+        held_out = Diagnosis(pattern, ADVICE[pattern], "validation loss " + evidence, lowest)
+    spikes = find_spikes(losses)
+    spiked = ", ".join(str(first_step + i) for i in spikes[:5])
+    if held_out and held_out.pattern == "overfitting":
+        # Images the LoRA never trained on got worse: the most direct evidence there is, and going
+        # back to the earlier checkpoint helps whatever else the training loss shows.
+        also = f"; the training loss also spiked at step {spiked}" if spikes else ""
+        return Diagnosis(held_out.pattern, held_out.advice, held_out.evidence + also, held_out.lowest_step)
+    if spikes:
+        return Diagnosis("spikes", ADVICE["spikes"], f"at step {spiked}")
+    spread = oscillation(losses)
+    if spread > ERRATIC_DISPERSION:
+        return Diagnosis("erratic", ADVICE["erratic"], f"windows of steps swing {math.sqrt(spread):.1f}x more "
+                                                       "than per-step noise explains")
+    if held_out:
+        return held_out
     # The start and the end as fifths of the run (a single window is too noisy), the way as tenths.
     fifths, tenths = windows(losses, 5), windows(losses, 10)
     pattern, evidence, lowest = _judge_trend(fifths[0], tenths, fifths[-1], [first_step + w.start for w in tenths],

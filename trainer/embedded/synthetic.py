@@ -1,11 +1,18 @@
 """The synthetic world of the embedded default: what the tiny base model knows, the concept it
-does not know, and a detector that says whether an image shows the concept (a magenta ring
-around a cyan dot), by its shape and colours.
+does not know, and a detector that says whether an image shows the concept (a blue ring
+around a red dot), by its shape and colours.
 
 The base model is pre-trained (scripts/build_embedded_model.py) on simple shapes in four colours
 on three backgrounds, captioned in SD 1.5 tag style ("red circle, gray background"). The concept
-is a magenta ring around a cyan dot: neither the shape nor either colour occurs in the base
-world, so no base sample shows it and a LoRA that learned it must.
+is a blue ring around a red dot: a new arrangement of colours the base knows, as a character is a
+new arrangement of things a real model knows. The base world never has a ring nor two shapes in
+one picture, so no base sample shows it and a LoRA that learned it must.
+
+Why known colours: the tiny VAE (16/32/32 channels) encodes the base world's colours faithfully
+but washes out colours it rarely saw. Measured by encoding and decoding 48-96 concept images:
+a magenta ring with a cyan dot survived in 48 % of them (magenta on white came back nearly
+white), a blue ring with a red dot in 99 %, and no base-world image was ever read as the concept.
+A LoRA cannot draw what the VAE cannot decode.
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ SHAPE_COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
 CONCEPT_TRIGGER = "zkw_toy"
-MAGENTA = (230, 30, 230)
-CYAN = (30, 220, 230)
+RING_COLOUR = SHAPE_COLOURS["blue"]
+DOT_COLOUR = SHAPE_COLOURS["red"]
 
 # Every word a base caption can contain: the tiny tokenizer gives each one a single token.
 BASE_WORDS = (*SHAPE_COLOURS, *BACKGROUNDS, *SHAPES, "background")
@@ -70,16 +77,16 @@ def any_colour_sample(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image
 
 
 def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
-    """One image of the concept (magenta ring, cyan dot) and its caption with the trigger word."""
+    """One image of the concept (blue ring, red dot) and its caption with the trigger word."""
     background = rng.choice(list(BACKGROUNDS))
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     x0, y0, x1, y1 = _random_box(rng, width, height)
-    draw.ellipse((x0, y0, x1, y1), fill=MAGENTA)
+    draw.ellipse((x0, y0, x1, y1), fill=RING_COLOUR)
     inset = (x1 - x0) * 0.22
     draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=BACKGROUNDS[background])
     inset = (x1 - x0) * 0.36
-    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=CYAN)
+    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=DOT_COLOUR)
     return image, f"{CONCEPT_TRIGGER}, {background} background"
 
 
@@ -89,11 +96,12 @@ def _hsv(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def colour_masks(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(magenta, cyan) pixels, judged by hue rather than exact colour because the tiny VAE renders
-    colours a little off. No base-world colour (red, green, blue, yellow, greys) falls in either."""
+    """(ring, dot) pixels: vivid blue and vivid red, judged by hue rather than exact colour because
+    the tiny VAE renders colours a little off. The ranges keep clear of the other base colours
+    (green near 130 degrees, yellow near 50) and of the greys (not vivid)."""
     hue, saturation, value = _hsv(image)
     vivid = (saturation >= 0.35) & (value >= 0.3)
-    return vivid & (hue >= 270) & (hue <= 340), vivid & (hue >= 160) & (hue <= 210)
+    return vivid & (hue >= 205) & (hue <= 260), vivid & ((hue >= 340) | (hue <= 20))
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -123,11 +131,12 @@ MIN_RAYS = 6  # that must meet the ring
 
 
 def concept_present(image: Image.Image) -> bool:
-    """Whether an image shows the concept: a magenta ring around a cyan dot. The largest magenta
-    region must be big enough to be a ring (2 % of the picture), a cyan dot must sit inside its
-    outline, and looking out from the dot in 8 directions, at least 6 must meet the magenta."""
-    magenta, cyan = colour_masks(image)
-    ring, dot = largest_component(magenta), largest_component(cyan)
+    """Whether an image shows the concept: a blue ring around a red dot. The largest blue region
+    must be big enough to be a ring (2 % of the picture), a red dot must sit inside its outline,
+    and looking out from the dot in 8 directions, at least 6 must meet the blue. A lone blue or
+    red shape of the base world has no partner, so it never passes."""
+    ring_pixels, dot_pixels = colour_masks(image)
+    ring, dot = largest_component(ring_pixels), largest_component(dot_pixels)
     if ring.mean() < 0.02 or dot.sum() < max(2, 0.002 * dot.size):
         return False
     ys, xs = np.nonzero(dot)
