@@ -261,7 +261,7 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
                           ".concat([window.app.graph.getNodeById(5).loraLabCells.text.textContent])")
     print(f"Load Dataset shows: {texts[0]!r}; Caption shows: {texts[1][:80]!r}...; Sample Checkpoint: {texts[2]!r}")
     assert texts[0].startswith(("Ready to train", "1 problem", "2 problem")) and "12 images" in texts[0]
-    assert texts[1].count("zkw_toy") == 12 and texts[2].startswith("All 3 cells sampled")
+    assert texts[1].count(": zkw_toy,") == 12 and texts[2].startswith("All 3 cells sampled")  # "name: caption" lines
     zoom = json.loads(example_path(TRAIN_AND_TEST).read_text())["extra"]["ds"]["scale"]
     cell = grid_cell_on_screen(page, 5, zoom)
     print(f"a grid cell is {cell:.0f} px on screen at the example's zoom ({zoom:.0%})")

@@ -23,6 +23,12 @@ const CELL_HEIGHT = 104;
 const runs = new Map(); // execution id -> the run state shown by that node's panel
 
 // --- nodes and execution ids -------------------------------------------------------------------
+// A node property changed by code is not a change the frontend notices by itself; without this the
+// autosaved workflow (what a page reload restores) would miss it until the user next touches the graph.
+function saveWorkflowState() {
+  app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
+}
+
 function rootGraph() {
   return app.graph?.rootGraph ?? app.graph;
 }
@@ -413,6 +419,7 @@ app.registerExtension({
       this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
       // Kept with the workflow, so the report is still there after a reload or when the node is cached.
       this.properties.lora_lab_text = this.loraLabText.textContent;
+      saveWorkflowState();
     };
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {
