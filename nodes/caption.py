@@ -109,10 +109,10 @@ class Caption(io.ComfyNode):
         if unknown:
             raise LoraLabError(f"edits name images that are not in the dataset: {', '.join(unknown[:5])}. Use the "
                                "names from the captions output.")
-        roots = writable_roots()
         if write_txt_files:  # refuse before anything is written, not halfway through
             if any(item.image is not None for item in dataset.dataset.items):
                 raise LoraLabError("write_txt_files needs a dataset loaded from a folder, not graph images.")
+            roots = writable_roots()
             targets = [sidecar_path(item.path, roots) for item in dataset.dataset.items]
         try:
             if captioner == NO_CAPTIONER:

@@ -11,14 +11,15 @@ from pathlib import Path
 from ..trainer.data import IMAGE_EXTENSIONS, Dataset, dataset_from_images, scan_folder
 from ..trainer.doctor import LORA_TYPES, examine, flagged_sheet
 from ..trainer.errors import LoraLabError
-from ..trainer.families import DEFAULT_FAMILY
+from ..trainer.families import DEFAULT_FAMILY, get_family
 from . import comfy_bridge as comfy
 from . import graph_model
 from .comfy_bridge import DATASET, io
 from .values import DatasetValue
 
-NO_MODEL_NOTE = ("· No MODEL connected: checked as SD 1.5 (512 px, tag captions). Connect your checkpoint loader's "
-                 "MODEL to check against your model.")
+_ASSUMED = get_family(DEFAULT_FAMILY)
+NO_MODEL_NOTE = (f"· No MODEL connected: checked as {_ASSUMED.title} ({_ASSUMED.default_resolution} px, caption style: "
+                 f"{_ASSUMED.caption_style}). Connect your checkpoint loader's MODEL to check against your model.")
 
 
 def resolve_folder(folder: str) -> Path:

@@ -152,7 +152,9 @@ def run_doctor(args: argparse.Namespace) -> int:
         print(DoctorReport([Finding("count", "stop", str(error))]).text())
         return 1
     trigger = args.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
-    prompts = tuple(prompt.replace("{trigger}", trigger) for prompt in args.prompt)
+    from .sampling import fill_trigger  # the way a run fills the prompts it samples
+
+    prompts = tuple(fill_trigger(prompt, [trigger] if trigger else []) for prompt in args.prompt)
     report = examine(dataset, args.family, args.lora_type, trigger, prompts)
     print(report.text())
     if args.sheet:
