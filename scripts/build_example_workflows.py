@@ -60,6 +60,8 @@ class Example:
 
 # --- the examples ---------------------------------------------------------------------------------
 SAMPLE = {"seed": 0, "steps": 20, "cfg": 7.0}
+DATASET_SHEET_ROOM = 400  # Load Dataset's sheet of flagged images: two rows of four at a readable size
+DATASET_WIDTH = 560
 TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
     Group("1 · Dataset", [[
         note(13, "1. Put 10-50 images with same-name .txt captions in ComfyUI/input/my_dataset (or set folder to an "
@@ -67,7 +69,8 @@ TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
                  "The report on Load Dataset says what to fix before training; Caption shows every caption (edit "
                  "them there, or let a captioner in models/captioners write the missing ones)."),
         Node(2, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "style", "trigger_word": "xyz_style"},
-             {"model": (1, 0)}),
+             {"model": (1, 0)}, width=DATASET_WIDTH,
+             extra_height=DATASET_SHEET_ROOM),
         Node(3, "LoraLabCaption", {"trigger_word": "xyz_style"}, {"dataset": (2, 0), "model": (1, 0)}),
     ]]),
     Group("2 · Train", [[
@@ -131,7 +134,8 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", [
                 "Caption (connected to the FLUX model) turns tags into them, the trigger word first.\n3. Read the "
                 "report on Load Dataset before training."),
         Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
-             {"model": (1, 0)}),
+             {"model": (1, 0)}, width=DATASET_WIDTH,
+             extra_height=DATASET_SHEET_ROOM),
         Node(5, "LoraLabCaption", {"trigger_word": "xyz_person"}, {"dataset": (4, 0), "model": (1, 0)}),
     ]]),
     Group("2 · Train", [[

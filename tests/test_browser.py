@@ -169,18 +169,28 @@ def panel_state(page, node_id: int = 4) -> dict:
     }""", node_id)
 
 
-def grid_cell_on_screen(page, node_id: int, zoom: float, cell_pixels: int = 256) -> float:
-    """How wide one grid cell is drawn at canvas zoom `zoom`: in Nodes 2.0 from the picture's own
-    element, on the classic canvas from the space the node leaves below its widgets."""
-    scale = page.evaluate("""(id) => {
+def image_scale(page, node_id: int) -> float:
+    """How much a node's first picture is scaled (canvas units per image pixel): in Nodes 2.0 from
+    the picture's own element, on the classic canvas from the space below the top of the
+    frontend's image preview widget (`$$canvas-image-preview`, whose renderPreview draws from its y
+    to the node's bottom in ComfyUI_frontend's useNodeCanvasImagePreview), or below the other
+    widgets before it exists."""
+    return page.evaluate("""(id) => {
         const node = window.app.graph.getNodeById(id), image = node.imgs[0];
         const shown = [...document.querySelectorAll('img')].find((img) => img.src === image.src
-                                                                && img.getBoundingClientRect().width > 0);
-        if (shown) return shown.getBoundingClientRect().width / image.naturalWidth / window.app.canvas.ds.scale;
-        const bottom = Math.max(...node.widgets.map((w) => (w.y ?? 0) + (w.computedHeight ?? 20)));
+            && img.naturalWidth > 0 && img.getBoundingClientRect().width > 0);
+        if (shown) return shown.getBoundingClientRect().width / shown.naturalWidth / window.app.canvas.ds.scale;
+        if (!image.naturalWidth) return 0;
+        const preview = node.widgets.find((w) => w.name === '$$canvas-image-preview');
+        const others = node.widgets.filter((w) => w !== preview);
+        const bottom = preview?.y ?? Math.max(...others.map((w) => (w.y ?? 0) + (w.computedHeight ?? 20)));
         return Math.min((node.size[0] - 20) / image.naturalWidth, (node.size[1] - bottom) / image.naturalHeight);
     }""", node_id)
-    return cell_pixels * scale * zoom
+
+
+def grid_cell_on_screen(page, node_id: int, zoom: float, cell_pixels: int = 256) -> float:
+    """How wide one grid cell is drawn at canvas zoom `zoom`."""
+    return cell_pixels * image_scale(page, node_id) * zoom
 
 
 def intersects(a: dict, b: dict) -> bool:
@@ -223,6 +233,16 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
     covered = [w["name"] for w in state["widgets"] if intersects(w, state["panel"])]
     assert not covered, covered
     assert state["panel"]["bottom"] <= state["node"]["bottom"] + 1 and state["panel"]["top"] >= state["node"]["top"]
+    # Load Dataset's sheet of flagged images (the concept set's images are all below 512 px) has room.
+    page.wait_for_function("() => window.app.nodeOutputs?.['2']?.images?.length", timeout=60_000)
+    fit_view(page, node_ids=[2])  # the canvas loads a node's pictures when it first draws the node on screen
+    page.wait_for_function("() => (window.app.graph.getNodeById(2).imgs ?? []).some((img) => img.naturalWidth > 0)",
+                           timeout=60_000)
+    sheet_label = 13 * image_scale(page, 2)  # the sheet's label font, in canvas units
+    shot(page, screenshots, "dataset-sheet", f"Load Dataset's report and flagged images (labels {sheet_label:.0f} "
+                                             "px at 100 %)")
+    print(f"Load Dataset's sheet labels are {sheet_label:.1f} px at 100 % zoom")
+    assert sheet_label >= 9
     # A reload in the middle of the run: the whole curve comes back from the run folder.
     page.reload()
     page.wait_for_function("() => window.app?.graph?.getNodeById(4)?.loraLabPanel", timeout=120_000)

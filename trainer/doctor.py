@@ -334,8 +334,10 @@ def _captions(report: DoctorReport, items: list[ImageItem], family: str, trigger
 # --- the contact sheet of flagged images -----------------------------------------------------------------
 
 def flagged_sheet(dataset: Dataset, report: DoctorReport, columns: int = 4, side: int = 160,
-                  limit: int = 16) -> Image.Image | None:
-    """Thumbnails of the flagged images, each labelled with its name and what it failed."""
+                  limit: int = 8) -> Image.Image | None:
+    """Thumbnails of the first `limit` flagged images, each labelled with its name and what it
+    failed. Two rows at most, so that on a node the labels stay large enough to read; the text
+    report names every flagged image."""
     from .sampling import wrap_text
 
     flagged = report.flagged()

@@ -15,9 +15,10 @@ const TRAIN_NODE = "LoraLabTrainLora";
 const SAMPLE_NODE = "LoraLabSampleCheckpoint";
 const TEXT_NODES = { LoraLabLoadDataset: "Run the workflow to see how this dataset measures up to the guide.",
                      LoraLabCaption: "Run the workflow to see every caption." };
+// The doctor's report is a few findings of two or three lines each: room for a typical one unscrolled.
+const TEXT_HEIGHTS = { LoraLabLoadDataset: 200, LoraLabCaption: 150 };
 const PANEL_HEIGHT = 420;
 const SAMPLE_HEIGHT = 110;
-const TEXT_HEIGHT = 150;
 const MULTILINE_HEIGHT = 96;
 const CELL_HEIGHT = 104;
 const runs = new Map(); // execution id -> the run state shown by that node's panel
@@ -374,16 +375,16 @@ api.addEventListener("lora_lab.cell", ({ detail }) => {
 });
 
 // --- text on Load Dataset and Caption ----------------------------------------------------------
-function addTextPanel(node, placeholder) {
+function addTextPanel(node, placeholder, height) {
   if (node.loraLabText) return;
-  const box = element("div", { boxSizing: "border-box", height: `${TEXT_HEIGHT - 8}px`, overflowY: "auto",
+  const box = element("div", { boxSizing: "border-box", height: `${height - 8}px`, overflowY: "auto",
                                padding: "6px 8px", whiteSpace: "pre-wrap", overflowWrap: "anywhere",
                                font: "12px sans-serif", color: "var(--input-text, #ddd)",
                                background: "var(--comfy-input-bg, #222)", borderRadius: "6px" });
   box.className = "lora-lab-text";
   box.textContent = placeholder;
   const widget = node.addDOMWidget("lora_lab_text", "lora_lab_text", box, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => TEXT_HEIGHT, getMaxHeight: () => TEXT_HEIGHT,
+    serialize: false, hideOnZoom: false, getMinHeight: () => height, getMaxHeight: () => height,
   });
   widget.serialize = false;
   node.loraLabText = box;
@@ -397,6 +398,20 @@ function capTextBoxes(node) {
   }
 }
 
+// The classic canvas draws a node's pictures in an image-preview widget it adds below the others when
+// it first draws them (ComfyUI_frontend: useNodeCanvasImagePreview, "$$canvas-image-preview", minimum
+// height 220); a node laid out before it had pictures has no room for it and shows a sliver, so the
+// node grows (never shrinks) to hold it.
+const IMAGE_PREVIEW_WIDGET = "$$canvas-image-preview";
+const IMAGE_ROOM = 220;
+function makeRoomForImages(node) {
+  const hasPreview = (node.widgets ?? []).some((widget) => widget.name === IMAGE_PREVIEW_WIDGET);
+  const needed = node.computeSize()[1] + (hasPreview ? 0 : IMAGE_ROOM);
+  if (node.size[1] >= needed) return;
+  node.setSize([node.size[0], needed]);
+  node.setDirtyCanvas?.(true, true);
+}
+
 app.registerExtension({
   name: "lora_lab.panels",
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -408,12 +423,13 @@ app.registerExtension({
       capTextBoxes(this);
       if (nodeData.name === TRAIN_NODE) addPanel(this);
       else if (nodeData.name === SAMPLE_NODE) addCellView(this);
-      else if (placeholder !== undefined) addTextPanel(this, placeholder);
+      else if (placeholder !== undefined) addTextPanel(this, placeholder, TEXT_HEIGHTS[nodeData.name]);
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
+      if (message?.images?.length) makeRoomForImages(this);
       const text = message?.text;
       if (!this.loraLabText || !text) return;
       this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
