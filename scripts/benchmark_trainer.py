@@ -1,5 +1,7 @@
-"""Benchmark the trainer per family and option: seconds per step, the base model's resident size,
-the loop's peak memory above what was resident when it started, and the trainer's memory estimate
+"""Benchmark the trainer per family and option: seconds per step; a step's FLOPs (torch's FLOP
+counter over forward and backward) and the share of the machine's measured fp32 matmul peak the
+step achieves; the base model's size; the peak of tensor bytes alive in the loop (a dispatch-mode
+counter, `budget.LiveTensorBytes`: what training adds, not RSS) and the trainer's memory estimate
 of that same quantity. Each case runs in its own process, side by side in one run. Models are
 random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the shipped demo model.
 
@@ -25,37 +27,110 @@ NOT_FOR = {"text_encoder": {"flux"}}  # FLUX LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+MEASURED_STEPS = 2  # step 1 counts live tensor bytes, step 2 FLOPs; the steps after them are timed
+
+
+def matmul_peak(seconds: float = 3.0, side: int = 2048) -> float:
+    """The machine's fp32 matmul rate in FLOP/s with the threads torch uses: the ceiling a training
+    step's arithmetic can approach."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    torch.mm(a, b)  # warm up
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * side**3 * count / (time.perf_counter() - started)
+
+
+def flop_counter():
+    """torch's FLOP counter, also counting the CPU's own flash-attention kernels (it knows only the
+    GPU ones) by the same formulas."""
+    import torch
+    from torch.utils import flop_counter as fc
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:  # arguments are shapes here
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return fc.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward,
+    })
 
 
 def run_case(settings: dict) -> dict:
-    """Runs inside the child process: measures around the training loop only."""
+    """Runs inside the child process: measures around the training loop only. The first step is
+    counted for live tensor bytes, the second for FLOPs (both slow a step down), and the steps
+    after them are timed."""
+    import statistics
+
     from lora_lab.trainer import budget, run
     from lora_lab.trainer.config import build_config
+    from lora_lab.trainer.loop import TrainingEvents
+    from lora_lab.trainer.lora import lora_parameters
 
-    measured: dict = {}
+    measured: dict = {"times": []}
     original_loop, original_check = run.run_loop, budget.check_memory
 
     def check(*args, **kwargs):
         estimate = original_check(*args, **kwargs)
         measured["estimate"], measured["base"] = estimate.training, estimate.base
+        measured["parts"] = {"adapters": estimate.adapters, "optimizer": estimate.optimizer,
+                             "activations": estimate.activations}
         return estimate
 
-    def loop(*args, **kwargs):
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (Linux)
-        start = _status("VmRSS")
-        result = original_loop(*args, **kwargs)
-        measured["peak_extra"] = _status("VmHWM") - start
-        return result
+    class Measuring(TrainingEvents):
+        """Live tensor bytes over step 1 (which also creates the optimizer's state), then FLOPs over
+        step 2: apart, because the FLOP counter's module hooks keep tensors alive that training
+        would free (with gradient checkpointing, a third more)."""
+
+        def __init__(self, inner: TrainingEvents, live: budget.LiveTensorBytes) -> None:
+            self.inner, self.live, self.flops = inner, live, flop_counter()
+
+        def on_step(self, report) -> None:
+            if report.step == 1:
+                self.live.__exit__(None, None, None)
+                measured["peak_live"] = self.live.peak
+                self.flops.__enter__()
+            elif report.step == MEASURED_STEPS:
+                self.flops.__exit__(None, None, None)
+                measured["flops"] = self.flops.get_total_flops()
+            else:
+                measured["times"].append(report.seconds_per_step)
+            self.inner.on_step(report)
+
+        def on_checkpoint(self, checkpoint) -> None:
+            self.inner.on_checkpoint(checkpoint)
+
+        def on_validation(self, step, loss) -> None:
+            self.inner.on_validation(step, loss)
+
+        def on_samples(self, sheet) -> None:
+            self.inner.on_samples(sheet)
+
+        def should_stop(self) -> bool:
+            return self.inner.should_stop()
+
+    def loop(model, examples, config, total_steps, save_every, save, events, **kwargs):
+        # The LoRA weights exist before the loop; the estimate counts them with their gradients.
+        measured["lora_bytes"] = sum(p.numel() * p.element_size() for p in lora_parameters(model))
+        live = budget.LiveTensorBytes()
+        live.__enter__()
+        return original_loop(model, examples, config, total_steps, save_every, save, Measuring(events, live),
+                             **kwargs)
 
     run.run_loop, run.check_memory = loop, check
     with tempfile.TemporaryDirectory() as folder:
-        result = run.train_lora(build_config({**settings, "output_dir": folder}))
-    return {"s_per_step": result.seconds_per_step, **measured}
+        run.train_lora(build_config({**settings, "output_dir": folder}))
+    times = measured.pop("times")
+    return {**measured, "s_per_step": statistics.median(times), "peak": measured["peak_live"] + measured["lora_bytes"]}
 
 
 def main() -> None:
@@ -72,8 +147,11 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     from tests.tiny_models import build
 
-    print(f"{'family':<7}{'size':<9}{'case':<15}{'s/step':>8}{'base MiB':>10}{'peak MiB':>10}{'estimate MiB':>14}"
-          f"{'ratio':>7}")
+    peak = matmul_peak()
+    print(f"fp32 matmul peak of this machine: {peak / 1e9:.0f} GFLOP/s ({__import__('torch').get_num_threads()} "
+          "threads)")
+    print(f"{'family':<7}{'size':<9}{'case':<15}{'s/step':>8}{'GFLOP/step':>11}{'of peak':>8}{'base MiB':>10}"
+          f"{'live MiB':>10}{'estimate MiB':>14}{'ratio':>7}")
     with tempfile.TemporaryDirectory() as models:
         for family in args.families.split(","):
             for size in args.sizes.split(","):
@@ -83,13 +161,15 @@ def main() -> None:
                         continue
                     settings = {"family": family, "base_model": str(folder), "steps": args.steps, "rank": 16,
                                 "batch_size": 2, "resolution": RESOLUTION[size], "save_every": args.steps,
-                                "name": case, **CASES[case]}
+                                "validation_images": -1, "sample_every": -1, "name": case, **CASES[case]}
                     output = subprocess.run([sys.executable, __file__, "--child", json.dumps(settings)], check=True,
                                             capture_output=True, text=True).stdout
                     row = json.loads(output.strip().splitlines()[-1])
-                    peak, estimate = row["peak_extra"] / 2**20, row["estimate"] / 2**20
-                    print(f"{family:<7}{size:<9}{case:<15}{row['s_per_step']:>8.3f}{row['base'] / 2**20:>10.1f}"
-                          f"{peak:>10.1f}{estimate:>14.1f}{estimate / max(peak, 0.1):>7.2f}")
+                    live, estimate = row["peak"] / 2**20, row["estimate"] / 2**20
+                    utilisation = row["flops"] / row["s_per_step"] / peak
+                    print(f"{family:<7}{size:<9}{case:<15}{row['s_per_step']:>8.3f}{row['flops'] / 1e9:>11.2f}"
+                          f"{utilisation:>8.0%}{row['base'] / 2**20:>10.1f}{live:>10.1f}{estimate:>14.1f}"
+                          f"{estimate / max(live, 0.1):>7.2f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from lora_lab.trainer.errors import LoraLabError
 from lora_lab.trainer.families import get_family
 from lora_lab.trainer.files import read_metadata
 from lora_lab.trainer.fp8 import Float8Linear
+from lora_lab.trainer.loop import seed_noise
 from lora_lab.trainer.lora import ADAPTER, lora_layers
 from PIL import Image
 
@@ -228,8 +229,11 @@ def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_pa
     assert len(result.losses) == 4 and [c.step for c in result.checkpoints] == [2, 4]
     assert len(trace.noise_calls) == len(trace.predictions) == 8  # 4 steps x accumulation 2
     assert {c["shape"] for c in trace.noise_calls} == {(2, 4, 12, 12)}  # batch 2, 48 px square, 4 px per latent
-    assert {(c["prediction_type"], c["noise_offset"], c["min_snr_gamma"], c["seed"]) for c in trace.noise_calls} == {
-        ("v_prediction", 0.1, 5.0, 7)}
+    assert {(c["prediction_type"], c["noise_offset"], c["min_snr_gamma"]) for c in trace.noise_calls} == {
+        ("v_prediction", 0.1, 5.0)}
+    # Each micro-batch's noise is seeded by the run's seed and the micro-batch's number (loop.seed_noise).
+    assert [c["seed"] for c in trace.noise_calls] == [seed_noise(torch.Generator(), 7, n).initial_seed()
+                                                      for n in range(8)]
     assert {(p["autocast"], p["checkpointing"]) for p in trace.predictions} == {(torch.bfloat16, True)}
     training_set, held_out = trace.training_sets
     assert training_set.variation == CaptionVariation(0.1, True, 2, 7)  # the seed decides each batch's captions

@@ -1,11 +1,11 @@
 """Will the run fit? Peak memory and disk space, estimated before the first step and compared with
 what the device and the output folder have free.
 
-Activations are measured, not guessed: a copy of the denoiser built on PyTorch's meta device (no
-memory, no arithmetic) runs one forward pass at the real batch shape, and every tensor autograd
-keeps for the backward pass is counted. Attention is counted as the memory-efficient kernels used
-in training keep it (query, key, value, output and a log-sum-exp), not as the full score matrix
-the meta device's fallback would keep.
+A step's memory is measured, not guessed: a copy of the denoiser built on PyTorch's meta device
+(no memory, no arithmetic) runs one forward and backward pass at the real batch shape, and the
+bytes of every tensor alive are counted at their peak. Attention is counted as the
+memory-efficient kernels used in training keep it (query, key, value, output and a log-sum-exp),
+not as the full score matrix the meta device's fallback would keep.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ import dataclasses
 import logging
 import math
 import shutil
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .config import TrainingConfig, build_config
 from .errors import LoraLabError
@@ -32,29 +36,28 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 OPTIMIZER_BYTES_PER_PARAMETER = {"adamw": 8, "prodigy": 16, "adamw8bit": 2}  # state kept per LoRA weight
 CUDA_OVERHEAD = 600 * 2**20  # CUDA context, cuBLAS workspace and allocator slack
-BACKWARD_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
     base: int  # frozen model weights held on the device
-    adapters: int  # LoRA weights and their gradients (fp32)
+    adapters: int  # LoRA weights (fp32)
     optimizer: int
-    activations: int  # kept for the backward pass, plus the largest temporary of the backward pass
+    step: int  # a step's peak: activations kept for the backward pass, gradients, backward temporaries
     overhead: int
 
     @property
     def training(self) -> int:
         """What training adds on top of the loaded model."""
-        return self.adapters + self.optimizer + self.activations + self.overhead
+        return self.adapters + self.optimizer + self.step + self.overhead
 
     @property
     def total(self) -> int:
         return self.base + self.training
 
     def describe(self) -> str:
-        parts = [("base model", self.base), ("LoRA + gradients", self.adapters), ("optimizer", self.optimizer),
-                 ("activations", self.activations)] + ([("runtime", self.overhead)] if self.overhead else [])
+        parts = [("base model", self.base), ("LoRA", self.adapters), ("optimizer", self.optimizer),
+                 ("one step", self.step)] + ([("runtime", self.overhead)] if self.overhead else [])
         return " + ".join(f"{name} {size / GIB:.2f}" for name, size in parts) + f" = {self.total / GIB:.2f} GiB"
 
 
@@ -93,53 +96,32 @@ def _efficient_attention() -> Iterator[None]:
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def measure_activations(model: LoadedModel, config: TrainingConfig, latents: torch.Tensor,
-                        conditioning: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> int:
-    """Bytes autograd keeps for one step's backward pass, measured on a meta-device copy.
-
-    With gradient checkpointing, a checkpointed block keeps only its inputs, but the backward pass
-    recomputes it and then holds everything it saves: the largest such block is added."""
+def measure_step(model: LoadedModel, config: TrainingConfig, latents: torch.Tensor,
+                 conditioning: dict[str, torch.Tensor], compute_dtype: torch.dtype) -> int:
+    """The peak bytes one training step adds to the weights, measured on a meta-device copy: a
+    forward and a backward pass at the real batch shape (with gradient checkpointing when it is
+    on), every tensor counted while it is alive (`LiveTensorBytes`): what autograd keeps, the
+    LoRA gradients, and the backward pass's temporaries. scripts/benchmark_trainer.py counts the
+    same on a real step: within a few percent on the CPU."""
     with torch.device("meta"):
         denoiser = type(model.denoiser).from_config(model.denoiser.config)
     denoiser.to(compute_dtype)
     probe = dataclasses.replace(model, denoiser=denoiser, encoders=Encoders())
     add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, train_text_encoder=False)
     denoiser.train()
-    parameters = {id(p) for p in denoiser.parameters()}
-    kept = [0]  # the innermost running checkpointed block's count, or the whole step's
-    blocks: list[int] = []
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        base = tensor._base if tensor._base is not None else tensor
-        if id(tensor) not in parameters and id(base) not in parameters:  # weights are counted as the model
-            kept[-1] += tensor.numel() * tensor.element_size()
-        return tensor
-
-    def checkpointed(block, *args, **kwargs):
-        """Runs a block the way checkpointing will: its inputs kept, its insides counted apart."""
-        kept[-1] += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
-        kept.append(0)
-        output = block(*args, **kwargs)
-        blocks.append(kept.pop())
-        return output
-
     if config.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
-        for module in denoiser.modules():
-            if hasattr(module, "_gradient_checkpointing_func"):
-                module._gradient_checkpointing_func = checkpointed
     batch = config.train.batch_size
     meta = {key: torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta")
             for key, value in conditioning.items()}
     noisy = torch.empty((batch, *latents.shape[1:]), dtype=compute_dtype, device="meta")
     timesteps = torch.zeros(batch, dtype=torch.long, device="meta")
-    with _efficient_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = model.family.predict(probe, noisy, timesteps, meta)
-    saved = kept[0] + max(blocks, default=0)
-    # The backward pass also holds, for a moment, the gradients flowing through each layer: as
-    # measured on the CPU (scripts/benchmark_trainer.py) that and allocator slack come to about
-    # as much again as what is saved.
-    return BACKWARD_FACTOR * saved + 2 * output.numel() * 4
+    counter = LiveTensorBytes()
+    with _efficient_attention(), counter:
+        prediction = model.family.predict(probe, noisy, timesteps, meta)
+        target = torch.empty(prediction.shape, dtype=torch.float32, device="meta")
+        torch.nn.functional.mse_loss(prediction.float(), target).backward()
+    return counter.peak
 
 
 def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConfig,
@@ -153,10 +135,40 @@ def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingC
     lora_bytes = _size(lora)
     return MemoryEstimate(
         base=_size(on_device) - lora_bytes,
-        adapters=2 * lora_bytes,
+        adapters=lora_bytes,
         optimizer=sum(p.numel() for p in lora) * OPTIMIZER_BYTES_PER_PARAMETER[config.optimizer.optimizer],
-        activations=measure_activations(model, config, latents, conditioning, compute_dtype),
+        step=measure_step(model, config, latents, conditioning, compute_dtype),
         overhead=CUDA_OVERHEAD if model.device.type == "cuda" else 0)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storage created while it is active and still alive, and their
+    peak: on a meta-device copy it is the estimate of a step; on the CPU the measurement of the
+    same quantity, free of what RSS adds (the allocator's cache, libraries, fragmentation).
+    Storage that existed before entry is not counted. On CUDA, torch.cuda.max_memory_allocated
+    measures the same more cheaply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._counted: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.live = 0
+        self.peak = 0
+
+    def _freed(self, size: int) -> None:
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(output)[0]:
+            if isinstance(tensor, torch.Tensor):  # meta tensors too: their storage knows its size
+                storage = tensor.untyped_storage()
+                if storage not in self._counted:
+                    size = storage.nbytes()
+                    self._counted[storage] = size
+                    self.live += size
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, size)
+        return output
 
 
 def free_memory(device: torch.device) -> int | None:

@@ -37,18 +37,20 @@ DEMO_SETTINGS: dict[str, Any] = {
 class ConsoleEvents(TrainingEvents):
     """A tqdm bar with loss and learning rate; Ctrl+C asks the loop to save and stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, shown: bool = True) -> None:
         self.bar: tqdm | None = None
+        self.shown = shown  # several training processes: the main one shows the progress
         self.stop_requested = False
 
     def on_step(self, report: StepReport) -> None:
         if self.bar is None:
-            self.bar = tqdm(total=report.total_steps, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=report.total_steps, unit="step", dynamic_ncols=True, disable=not self.shown)
         self.bar.set_postfix(loss=f"{report.loss:.4f}", lr=f"{report.learning_rate:.2e}")
         self.bar.update(1)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        tqdm.write(f"saved {checkpoint.path}")
+        if self.shown:
+            tqdm.write(f"saved {checkpoint.path}")
 
     def should_stop(self) -> bool:
         return self.stop_requested
@@ -172,11 +174,12 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries()
     from .charts import loss_chart
     from .files import atomic_save_image
+    from .parallel import processes
     from .run import train_lora
     from .sampling import fill_trigger, sample_grid
 
     config = build_config(gather_settings(args))
-    events = ConsoleEvents()
+    events = ConsoleEvents(shown=processes().main)
     previous_handler = signal.signal(signal.SIGINT, events.request_stop)
     started = time.time()
     try:
@@ -184,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         events.close()
         signal.signal(signal.SIGINT, previous_handler)
+    if not processes().main:  # several training processes: the main one writes and reports
+        return 130 if result.stopped else 0
     name = result.config.output.name
     plot_path = result.run_dir / f"{name}-loss.png"
     atomic_save_image(plot_path, loss_chart(result.losses, f"{name}: loss per step",

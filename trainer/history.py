@@ -22,6 +22,7 @@ from typing import Any
 from .diagnosis import Diagnosis
 from .files import atomic_write_text
 from .loop import Checkpoint, SampleSheet, StepReport, TrainingEvents
+from .parallel import processes
 
 LOSS_HEADER = "step,loss,lr,val_loss"
 FORMAT_VERSION = 1
@@ -51,6 +52,7 @@ class RunJournal(TrainingEvents):
             "validation": [list(row) for row in validation], "samples": list(samples), "diagnosis": None,
             "best": None}
         self._written_at = 0.0
+        self.writes = processes().main  # with several training processes, the main one alone writes
         self.flush(force=True)
 
     # --- the loop's events -------------------------------------------------------------------
@@ -97,7 +99,7 @@ class RunJournal(TrainingEvents):
         self.flush(force=True)
 
     def flush(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._written_at < self.interval:
+        if not self.writes or (not force and time.monotonic() - self._written_at < self.interval):
             return
         self.state["updated"] = time.time()
         measured = {step: loss for step, loss in self.state["validation"]}

@@ -3,12 +3,15 @@ optimizer, report, and save on schedule or when asked to stop.
 
 Out: `TrainingEvents` (step, checkpoint). In: `TrainingEvents.should_stop()`, polled every step.
 Every save hands the caller a `RunState` (weights, optimizer, scheduler, RNGs, position in the
-data), and a loop given one continues exactly where it was taken.
+data), and a loop given one continues exactly where it was taken. With several training
+processes (parallel.py) each takes its share of a step's micro-batches and DDP averages the
+gradients; the main process alone saves and measures.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -25,6 +28,7 @@ from .examples import TrainingSet
 from .families.base import LoadedModel
 from .lora import lora_parameters, named_lora_parameters
 from .objectives import noise_batch, weighted_mse
+from .parallel import processes
 from .resume import RunState, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -89,7 +93,8 @@ def build_optimizer(config: TrainingConfig, model: LoadedModel) -> torch.optim.O
     if text_parameters:
         groups.append({"params": text_parameters, "lr": settings.text_encoder_lr or settings.learning_rate / 2})
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+        # The fused kernel updates every LoRA weight in one pass (CPU and CUDA alike).
+        return torch.optim.AdamW(groups, weight_decay=settings.weight_decay, fused=True)
     if settings.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
@@ -152,6 +157,12 @@ OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint
                         "other programs using the GPU.")
 
 
+def seed_noise(generator: torch.Generator, seed: int, batch_number: int) -> torch.Generator:
+    """A micro-batch's noise and timesteps depend on the run's seed and the micro-batch's number
+    alone: a resumed run, or one split over several processes, draws what one process would."""
+    return generator.manual_seed(seed * 1_000_003 + batch_number)
+
+
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
              resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None) -> LoopResult:
@@ -168,6 +179,9 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
         if config.lora.train_text_encoder:
             for encoder in model.text_encoders:
                 encoder.gradient_checkpointing_enable()
+    group = processes()
+    denoiser = group.wrap(model.denoiser)  # DDP averages the gradients when there are several processes
+    trained = model if denoiser is model.denoiser else dataclasses.replace(model, denoiser=denoiser)
     parameters = lora_parameters(model)
     optimizer = build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
@@ -192,18 +206,22 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
     try:
         for step in range(first_step, total_steps + 1):
             step_started = time.perf_counter()
-            step_loss = 0.0
-            for _ in range(train.gradient_accumulation):
-                latents, conditioning = examples.batch(order.batch(batch_number), compute_dtype, batch_number)
-                batch_number += 1
-                noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type, generator,
-                                     train.noise_offset, train.min_snr_gamma, train.flow_shift)
-                with autocast:
-                    prediction = model.family.predict(model, noised.noisy.to(compute_dtype), noised.timesteps,
-                                                      conditioning)
-                loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation
-                scaler.scale(loss).backward()
-                step_loss += loss.item()
+            step_loss = torch.zeros((), device=device)  # read once per step: no host sync per micro-batch
+            for micro in range(train.gradient_accumulation):
+                number = batch_number + micro * group.world + group.rank  # see parallel.py
+                latents, conditioning = examples.batch(order.batch(number), compute_dtype, number)
+                noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type,
+                                     seed_noise(generator, train.seed, number), train.noise_offset,
+                                     train.min_snr_gamma, train.flow_shift)
+                with group.accumulating(denoiser, last=micro == train.gradient_accumulation - 1):
+                    with autocast:
+                        prediction = model.family.predict(trained, noised.noisy.to(compute_dtype), noised.timesteps,
+                                                          conditioning)
+                    loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation
+                    scaler.scale(loss).backward()
+                step_loss += loss.detach().float()
+            batch_number += train.gradient_accumulation * group.world
+            step_loss = group.mean(step_loss.item())
             if not math.isfinite(step_loss):
                 raise LoraLabError(
                     f"The loss became {step_loss} at step {step}; training stopped and the last saved checkpoint "
@@ -221,13 +239,15 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             result.losses.append((step, step_loss, learning_rate))
             events.on_step(StepReport(step, total_steps, step_loss, learning_rate,
                                       time.perf_counter() - step_started))
-            stop = events.should_stop()
+            stop = group.any(events.should_stop())  # every process stops at the same step
             final = step == total_steps
             checkpoint_due = final or stop or step % save_every == 0
-            if watch and not stop:  # a Cancel saves at once, without measuring first
+            if watch and not stop and group.main:  # a Cancel saves at once, without measuring first
                 watch(step, checkpoint_due)
             if checkpoint_due:
-                checkpoint = Checkpoint(step, save(step, final, snapshot(step)), final)
+                path = save(step, final, snapshot(step)) if group.main else None
+                group.wait()
+                checkpoint = Checkpoint(step, path or Path(), final)
                 result.checkpoints.append(checkpoint)
                 events.on_checkpoint(checkpoint)
             if stop and not final:

@@ -35,6 +35,7 @@ from .history import RunJournal
 from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
 from .lora import add_lora
 from .metadata import CheckpointStory, RunFacts, build_metadata, new_session_id
+from .parallel import check_parallel_settings, processes
 from .previews import PreviewSampler
 from .resume import (
     SUFFIX,
@@ -80,7 +81,8 @@ class TrainingResult:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: the one Accelerate assigned when several processes train together."""
+    return processes().device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_base_model(config: TrainingConfig, device: torch.device | None = None) -> LoadedModel:
@@ -258,7 +260,12 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         resume = read_state(source)
         history = check_resume(resume, config, listing)
         log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
-    run_dir = prepare_run_dir(config, resuming=resume is not None)
+    check_parallel_settings(config.lora.train_text_encoder)
+    if processes().main:
+        run_dir = prepare_run_dir(config, resuming=resume is not None)
+    else:
+        run_dir = Path(config.output.output_dir).expanduser() / check_output_name(config.output.name)
+    processes().wait()  # the others start once the run folder is ready
     journal = RunJournal(run_dir, config.output.name, config.train.steps, events, resume.losses if resume else [],
                          owner, resume.validation if resume else [], resume.samples if resume else [])
     try:
