@@ -99,7 +99,9 @@ def fit_view(page: Any, scale: float | None = None, node_ids: list[int] | None =
     `min_scale`; or zoom to `scale` with its top left in view."""
     page.evaluate("""([scale, ids, least]) => {
         const canvas = window.app.canvas, element = canvas.canvas;
-        const nodes = canvas.graph._nodes.filter((n) => !ids || ids.includes(n.id));
+        // Ids compared as text: some frontends keep them as strings.
+        const nodes = canvas.graph._nodes.filter((n) => !ids || ids.map(String).includes(String(n.id)));
+        if (!nodes.length) throw new Error(`fit_view: no node ${ids}`);
         const left = Math.min(...nodes.map((n) => n.pos[0])) - 40;
         const top = Math.min(...nodes.map((n) => n.pos[1])) - 80;
         const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 40;
