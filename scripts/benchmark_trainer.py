@@ -82,8 +82,6 @@ def run_case(settings: dict) -> dict:
     def check(*args, **kwargs):
         estimate = original_check(*args, **kwargs)
         measured["estimate"], measured["base"] = estimate.training, estimate.base
-        measured["parts"] = {"adapters": estimate.adapters, "optimizer": estimate.optimizer,
-                             "activations": estimate.activations}
         return estimate
 
     class Measuring(TrainingEvents):
