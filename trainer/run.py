@@ -132,8 +132,12 @@ def resolve_config(config: TrainingConfig, dataset: Dataset, model: LoadedModel)
                          "alpha": config.alpha, "save_every": save_every}, base=config)
 
 
+def run_dir_of(config: TrainingConfig) -> Path:
+    return Path(config.output.output_dir).expanduser() / check_output_name(config.output.name)
+
+
 def prepare_run_dir(config: TrainingConfig, resuming: bool = False) -> Path:
-    run_dir = Path(config.output.output_dir).expanduser() / check_output_name(config.output.name)
+    run_dir = run_dir_of(config)
     existing = sorted(run_dir.glob("*.safetensors")) if run_dir.is_dir() and not resuming else []
     if existing and not config.output.overwrite:
         raise LoraLabError(f"A run named {config.output.name!r} already exists in {run_dir} ({len(existing)} LoRA "
@@ -261,10 +265,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         history = check_resume(resume, config, listing)
         log.info("Resuming from %s at step %d of %d", source.name, resume.step, config.train.steps)
     check_parallel_settings(config.lora.train_text_encoder)
-    if processes().main:
-        run_dir = prepare_run_dir(config, resuming=resume is not None)
-    else:
-        run_dir = Path(config.output.output_dir).expanduser() / check_output_name(config.output.name)
+    run_dir = prepare_run_dir(config, resuming=resume is not None) if processes().main else run_dir_of(config)
     processes().wait()  # the others start once the run folder is ready
     journal = RunJournal(run_dir, config.output.name, config.train.steps, events, resume.losses if resume else [],
                          owner, resume.validation if resume else [], resume.samples if resume else [])
