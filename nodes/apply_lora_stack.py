@@ -34,11 +34,15 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
 
 
 def build_stack(incoming: list[StackEntry] | None, run: TrainingRun | None, slots: list[tuple],
-                auto: bool) -> list[StackEntry]:
-    """The stack in order: incoming entries, the run's final LoRA, then the enabled slots."""
+                auto: bool, checkpoint: str = "best") -> list[StackEntry]:
+    """The stack in order: incoming entries, the run's chosen checkpoint, then the enabled slots."""
     stack = list(incoming or [])
     if run is not None:
-        stack.append((comfy.lora_display_name(run.best), 1.0, 1.0))
+        chosen = run.choose(checkpoint)
+        if len(chosen) != 1 or checkpoint.strip().lower() == "all":
+            raise LoraLabError(f"checkpoint {checkpoint!r}: a stack takes one checkpoint of the run: latest, best or "
+                               "one step number.")
+        stack.append((comfy.lora_display_name(chosen[0][1]), 1.0, 1.0))
     stack += [(name, model_strength, clip_strength) for name, model_strength, clip_strength, on in slots
               if on and name != NONE]
     if auto:
@@ -70,8 +74,11 @@ class ApplyLoraStack(io.ComfyNode):
                                  "(first 0.7, second 0.5, third and later 0.35) instead of the sliders."),
                 *slot_inputs,
                 STACK.Input("lora_stack", optional=True, tooltip="A LORA_STACK from another node (applied first)."),
-                RUN.Input("training_run", optional=True, tooltip="Apply this run's recommended checkpoint (lowest "
-                          "validation loss; else the last)."),
+                RUN.Input("training_run", optional=True, tooltip="Apply a checkpoint of this run (see checkpoint)."),
+                io.String.Input("checkpoint", optional=True, default="best",
+                                tooltip="Which checkpoint of training_run: best (the recommended one: lowest "
+                                        "validation loss, else the last; so far, while the run trains), latest, "
+                                        "or a step number."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      STACK.Output(display_name="lora_stack"), io.String.Output(display_name="trigger_words")],
@@ -87,12 +94,13 @@ class ApplyLoraStack(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, clip, auto_strengths: bool, lora_stack=None, training_run=None, **slots) -> io.NodeOutput:
+    def execute(cls, model, clip, auto_strengths: bool, lora_stack=None, training_run=None, checkpoint: str = "best",
+                **slots) -> io.NodeOutput:
         slot_values = [(slots[f"lora_{n}"], slots[f"model_strength_{n}"], slots[f"clip_strength_{n}"],
                         slots[f"enabled_{n}"]) for n in range(1, SLOTS + 1)]
         if lora_stack is not None and not isinstance(lora_stack, list | tuple):
             raise LoraLabError("lora_stack must be a LORA_STACK list of (name, model strength, clip strength).")
-        stack = build_stack(lora_stack, training_run, slot_values, auto_strengths)
+        stack = build_stack(lora_stack, training_run, slot_values, auto_strengths, checkpoint)
         words: list[str] = []
         for name, model_strength, clip_strength in stack:
             path = comfy.lora_path(name)

@@ -7,7 +7,9 @@ decisions are made here.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,8 +28,9 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import Image
 
 from ..trainer.errors import LoraLabError
-from ..trainer.loop import Checkpoint, SampleSheet, StepReport, TrainingEvents
+from ..trainer.loop import StepReport
 from ..trainer.lora_files import check_lora
+from .panel_events import PanelEvents
 
 __all__ = ["ComfyExtension", "io", "ui", "SAMPLERS", "SCHEDULERS", "DATASET", "RUN", "STACK"]
 SAMPLERS = comfy.samplers.KSampler.SAMPLERS
@@ -57,13 +60,8 @@ class _LoraNameType(str):
 
 LORA_NAME = io.Custom("COMBO")
 LORA_NAME.io_type = _LoraNameType("COMBO")  # io.Custom wraps the name in its own str type; ours decides matches
-PROGRESS_EVENT = "lora_lab.progress"
-CHECKPOINT_EVENT = "lora_lab.checkpoint"
-STATUS_EVENT = "lora_lab.status"
-VALIDATION_EVENT = "lora_lab.validation"
-SAMPLE_EVENT = "lora_lab.sample"
-SAMPLE_PREVIEW_WIDTH = 480  # the sample sheet as the training panel shows it
 CELL_EVENT = "lora_lab.cell"
+log = logging.getLogger(__name__)
 
 
 # --- folders ---------------------------------------------------------------------------------
@@ -207,18 +205,17 @@ def encode_pooled(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
 
-class NodeEvents(TrainingEvents):
-    """Progress bar on the node and the queue, live loss over the websocket, Cancel as a stop."""
+class NodeEvents(PanelEvents):
+    """A foreground run: the panel's events, the progress bar on the node and the queue, and Cancel
+    as a stop."""
 
     def __init__(self, node_id: str | None, run: str, total_steps: int) -> None:
-        self.node_id, self.run = node_id, run
+        super().__init__(node_id, run, send)
         self.bar = comfy.utils.ProgressBar(total_steps, node_id=node_id)
         self.interrupted = False
 
     def on_step(self, report: StepReport) -> None:
-        send(PROGRESS_EVENT, {"node": self.node_id, "run": self.run, "step": report.step,
-                              "total": report.total_steps, "loss": report.loss, "lr": report.learning_rate,
-                              "seconds_per_step": report.seconds_per_step})
+        super().on_step(report)
         # The progress hook raises on Cancel and clears the flag; the loop must save first, so
         # Cancel is noted here and acted on in should_stop.
         if comfy.model_management.processing_interrupted():
@@ -229,27 +226,9 @@ class NodeEvents(TrainingEvents):
         except comfy.model_management.InterruptProcessingException:
             self.interrupted = True
 
-    def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        send(CHECKPOINT_EVENT, {"node": self.node_id, "run": self.run, "step": checkpoint.step,
-                                "file": checkpoint.path.name})
-
-    def on_validation(self, step: int, loss: float) -> None:
-        send(VALIDATION_EVENT, {"node": self.node_id, "run": self.run, "step": step, "loss": loss})
-
-    def on_samples(self, sheet: SampleSheet) -> None:
-        from ..trainer.metadata import thumbnail_url
-
-        with Image.open(sheet.path) as picture:
-            send(SAMPLE_EVENT, {"node": self.node_id, "run": self.run, "step": sheet.step,
-                                "image": thumbnail_url(picture, SAMPLE_PREVIEW_WIDTH)})
-
     def should_stop(self) -> bool:
         self.interrupted = self.interrupted or comfy.model_management.processing_interrupted()
         return self.interrupted
-
-    def status(self, status: str, message: str = "") -> None:
-        """The run's state for the training panel: training, finished, stopped or failed."""
-        send(STATUS_EVENT, {"node": self.node_id, "run": self.run, "status": status, "message": message})
 
 
 def send(event: str, data: dict) -> None:
@@ -267,17 +246,59 @@ def _prompt_server() -> Any:
     return PromptServer.instance
 
 
-def add_json_route(path: str, handler: Callable[[dict[str, str]], tuple[int, Any]]) -> None:
-    """A read-only GET route on ComfyUI's server: `handler(query)` returns (status, JSON body)."""
+def add_json_route(path: str, handler: Callable[[dict[str, str]], tuple[int, Any]], method: str = "get") -> None:
+    """A route on ComfyUI's server answering JSON: `handler(query)` returns (status, body); for a
+    POST the JSON body's fields join the query's."""
     from aiohttp import web
 
     async def respond(request: Any) -> Any:
-        status, body = handler(dict(request.rel_url.query))
-        return web.json_response(body, status=status)
+        fields = dict(request.rel_url.query)
+        if method == "post" and request.can_read_body:
+            try:
+                body = await request.json()
+            except ValueError:
+                return web.json_response({"error": "the body must be JSON"}, status=400)
+            fields.update({key: str(value) for key, value in body.items()} if isinstance(body, dict) else {})
+        status, answer = handler(fields)
+        return web.json_response(answer, status=status)
 
     server = _prompt_server()
     if server is not None:
-        server.routes.get(path)(respond)
+        getattr(server.routes, method)(path)(respond)
+
+
+def run_prompts_in_turns(take_turn: Callable[[], contextlib.AbstractContextManager]) -> bool:
+    """Every prompt ComfyUI executes runs inside `take_turn()` (background jobs, nodes/jobs.py, use
+    the device between prompts). Wraps the executor's `execute` once, for the whole server; False
+    where this ComfyUI has no such method (background training is then refused)."""
+    try:
+        import execution
+    except ImportError:  # not running inside the server (unit tests)
+        return False
+    executor = getattr(execution, "PromptExecutor", None)
+    original = getattr(executor, "execute", None)
+    if original is None:
+        log.warning("LoRA Lab: this ComfyUI has no PromptExecutor.execute; background training is off.")
+        return False
+    if getattr(original, "lora_lab_turns", False):
+        return True
+
+    @functools.wraps(original)
+    def execute_in_turn(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with take_turn():
+            return original(self, *args, **kwargs)
+
+    execute_in_turn.lora_lab_turns = True
+    executor.execute = execute_in_turn
+    return True
+
+
+def blocked(message: str | None) -> Any:
+    """An output value that stops the nodes using it, with `message` shown as their error, or
+    quietly when None (the rest of the prompt runs on)."""
+    from comfy_execution.graph import ExecutionBlocker
+
+    return ExecutionBlocker(message)
 
 
 class NodeProgress:

@@ -181,11 +181,16 @@ def weights_key(denoiser: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def shared_denoiser(model: Any) -> torch.nn.Module:
+    """A diffusers denoiser whose weights are the graph MODEL's tensors as they are now."""
+    return CONVERSIONS[family_of(model).name].denoiser(model)
+
+
 def loaded_model(model: Any, clip: Any, vae: Any, model_name: str) -> LoadedModel:
     """The trainer's view of a graph's MODEL, CLIP and VAE (see the module docstring)."""
     family = family_of(model)
     comfy.free_memory_for_training(model)
-    denoiser = CONVERSIONS[family.name].denoiser(model)
+    denoiser = shared_denoiser(model)
     return LoadedModel(family=family, denoiser=denoiser,
                        encoders=GraphEncoders(family, clip, vae, comfy.latent_format(model)),
                        noise_scheduler=family.training_scheduler(), prediction_type=comfy.prediction_type(model),

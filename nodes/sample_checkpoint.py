@@ -12,7 +12,7 @@ from ..trainer.metadata import thumbnail_url
 from ..trainer.sampling import fill_trigger, labelled_grid
 from . import comfy_bridge as comfy
 from .comfy_bridge import RUN, io, ui
-from .values import TrainingRun
+from .values import CHECKPOINT_CHOICES, TrainingRun
 
 DEFAULT_STRENGTHS = "0, 0.4, 0.7, 1.0"  # the guide: start at 0.7, try 0.4-1.0
 
@@ -28,10 +28,11 @@ def parse_strengths(text: str) -> list[float]:
     return strengths
 
 
-def checkpoints_to_sample(run: TrainingRun | None, lora_names: str) -> list[tuple[str, Path, tuple[str, ...]]]:
-    """(row label, file, trigger words) for every checkpoint of the run, then every named file."""
+def checkpoints_to_sample(run: TrainingRun | None, lora_names: str,
+                          choice: str = "all") -> list[tuple[str, Path, tuple[str, ...]]]:
+    """(row label, file, trigger words) for the chosen checkpoints of the run, then every named file."""
     rows = [(f"step {step}" + (" (recommended)" if step == run.best_step else ""), path, run.trigger_words)
-            for step, path in run.checkpoints] if run else []
+            for step, path in run.choose(choice)] if run else []
     for name in (line.strip() for line in lora_names.splitlines()):
         if name:
             rows.append((Path(name).stem, comfy.lora_path(name), ()))
@@ -68,6 +69,9 @@ class SampleCheckpoint(io.ComfyNode):
                 RUN.Input("training_run", optional=True, tooltip="Every checkpoint of a Train LoRA run."),
                 io.String.Input("lora_names", optional=True, multiline=True, default="",
                                 tooltip="LoRA files from the loras folder, one per line (as LoraLoader lists them)."),
+                io.String.Input("checkpoints", optional=True, default="all",
+                                tooltip=f"Which of the run's checkpoints: {CHECKPOINT_CHOICES} (e.g. 500, 1000). "
+                                        "'best' is the recommended one (so far, while the run trains)."),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.Image.Output(display_name="images")],
             hidden=[io.Hidden.unique_id],
@@ -77,19 +81,20 @@ class SampleCheckpoint(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, prompts: str, negative: str, strengths: str, seed: int, steps: int,
                 cfg: float, sampler_name: str, scheduler: str, width: int, height: int,
-                training_run: TrainingRun | None = None, lora_names: str = "") -> io.NodeOutput:
+                training_run: TrainingRun | None = None, lora_names: str = "",
+                checkpoints: str = "all") -> io.NodeOutput:
         strength_values = parse_strengths(strengths)
         prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()] or ["{trigger}"]
-        checkpoints = checkpoints_to_sample(training_run, lora_names)
-        texts = {fill_trigger(prompt, triggers) for _, _, triggers in checkpoints for prompt in prompt_lines}
+        rows_to_sample = checkpoints_to_sample(training_run, lora_names, checkpoints)
+        texts = {fill_trigger(prompt, triggers) for _, _, triggers in rows_to_sample for prompt in prompt_lines}
         # Strength 0 is the base model whatever the checkpoint: one image per prompt text serves every row.
         zero = 0 in strength_values
-        total = len(checkpoints) * len(prompt_lines) * (len(strength_values) - zero) + zero * len(texts)
+        total = len(rows_to_sample) * len(prompt_lines) * (len(strength_values) - zero) + zero * len(texts)
         node_id = cls.hidden.unique_id
         progress = comfy.NodeProgress(node_id, total)
         base: dict[str, torch.Tensor] = {}
         rows, cells, done = [], [], 0
-        for label, path, triggers in checkpoints:
+        for label, path, triggers in rows_to_sample:
             lora = comfy.load_lora_file(path)
             for prompt in prompt_lines:
                 text = fill_trigger(prompt, triggers)

@@ -1,8 +1,12 @@
 """Train LoRA: trains on the graph's own MODEL, CLIP and VAE and hands the result straight on
-(MODEL and CLIP with the LoRA applied), with progress, live loss and a Cancel that saves."""
+(MODEL and CLIP with the LoRA applied), with progress, live loss and a Cancel that saves. With
+`background` on, the run is a job of the server (nodes/jobs.py) and the node returns at once:
+its outputs carry the checkpoints saved so far, and queueing again after a new one lands brings it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -10,9 +14,9 @@ from ..trainer.charts import loss_chart
 from ..trainer.config import TrainingConfig, build_config
 from ..trainer.errors import LoraLabError
 from ..trainer.resume import SUFFIX
-from ..trainer.run import TrainingResult, stop_message, train_lora
+from ..trainer.run import TrainingResult, stop_message, train_lora, trigger_word_of
 from . import comfy_bridge as comfy
-from . import graph_model
+from . import graph_model, jobs
 from .comfy_bridge import DATASET, RUN, io, ui
 from .settings_widgets import setting_widget
 from .values import DatasetValue, TrainingRun
@@ -32,6 +36,10 @@ WIDGET_OPTIONS = {"alpha": {"step": 1.0}, "learning_rate": {"step": 1e-5, "round
                   "preset": {"default": FROM_DATASET, "extra_choices": (FROM_DATASET,),
                              "tooltip": "The guide's scenario: fills in rank, learning rate and the step range for "
                                         "settings left at 0. 'from dataset' = the LoRA type chosen on Load Dataset."}}
+
+BACKGROUND_TOOLTIP = ("Train as a job of the server and return at once, so the queue goes on: sample and stack the "
+                      "checkpoints while the run trains (queue again to pick up new ones). Prompts and the job take "
+                      "turns on the GPU. Stop it with the panel's Stop button (it saves, as Cancel does).")
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +72,9 @@ def chosen_checkpoint(output_dir: Path, choice: str) -> Path:
 
 
 def node_config(values: dict, output_dir: Path, lora_type: str = "none") -> TrainingConfig:
-    """The trainer config of the node's widgets; `lora_type` is the dataset's (Load Dataset)."""
-    settings = {**values, "output_dir": str(output_dir)}
+    """The trainer config of the node's widgets; `lora_type` is the dataset's (Load Dataset).
+    `background` is how the node runs, not a training setting."""
+    settings = {**{k: v for k, v in values.items() if k != "background"}, "output_dir": str(output_dir)}
     if settings.get("preset", FROM_DATASET) == FROM_DATASET:
         settings["preset"] = lora_type
     name = str(values.get("name", "my_lora")).strip() or "my_lora"
@@ -116,6 +125,8 @@ class TrainLora(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
                 *(resume_widget() if name == "resume" else setting_widget(name, **WIDGET_OPTIONS.get(name, {}))
                   for name in SETTINGS),
+                # Optional, so API prompts written before it existed still validate.
+                io.Boolean.Input("background", default=False, optional=True, tooltip=BACKGROUND_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "
                                      "applied at strength 1."),
@@ -132,7 +143,20 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset: DatasetValue, **settings) -> io.NodeOutput:
+    def fingerprint_inputs(cls, background: bool = False, **settings) -> str:
+        """Foreground: constant (ComfyUI caches the run as usual). Background: changes when the
+        job of these settings saves a checkpoint or ends, so Train LoRA and the nodes using its run
+        execute again and see it."""
+        if not background:
+            return ""
+        job = jobs.JOBS.find_settings(settings_key(settings))
+        return job.token() if job else "new"
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset: DatasetValue, background: bool = False,
+                **settings) -> io.NodeOutput:
+        if background:
+            return cls.execute_in_background(model, clip, vae, dataset, settings)
         family = graph_model.family_of(model)
         config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER,
                              dataset.lora_type)
@@ -143,7 +167,7 @@ class TrainLora(io.ComfyNode):
         try:
             with comfy.training_mode():
                 result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_name),
-                                    dataset=dataset.dataset, owner={"node": node_id})
+                                    dataset=dataset.dataset, owner={"node": node_id, "server": jobs.SERVER_SESSION})
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         except LoraLabError as error:
             events.status("failed", str(error))
@@ -156,11 +180,73 @@ class TrainLora(io.ComfyNode):
             events.status("stopped", message)
             comfy.raise_interrupted()
         events.status("finished", finish_message(result))
-        best = result.best.path if result.best else result.final_path
-        lora = comfy.load_lora_file(best)
-        model_out, clip_out = comfy.apply_lora(model, clip, lora, 1.0, 1.0)
+        run = run_value(result)
         curve = comfy.pil_to_images([loss_chart(result.losses, f"{result.config.output.name}: loss",
                                                 [c.step for c in result.checkpoints], result.validation)])
-        name = comfy.lora_display_name(best)
-        return io.NodeOutput(model_out, clip_out, run_value(result), curve, name,
+        model_out, clip_out = comfy.apply_lora(model, clip, comfy.load_lora_file(run.best), 1.0, 1.0)
+        return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best),
                              ui=ui.PreviewImage(curve, cls=cls))
+
+    @classmethod
+    def execute_in_background(cls, model, clip, vae, dataset: DatasetValue, settings: dict) -> io.NodeOutput:
+        """Start the job (or find the same training's job) and return what it has saved so far."""
+        if not jobs.TURNS.installed:
+            raise LoraLabError("Background training needs to run prompts in turns with the job, which this ComfyUI "
+                               "version does not allow (see the server log); turn background off.")
+        family = graph_model.family_of(model)
+        node_id = cls.hidden.unique_id
+        model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
+        key = settings_key(settings)
+        same_training = hashlib.sha256(f"{key}|{dataset.fingerprint}|{model_name}".encode()).hexdigest()[:16]
+        config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER,
+                             dataset.lora_type)
+        job = jobs.JOBS.start(  # the same training's job when it runs or has finished
+            jobs.TrainingJob(name=config.output.name, key=same_training, settings_key=key, node=node_id,
+                             total_steps=config.train.steps,
+                             trigger_words=tuple(w for w in [trigger_word_of(config, dataset.dataset)] if w)),
+            background_training(config, model, clip, vae, dataset, model_name, node_id), comfy.send)
+        run = jobs.job_run(job)
+        curve = comfy.pil_to_images([loss_chart(job.losses, f"{job.name}: loss ({job.status})",
+                                                [step for step, _ in job.checkpoints],
+                                                sorted(job.validation.items()))])
+        if not run.checkpoints:  # nothing to use yet: the nodes after this one wait for a later queue, quietly
+            waiting = comfy.blocked(None)
+            return io.NodeOutput(waiting, waiting, waiting, curve, waiting, ui=ui.PreviewImage(curve, cls=cls))
+        model_out, clip_out = comfy.apply_lora(model, clip, comfy.load_lora_file(run.best), 1.0, 1.0)
+        return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best),
+                             ui=ui.PreviewImage(curve, cls=cls))
+
+
+def settings_key(settings: dict) -> str:
+    """The node's settings as one digest: what "the same training" means, with the dataset and model."""
+    chosen = {name: settings.get(name) for name in SETTINGS}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def background_training(config: TrainingConfig, model, clip, vae, dataset: DatasetValue, model_name: str,
+                        node_id: str | None) -> jobs.Trainer:
+    """The job's work, run in its own thread in its turns: train as a foreground run does; before a
+    pause let go of the base weights, and after it have ComfyUI load the base model whole again and
+    share its tensors anew (see nodes/jobs.py)."""
+    loaded = []
+
+    def train(events: jobs.JobEvents) -> TrainingResult:
+        try:
+            with comfy.training_mode():
+                loaded.append(graph_model.loaded_model(model, clip, vae, model_name))
+                return train_lora(config, events, model=loaded[0], dataset=dataset.dataset,
+                                  owner={"node": node_id, "server": jobs.SERVER_SESSION, "background": True})
+        finally:
+            loaded.clear()
+            comfy.release_training_memory()
+
+    def leave_device() -> None:
+        if loaded:
+            jobs.release_base_weights(loaded[0].denoiser)
+
+    def back_to_training() -> None:
+        comfy.free_memory_for_training(model)
+        if loaded:
+            jobs.relink_base_weights(loaded[0].denoiser, graph_model.shared_denoiser(model))
+
+    return jobs.Trainer(train, leave_device, back_to_training)

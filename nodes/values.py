@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..trainer.data import Dataset
 from ..trainer.doctor import DoctorReport
+from ..trainer.errors import LoraLabError
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,21 @@ class DatasetValue:
     report: DoctorReport | None = None  # the dataset doctor's findings
 
 
+CHECKPOINT_CHOICES = "all, latest, best, or step numbers separated by commas"
+
+
 @dataclass(frozen=True)
 class TrainingRun:
-    """A LORA_LAB_RUN: every checkpoint a Train LoRA run saved, oldest first."""
+    """A LORA_LAB_RUN: every checkpoint a Train LoRA run saved so far, oldest first. A background
+    run that is still training carries the checkpoints saved when Train LoRA last ran; queueing
+    again after a new one lands brings it (Train LoRA's fingerprint changes)."""
 
     name: str
     checkpoints: tuple[tuple[int, Path], ...]  # (step, file)
     trigger_words: tuple[str, ...]
     stopped: bool = False
     best_step: int | None = None  # the recommended checkpoint (lowest validation loss, else the guide's rule)
+    training: bool = False  # a background job still training
 
     @property
     def final(self) -> Path:
@@ -39,7 +46,35 @@ class TrainingRun:
     @property
     def best(self) -> Path:
         """The recommended checkpoint's file (the last one when the run recommended none)."""
-        return next((path for step, path in self.checkpoints if step == self.best_step), self.final)
+        return self.choose("best")[0][1]
+
+    def choose(self, choice: str) -> list[tuple[int, Path]]:
+        """The checkpoints a node asked for: all, latest, best (the recommended one so far), or
+        step numbers ("500, 1000"). Errors say what exists."""
+        if not self.checkpoints:
+            raise LoraLabError(f"Run {self.name!r} has no checkpoint yet" + (
+                ": it is training in the background. Queue again once its panel shows the first checkpoint."
+                if self.training else "."))
+        choice = choice.strip().lower() or "all"
+        if choice == "all":
+            return list(self.checkpoints)
+        if choice == "latest":
+            return [self.checkpoints[-1]]
+        if choice == "best":
+            return [next(((s, p) for s, p in self.checkpoints if s == self.best_step), self.checkpoints[-1])]
+        saved = dict(self.checkpoints)
+        try:
+            steps = [int(part) for part in choice.replace(";", ",").split(",") if part.strip()]
+            if not steps:
+                raise ValueError(choice)
+        except ValueError:
+            raise LoraLabError(f"checkpoint {choice!r}: use {CHECKPOINT_CHOICES}.") from None
+        missing = [step for step in steps if step not in saved]
+        if missing:
+            raise LoraLabError(f"Run {self.name!r} has no checkpoint at step {', '.join(map(str, missing))}; it has "
+                               f"steps {', '.join(str(s) for s, _ in self.checkpoints)}"
+                               + (" so far (it is still training)." if self.training else "."))
+        return [(step, saved[step]) for step in steps]
 
 
 # A LORA_STACK entry, as Efficiency/Comfyroll packs pass it: (lora name, model strength, clip strength).

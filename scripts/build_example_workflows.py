@@ -75,7 +75,8 @@ TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
     ]]),
     Group("2 · Train", [[
         note(14, "4. Pick your SD 1.5 checkpoint in Load Checkpoint.\n5. Queue. The panel on Train LoRA shows the "
-                 "loss, speed and time left; Cancel saves a checkpoint, and resume = latest continues it.\n"
+                 "loss, speed and time left; Cancel saves a checkpoint, and resume = latest continues it. "
+                 "Turn background on to keep queueing while it trains.\n"
                  "Preset 'from dataset' = the LoRA type on Load Dataset; steps 0 = the guide's 100 per image; rank "
                  "and learning rate 0 = the preset's."),
         Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),

@@ -346,3 +346,38 @@ def test_a_train_node_in_a_subgraph_gets_its_panel(page, server, screenshots):
     page.evaluate("""(outer) => { window.app.canvas.setGraph(window.app.graph.getNodeById(outer).subgraph); }""", made)
     fit_view(page)
     shot(page, screenshots, "subgraph", f"Train LoRA inside a subgraph ({execution_id}) after its run")
+
+
+def test_a_background_run_shows_after_a_reload_and_its_stop_button_saves(page, server, screenshots):
+    """Train LoRA with background on: the queue is free at once, the panel follows the job across a
+    reload (any tab), and its Stop button stops the job with a checkpoint that resumes."""
+    page, _ = page
+    small_sd15_example(page)
+    set_widgets(page, 4, {**SMALL_TRAINING, "steps": 2000, "save_every": 1000, "name": "browser_background",
+                          "background": True})
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    # The panel first shows this node's earlier run (from the run folder): wait for the job's own steps.
+    following_the_job = ("() => { const p = window.app.graph.getNodeById(4).loraLabPanel;"
+                         " return p.numbers.textContent.startsWith('browser_background ')"
+                         " && Number(p.chart.dataset.last) >= 3 && p.stop.style.display !== 'none'"
+                         " && ['training', 'paused'].includes(p.status.textContent); }")
+    page.wait_for_function(following_the_job, timeout=300_000)
+    page.reload()
+    page.wait_for_function("() => window.app?.graph?.getNodeById(4)?.loraLabPanel", timeout=120_000)
+    page.wait_for_function(following_the_job, timeout=60_000)
+    fit_view(page, 0.8)
+    page.evaluate("() => { const c = window.app.canvas; c.ds.offset = [-500, -330]; c.setDirty(true, true); }")
+    state = panel_state(page)
+    shot(page, screenshots, "background", f"a background run after a reload: {state['numbers']}")
+    assert "/ 2000" in state["numbers"]  # the job's state came back from the server after the reload
+    button = page.locator(".lora-lab-stop").first
+    box = button.bounding_box()
+    assert button.is_visible()
+    assert box and state["node"]["left"] <= box["x"] and box["x"] + box["width"] <= state["node"]["right"] + 1
+    button.click()
+    stopped = wait_status(page, ("stopped", "failed"), timeout=120)
+    shot(page, screenshots, "background-stopped", f"after Stop: {stopped['message']}")
+    assert stopped["status"] == "stopped" and "resume to 'latest'" in stopped["message"]
+    assert page.evaluate("() => window.app.graph.getNodeById(4).loraLabPanel.stop.style.display") == "none"
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "browser_background"
+    assert list(run_dir.glob("browser_background-step*.resume"))

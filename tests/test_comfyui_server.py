@@ -263,3 +263,98 @@ def test_flux_lora_from_our_exporter_loads_every_key(server):
     assert "model_type FLUX" in server.log()[since:]
     assert not _unloaded_keys(server, since)
     print(f"FLUX LoRA with {layers} layers: every key loaded")
+
+
+def train_settings(**overrides) -> dict:
+    """Train LoRA's widgets for a quick run at 64 px on the random model."""
+    return {"preset": "none", "steps": 30, "rank": 4, "alpha": 0.0, "learning_rate": 0.001, "resolution": 64,
+            "batch_size": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 10,
+            "seed": 1, "name": "run", "gradient_checkpointing": False, "mixed_precision": "auto",
+            "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
+            "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}", "validation_images": -1,
+            "background": False, **overrides}
+
+
+def training_graph(settings: dict, extra: dict | None = None) -> dict:
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+            "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
+                                                                 "trigger_word": "", "model": ["1", 0]}},
+            "3": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                              "dataset": ["2", 0], **settings}},
+            **(extra or {})}
+
+
+def wait_for_job(server: ComfyServer, name: str, condition, timeout: float = 600) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = next((j for j in server.get("/lora_lab/jobs")["jobs"] if j["name"] == name), None)
+        if job and condition(job):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {name}: {job}\n{server.log()[-3000:]}")
+
+
+def test_background_training_lets_prompts_sample_its_checkpoints_and_trains_the_same_lora(server):
+    """Queue a background run; while it trains, three prompts sample its newest checkpoint (each
+    finishes while the job goes on); its LoRA equals a foreground run's bit for bit."""
+    settings = train_settings(steps=150, save_every=10, name="bg", background=True)
+    queued = time.time()
+    prompt_id, _ = server.run(training_graph(settings))
+    returned = time.time() - queued
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    job = wait_for_job(server, "bg", lambda j: j["checkpoints"])
+    assert job["status"] in ("training", "paused") and job["step"] < 150
+    started_at, started_step = time.time(), job["step"]
+    time.sleep(3)
+    alone = (wait_for_job(server, "bg", lambda j: True)["step"] - started_step) / (time.time() - started_at)
+    sample = {"class_type": "LoraLabSampleCheckpoint", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "prompts": "{trigger}", "negative": "",
+        "strengths": "1", "seed": 0, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+        "width": 64, "height": 64, "training_run": ["3", 2], "checkpoints": "latest"}}
+    sampling = training_graph(settings, {"4": sample, "5": {"class_type": "PreviewImage",
+                                                               "inputs": {"images": ["4", 0]}}})
+    before = wait_for_job(server, "bg", lambda j: True)["step"]
+    window = time.time()
+    seconds = []
+    for seed in range(3):  # a new seed each time, so every prompt samples (nothing is cached)
+        sampling["4"]["inputs"]["seed"] = seed
+        queued = time.time()
+        prompt_id, messages = server.run(sampling)
+        seconds.append(time.time() - queued)
+        status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+        assert status["status_str"] == "success", server.log()[-3000:]
+        assert output_images(server, prompt_id, "5")
+        assert any(m["type"] == "executed" and m["data"]["node"] == "4" for m in messages)
+        assert wait_for_job(server, "bg", lambda j: True)["status"] in ("training", "paused")  # still going
+    beside = (wait_for_job(server, "bg", lambda j: True)["step"] - before) / (time.time() - window)
+    assert len([j for j in server.get("/lora_lab/jobs")["jobs"] if j["name"].startswith("bg")]) == 1
+    final = wait_for_job(server, "bg", lambda j: j["status"] not in ("training", "paused"))
+    assert final["status"] == "finished", final
+    print(f"background: Train LoRA returned in {returned:.1f} s; queue to sampled image while it trains "
+          f"{', '.join(f'{s:.1f}' for s in seconds)} s; job {alone:.1f} steps/s alone, {beside:.1f} steps/s "
+          f"with prompts beside it; paused {final['paused_seconds']} s")
+    prompt_id, _ = server.run(training_graph(train_settings(steps=150, save_every=10, name="fg")))
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    from safetensors.torch import load_file
+
+    folder = server.base / "models" / "loras" / "lora_lab"
+    background, foreground = load_file(folder / "bg" / "bg.safetensors"), load_file(folder / "fg" / "fg.safetensors")
+    assert background.keys() == foreground.keys()
+    assert all((background[key] == foreground[key]).all() for key in background)
+
+
+def test_a_background_job_stops_from_the_route_and_resumes(server):
+    settings = train_settings(steps=100, save_every=50, name="bgstop", background=True)
+    server.run(training_graph(settings))
+    wait_for_job(server, "bgstop", lambda j: j["step"] >= 3)
+    assert server.post("/lora_lab/jobs/stop", {"name": "bgstop"})["job"]["name"] == "bgstop"
+    job = wait_for_job(server, "bgstop", lambda j: j["status"] == "stopped")
+    step = job["checkpoints"][-1]["step"]
+    assert 3 <= step < 100 and "resume to 'latest'" in job["message"]
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "bgstop"
+    assert (run_dir / f"bgstop-step{step:06d}.resume").is_file()
+    prompt_id, messages = server.run(training_graph(train_settings(steps=100, save_every=50, name="bgstop",
+                                                                   resume="latest")))
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    steps = [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"]
+    assert steps[0] == step + 1 and steps[-1] == 100

@@ -21,12 +21,14 @@ EXPECTED_INPUTS = {
                          "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
                          "noise_offset", "bucketing", "resume", "resume_with_changes", "sample_every", "prompts",
-                         "validation_images"],
+                         "validation_images", "background"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
-                                "sampler_name", "scheduler", "width", "height", "training_run", "lora_names"],
+                                "sampler_name", "scheduler", "width", "height", "training_run", "lora_names",
+                                "checkpoints"],
     "LoraLabApplyLoraStack": ["model", "clip", "auto_strengths", "lora_1", "model_strength_1", "clip_strength_1",
                               "enabled_1", "lora_2", "model_strength_2", "clip_strength_2", "enabled_2", "lora_3",
-                              "model_strength_3", "clip_strength_3", "enabled_3", "lora_stack", "training_run"],
+                              "model_strength_3", "clip_strength_3", "enabled_3", "lora_stack", "training_run",
+                              "checkpoint"],
 }
 
 
@@ -100,7 +102,10 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     assert resolved.lora.rank == 8 and resolved.optimizer.learning_rate == 1e-4
     assert config.output.output_dir == str(stubs.loras / "lora_lab")
     assert calls["model"] == ("loaded", "MODEL", "my_model.safetensors")  # the loader's file, through the LoRA
-    assert calls["owner"] == {"node": "7"} and statuses == [("7", "mine", "training"), ("7", "mine", "finished")]
+    from lora_lab.nodes.jobs import SERVER_SESSION
+
+    assert calls["owner"] == {"node": "7", "server": SERVER_SESSION}
+    assert statuses == [("7", "mine", "training"), ("7", "mine", "finished")]
     model_out, clip_out, run, curve, name = output.values
     assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
     assert [step for step, _ in run.checkpoints] == [5, 10] and name == "lora_lab/mine/mine.safetensors"
@@ -301,7 +306,7 @@ def test_run_route_reads_a_runs_history_by_name_or_node(nodes, make_config, fres
     assert [row[0] for row in answer["losses"]] == [1, 2, 3] and answer["run"]["owner"] == {"node": "5:3"}
     assert answer["sample"].startswith("data:image/jpeg;base64,")  # the newest sample sheet, for the panel
     assert run_route({"name": "first"}, folder) == (status, answer)
-    assert run_route({"node": "9"}, folder) == (200, {"run": None, "losses": [], "sample": None})  # no error
+    assert run_route({"node": "9"}, folder) == (200, {"run": None, "losses": [], "sample": None, "job": None})
     assert run_route({"name": "nope"}, folder)[0] == 404
     for hostile in ("../out", "..", "/etc", ".hidden"):  # only run folders inside the LoRA Lab folder
         assert run_route({"name": hostile}, folder)[0] in (400, 404)

@@ -83,6 +83,13 @@ class RunJournal(TrainingEvents):
     def should_stop(self) -> bool:
         return self.inner.should_stop()
 
+    def pause_requested(self) -> bool:
+        return self.inner.pause_requested()
+
+    def pause(self) -> None:
+        self.flush(force=True)  # a reader sees every step done before the pause
+        self.inner.pause()
+
     # --- the job's end ----------------------------------------------------------------------
     def conclude(self, diagnosis: Diagnosis | None, best: Checkpoint | None) -> None:
         """The guide's reading of the curve and the checkpoint to use."""

@@ -1,7 +1,10 @@
 """The training loop, the same for every family: draw a batch, noise it, predict, step the
 optimizer, report, and save on schedule or when asked to stop.
 
-Out: `TrainingEvents` (step, checkpoint). In: `TrainingEvents.should_stop()`, polled every step.
+Out: `TrainingEvents` (step, checkpoint). In: `TrainingEvents.should_stop()`, polled every step,
+and `pause_requested()`, asked before every step: a run that shares its device with other work (a
+background job in ComfyUI) parks its own tensors off the device and waits in `pause()`; the RNGs are
+put back afterwards, so a paused run trains exactly what an unpaused one would.
 Every save hands the caller a `RunState` (weights, optimizer, scheduler, RNGs, position in the
 data), and a loop given one continues exactly where it was taken. With several training
 processes (parallel.py) each takes its share of a step's micro-batches and DDP averages the
@@ -15,7 +18,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +77,12 @@ class TrainingEvents:
 
     def should_stop(self) -> bool:
         return False
+
+    def pause_requested(self) -> bool:
+        return False
+
+    def pause(self) -> None:
+        """Called between steps when `pause_requested()`; returns when the run may go on."""
 
 
 @dataclass
@@ -163,6 +172,28 @@ def seed_noise(generator: torch.Generator, seed: int, batch_number: int) -> torc
     return generator.manual_seed(seed * 1_000_003 + batch_number)
 
 
+@contextlib.contextmanager
+def parked(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, device: torch.device,
+           generator: torch.Generator) -> Iterator[None]:
+    """Between two steps: the LoRA weights and the optimizer state leave an accelerator (so whatever
+    runs meanwhile has all of its memory) and come back bit for bit; every RNG is put back as it
+    was, so work done meanwhile cannot change the run's noise."""
+    rng = capture_rng(generator)
+    away = torch.device("cpu")
+    tensors = [*parameters, *(value for state in optimizer.state.values() for value in state.values()
+                              if isinstance(value, torch.Tensor))]
+    moves = [t for t in tensors if t.device.type != "cpu"] if device.type != "cpu" else []
+    homes = [t.device for t in moves]
+    for tensor in moves:
+        tensor.data = tensor.data.to(away)
+    try:
+        yield
+    finally:
+        for tensor, home in zip(moves, homes, strict=True):
+            tensor.data = tensor.data.to(home)
+        restore_rng(rng, generator)
+
+
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
              resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None) -> LoopResult:
@@ -205,6 +236,9 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
     step = first_step - 1
     try:
         for step in range(first_step, total_steps + 1):
+            if events.pause_requested():
+                with parked(parameters, optimizer, device, generator):
+                    events.pause()
             step_started = time.perf_counter()
             step_loss = torch.zeros((), device=device)  # read once per step: no host sync per micro-batch
             for micro in range(train.gradient_accumulation):

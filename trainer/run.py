@@ -121,12 +121,17 @@ def check_output_name(name: str) -> str:
     return name
 
 
+def trigger_word_of(config: TrainingConfig, dataset: Dataset) -> str:
+    """The run's trigger word: the set one, else the dataset's when it has exactly one."""
+    return config.data.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
+
+
 def resolve_config(config: TrainingConfig, dataset: Dataset, model: LoadedModel) -> TrainingConfig:
     """Fill in every 'auto' value so the saved config says exactly what was done."""
     config = with_preset_values(build_config({"family": model.family.name}, base=config))
     steps = config.train.steps or auto_steps(config.train.preset, len(dataset.items))
     resolution = config.data.resolution or model.resolution
-    trigger = config.data.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
+    trigger = trigger_word_of(config, dataset)
     save_every = config.output.save_every or max(1, math.ceil(steps / 4))
     return build_config({"steps": steps, "resolution": resolution, "trigger_word": trigger,
                          "alpha": config.alpha, "save_every": save_every}, base=config)

@@ -4,7 +4,8 @@
 //   validation loss, the learning rate and checkpoint markers, the newest samples, and the run's
 //   message (how to resume after a Cancel; at the end the diagnosis and the checkpoint to use).
 //   Live from websocket events; the whole history comes from the server's /lora_lab/run route, so a
-//   reloaded page or a second browser shows the same curve.
+//   reloaded page or a second browser shows the same curve. A background run (Train LoRA's
+//   `background` on) shows a Stop button while it trains (POST /lora_lab/jobs/stop; it saves).
 // - Sample Checkpoint: the cell being sampled (k of n, with its picture) while the grid is made.
 // - Load Dataset and Caption: their report and captions as readable text on the node.
 // Works for nodes inside subgraphs (execution ids like "5:3"), in the classic canvas and in Nodes 2.0.
@@ -72,8 +73,10 @@ function allNodes(graph = rootGraph(), found = []) {
 // --- run state ---------------------------------------------------------------------------------
 function freshRun(name) {
   return { name, status: "training", message: "", step: 0, total: 0, secondsPerStep: null, losses: [],
-           checkpoints: [], validation: [], sample: null, best: null };
+           checkpoints: [], validation: [], sample: null, best: null, background: false };
 }
+
+const ACTIVE_JOB = new Set(["starting", "training", "paused", "stopping"]);
 
 function runFor(id, name) {
   let run = runs.get(id);
@@ -113,9 +116,10 @@ async function loadHistory(node) {
   try {
     const response = await api.fetchApi(`/lora_lab/run?node=${encodeURIComponent(id)}`, { cache: "no-store" });
     if (!response.ok) return;
-    const { run: saved, losses, sample } = await response.json();
+    const { run: saved, losses, sample, job } = await response.json();
     if (!saved) return; // this node has not trained yet
     const run = runFor(id, saved.name);
+    run.background = Boolean(saved.owner?.background);
     mergeLosses(run, losses);
     run.validation = mergePoints(run.validation, saved.validation ?? []);
     run.sample = run.sample ?? sample;
@@ -125,6 +129,7 @@ async function loadHistory(node) {
                          step: Math.max(run.step, saved.step), total: saved.total_steps,
                          secondsPerStep: run.secondsPerStep ?? saved.seconds_per_step,
                          checkpoints: mergeCheckpoints(run.checkpoints, saved.checkpoints) });
+    if (job && ACTIVE_JOB.has(job.status)) Object.assign(run, { status: job.status, message: job.message });
     renderNode(node);
     if (hasGap(run)) refetchSoon(node);
   } catch (error) {
@@ -157,6 +162,7 @@ function onRunEvent(type, detail) {
     run.sample = detail.image;
   } else if (type === "status") {
     Object.assign(run, { status: detail.status, message: detail.message ?? "" });
+    if (detail.background) run.background = true;
   }
   const node = nodeForExecutionId(detail.node);
   if (!node) return;
@@ -174,7 +180,23 @@ api.addEventListener("reconnected", () => {
 });
 
 // --- the panel ---------------------------------------------------------------------------------
-const STATUS_COLOURS = { training: "#4a9eff", finished: "#3fb950", stopped: "#d29922", failed: "#f85149" };
+const STATUS_COLOURS = { training: "#4a9eff", starting: "#4a9eff", paused: "#a371f7", stopping: "#d29922",
+                         finished: "#3fb950", stopped: "#d29922", failed: "#f85149" };
+
+async function stopJob(node) {
+  const run = runs.get(executionIdOf(node));
+  if (!run) return;
+  try {
+    const response = await api.fetchApi("/lora_lab/jobs/stop", { method: "POST", body: JSON.stringify({ name: run.name }),
+                                                                 headers: { "Content-Type": "application/json" } });
+    const answer = await response.json();
+    Object.assign(run, response.ok ? { status: "stopping", message: "Stopping: saving a checkpoint ..." }
+                                    : { message: answer.error ?? "Could not stop the run." });
+  } catch (error) {
+    run.message = `Could not stop the run: ${error}`;
+  }
+  renderNode(node);
+}
 
 function element(tag, style, parent) {
   const made = document.createElement(tag);
@@ -193,8 +215,13 @@ function makePanel() {
   const status = element("span", { padding: "1px 8px", borderRadius: "9px", color: "#111", fontWeight: "bold" },
                          header);
   status.className = "lora-lab-status";
-  const numbers = element("span", { whiteSpace: "normal" }, header);
+  const numbers = element("span", { whiteSpace: "normal", flex: "1 1 auto" }, header);
   numbers.className = "lora-lab-numbers";
+  const stop = element("button", { display: "none", padding: "1px 10px", cursor: "pointer", font: "12px sans-serif" },
+                       header);
+  stop.className = "lora-lab-stop";
+  stop.textContent = "Stop";
+  stop.title = "Stop this background run; it saves a checkpoint that resume = latest continues.";
   const chart = element("canvas", { width: "100%", height: "170px", flex: "0 0 170px" }, root);
   chart.className = "lora-lab-chart";
   const sample = element("img", { height: `${SAMPLE_HEIGHT}px`, flex: `0 0 ${SAMPLE_HEIGHT}px`, objectFit: "contain",
@@ -204,7 +231,7 @@ function makePanel() {
   const message = element("div", { whiteSpace: "normal", overflowWrap: "anywhere", overflowY: "auto",
                                    flex: "1 1 auto", minHeight: "0" }, root);
   message.className = "lora-lab-message";
-  return { root, status, numbers, chart, sample, message };
+  return { root, status, numbers, stop, chart, sample, message };
 }
 
 function duration(seconds) {
@@ -226,8 +253,11 @@ function renderNode(node) {
       "after a Cancel appear here.";
     drawChart(parts.chart, null);
     parts.sample.style.visibility = "hidden";
+    parts.stop.style.display = "none";
     return;
   }
+  parts.stop.style.display = run.background && ACTIVE_JOB.has(run.status) ? "inline-block" : "none";
+  parts.stop.disabled = run.status === "stopping";
   if (run.sample && parts.sample.src !== run.sample) parts.sample.src = run.sample;
   parts.sample.style.visibility = run.sample ? "visible" : "hidden";
   parts.status.textContent = run.status;
@@ -238,8 +268,12 @@ function renderNode(node) {
     ? ` · ETA ${duration((run.total - run.step) * run.secondsPerStep)}` : "";
   parts.numbers.textContent = `${run.name} · step ${run.step} / ${run.total || "?"}` +
     (last ? ` · loss ${last[1].toFixed(4)}` : "") + speed + eta;
-  parts.message.textContent = run.message || (run.checkpoints.length
-    ? `Saved: ${run.checkpoints.map((c) => c.file ?? `step ${c.step}`).join(", ")}` : "");
+  const saved = run.checkpoints.length
+    ? `Saved: ${run.checkpoints.map((c) => c.file ?? `step ${c.step}`).join(", ")}` : "";
+  const background = run.background && ACTIVE_JOB.has(run.status)
+    ? "Training in the background: the queue is free. Queue again after a checkpoint is saved to sample or " +
+      "stack it. " : "";
+  parts.message.textContent = run.message || background + saved;
   drawChart(parts.chart, run);
   node.setDirtyCanvas?.(true, false);
 }
@@ -341,6 +375,7 @@ function addPanel(node) {
   });
   widget.serialize = false; // not part of the workflow's widget values: they are positional
   node.loraLabPanel = parts;
+  parts.stop.addEventListener("click", (event) => { event.stopPropagation(); stopJob(node); });
   new ResizeObserver(() => renderNode(node)).observe(parts.root);
   renderNode(node);
 }
