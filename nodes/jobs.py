@@ -56,7 +56,7 @@ import torch
 
 from ..trainer.errors import LoraLabError
 from ..trainer.loop import Checkpoint, StepReport
-from ..trainer.run import TrainingResult
+from ..trainer.run import TrainingResult, finish_message, stop_message
 from .panel_events import PanelEvents
 from .values import TrainingRun
 
@@ -299,14 +299,9 @@ class JobRegistry:
             job.result = train(events)
             job.step = job.result.checkpoints[-1].step if job.result.checkpoints else job.step
             if job.result.stopped:
-                events.status("stopped", f"Stopped at step {job.step} of {job.total_steps}; saved "
-                              f"{job.result.final_path.name}. To continue, set resume to 'latest' and queue "
-                              "Train LoRA again.")
+                events.status("stopped", stop_message(job.result))
             else:
-                best = job.result.best
-                events.status("finished", f"Finished: {job.total_steps} steps." + (
-                    f" {job.result.diagnosis}." if job.result.diagnosis else "") + (
-                    f" Recommended checkpoint: {best.path.name} (step {best.step})." if best else ""))
+                events.status("finished", finish_message(job.result))
         except LoraLabError as error:
             events.status("failed", str(error))
         except Exception as error:  # a background thread has nobody to raise to: say it, and log it

@@ -14,7 +14,7 @@ from ..trainer.charts import loss_chart
 from ..trainer.config import TrainingConfig, build_config
 from ..trainer.errors import LoraLabError
 from ..trainer.resume import SUFFIX
-from ..trainer.run import TrainingResult, stop_message, train_lora, trigger_word_of
+from ..trainer.run import TrainingResult, finish_message, stop_message, train_lora, trigger_word_of
 from . import comfy_bridge as comfy
 from . import graph_model, jobs
 from .comfy_bridge import DATASET, RUN, io, ui
@@ -99,16 +99,6 @@ def resume_widget() -> io.Combo.Input:
 def run_value(result: TrainingResult) -> TrainingRun:
     return TrainingRun(result.config.output.name, tuple((c.step, c.path) for c in result.checkpoints),
                        result.trigger_words, result.stopped, result.best.step if result.best else None)
-
-
-def finish_message(result: TrainingResult) -> str:
-    """What a finished run says on its panel: the diagnosis and the checkpoint to use."""
-    message = f"Finished: {result.config.train.steps} steps."
-    if result.diagnosis is not None:
-        message += f" {result.diagnosis}."
-    if result.best is not None:
-        message += f" Recommended checkpoint: {result.best.path.name} (step {result.best.step})."
-    return message
 
 
 class TrainLora(io.ComfyNode):

@@ -15,7 +15,9 @@ Both are timed the same way without changing either: a `sitecustomize` on PYTHON
 global optimizer post-step hook that records the time of every step, and the peak RSS (and peak
 CUDA memory) at exit. Printed per size and trainer: steady-state seconds per step (median of the
 steps after the first two), time from process start to the first step, the whole run's wall
-time, peak RSS, and the ratios ours ÷ theirs.
+time, peak RSS, and the ratios ours ÷ theirs. Then how near our step comes to the machine's limit:
+its FLOPs (torch's FLOP counter over the UNet's forward and backward with the LoRA, counted on the
+meta device) against the fp32 matmul peak measured with the same number of threads.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmark_trainer import flop_counter, matmul_peak  # this script's folder is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "trainer" / "families" / "configs" / "sd15"
@@ -150,6 +154,32 @@ def measure(command: list[str], timer_dir: Path, threads: int) -> dict:
             "wall": wall, "peak_rss": record["peak_rss"], "peak_cuda": record["peak_cuda"], "steps": len(steps)}
 
 
+def step_flops(size: int) -> int:
+    """The FLOPs of one of our training steps at `size` px, batch 1: the full-size UNet with the
+    benchmark's LoRA, forward and backward, counted on the meta device (no weights, no time)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
+    from lora_lab.trainer.lora import add_lora
+
+
+    family = get_family("sd15")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS / "unet"))
+    unet.requires_grad_(False)
+    probe = LoadedModel(family=family, denoiser=unet, encoders=Encoders(), noise_scheduler=None,
+                        prediction_type="epsilon", identity=ModelIdentity(name="bench", key=""), resolution=size)
+    add_lora(probe, RANK, RANK, "attention", train_text_encoder=False)
+    noisy = torch.empty((1, 4, size // 8, size // 8), device="meta")
+    text = torch.empty((1, 77, unet.config.cross_attention_dim), device="meta")
+    with flop_counter() as counter:
+        prediction = family.predict(probe, noisy, torch.zeros(1, dtype=torch.long, device="meta"),
+                                    {"prompt_embeds": text})
+        torch.nn.functional.mse_loss(prediction, torch.empty_like(prediction)).backward()
+    return counter.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--diffusers-script", type=Path, required=True,
@@ -188,6 +218,16 @@ def main() -> None:
         print(f"{size:>5} {'ratio':<8}" + "".join(f"{ours_[k] / theirs_[k]:>{w}.2f}" for k, w in
                                                    (("s_per_step", 8), ("first_step", 14), ("wall", 8),
                                                     ("peak_rss", 13))))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_peak()
+    print(f"\nfp32 matmul peak with {args.threads} thread(s): {peak / 1e9:.1f} GFLOP/s")
+    for size, by_name in rows:
+        flops = step_flops(size)
+        achieved = flops / by_name["ours"]["s_per_step"]
+        print(f"{size} px: our step is {flops / 1e9:.0f} GFLOP; {achieved / 1e9:.1f} GFLOP/s = "
+              f"{achieved / peak:.0%} of the peak")
 
 
 if __name__ == "__main__":

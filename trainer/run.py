@@ -248,6 +248,16 @@ def stop_message(result: TrainingResult) -> str:
             f"{result.config.output.name}) and start it again.")
 
 
+def finish_message(result: TrainingResult) -> str:
+    """What a finished run says: the diagnosis and the checkpoint to use."""
+    message = f"Finished: {result.config.train.steps} steps."
+    if result.diagnosis is not None:
+        message += f" {result.diagnosis}."
+    if result.best is not None:
+        message += f" Recommended checkpoint: {result.best.path.name} (step {result.best.step})."
+    return message
+
+
 def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
                dataset: Dataset | None = None, owner: dict | None = None) -> TrainingResult:
     """Train a LoRA as the config says and write its checkpoints; see the module docstring.
