@@ -28,6 +28,7 @@ GROUP_PADDING = 16
 GROUP_TITLE = 40  # the group's title bar
 NODE_TITLE = 30  # LiteGraph draws a node's title above its position
 NOTE_SIZE = (360, 170)
+STACK_ROOM = 60  # below Apply LoRA Stack's widgets, for its taller rows in Nodes 2.0
 
 
 @dataclass
@@ -87,7 +88,9 @@ TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
         Node(5, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, a lighthouse at dusk\n{trigger}, a cat"},
              {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "training_run": (4, 2)}, width=720, extra_height=520),
     ], [
-        Node(6, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (1, 1), "training_run": (4, 2)}),
+        # Nodes 2.0 draws this node's 17 widget rows taller than the classic canvas measures them.
+        Node(6, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (1, 1), "training_run": (4, 2)},
+             extra_height=STACK_ROOM),
         Node(7, "CLIPTextEncode", {"text": "xyz_style, a mountain lake"}, {"clip": (6, 1)}, title="Prompt"),
         Node(8, "CLIPTextEncode", {"text": ""}, {"clip": (6, 1)}, title="Negative prompt"),
     ], [
@@ -116,7 +119,8 @@ STACK_TWO = Example("Stack two LoRAs", [
                 "trigger words in the prompt (the stack's trigger_words output lists them).\n3. Queue."),
         Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
         Node(2, "LoraLabApplyLoraStack", {"auto_strengths": True, "lora_1": "first_lora.safetensors",
-                                          "lora_2": "second_lora.safetensors"}, {"model": (1, 0), "clip": (1, 1)}),
+                                          "lora_2": "second_lora.safetensors"}, {"model": (1, 0), "clip": (1, 1)},
+             extra_height=STACK_ROOM),
     ], [
         Node(3, "CLIPTextEncode", {"text": "a portrait photo"}, {"clip": (2, 1)}, title="Prompt"),
         Node(4, "CLIPTextEncode", {"text": ""}, {"clip": (2, 1)}, title="Negative prompt"),
