@@ -27,7 +27,10 @@ NOT_FOR = {"text_encoder": {"flux"}}  # FLUX LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
 
-MEASURED_STEPS = 2  # step 1 counts live tensor bytes, step 2 FLOPs; the steps after them are timed
+# Steps 1-2 count live tensor bytes (step 2 is the first with the optimizer's state alive through
+# the backward pass, as in every later step), step 3 FLOPs; the steps after them are timed.
+LIVE_STEPS = 2
+MEASURED_STEPS = 3
 
 
 def matmul_peak(seconds: float = 3.0, side: int = 2048) -> float:
@@ -66,8 +69,8 @@ def flop_counter():
 
 
 def run_case(settings: dict) -> dict:
-    """Runs inside the child process: measures around the training loop only. The first step is
-    counted for live tensor bytes, the second for FLOPs (both slow a step down), and the steps
+    """Runs inside the child process: measures around the training loop only. The first two steps
+    are counted for live tensor bytes, the third for FLOPs (both slow a step down), and the steps
     after them are timed."""
     import statistics
 
@@ -85,22 +88,23 @@ def run_case(settings: dict) -> dict:
         return estimate
 
     class Measuring(TrainingEvents):
-        """Live tensor bytes over step 1 (which also creates the optimizer's state), then FLOPs over
-        step 2: apart, because the FLOP counter's module hooks keep tensors alive that training
-        would free (with gradient checkpointing, a third more)."""
+        """Live tensor bytes over steps 1 and 2 (step 1 creates the optimizer's state, which step 2
+        holds through its backward pass), then FLOPs over step 3: apart, because the FLOP counter's
+        module hooks keep tensors alive that training would free (with gradient checkpointing, a
+        third more)."""
 
         def __init__(self, inner: TrainingEvents, live: budget.LiveTensorBytes) -> None:
             self.inner, self.live, self.flops = inner, live, flop_counter()
 
         def on_step(self, report) -> None:
-            if report.step == 1:
+            if report.step == LIVE_STEPS:
                 self.live.__exit__(None, None, None)
                 measured["peak_live"] = self.live.peak
                 self.flops.__enter__()
             elif report.step == MEASURED_STEPS:
                 self.flops.__exit__(None, None, None)
                 measured["flops"] = self.flops.get_total_flops()
-            else:
+            elif report.step > MEASURED_STEPS:
                 measured["times"].append(report.seconds_per_step)
             self.inner.on_step(report)
 
