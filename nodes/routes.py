@@ -18,6 +18,7 @@ models/loras is ever read.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +66,18 @@ def run_answer(folder: Path, run_dir: Path) -> tuple[int, dict[str, Any]]:
                  "sample": latest_sample(run_dir, journal), "job": job.listing() if job else None}
 
 
+def run_journals(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(run folder, journal) of every run in the LoRA Lab folder, by name."""
+    for path in sorted(folder.glob("*/*-run.json")) if folder.is_dir() else []:
+        journal = read_journal(path) if path.name == f"{path.parent.name}-run.json" else None
+        if journal is not None:
+            yield path.parent, journal
+
+
 def newest_run_of_node(folder: Path, node: str) -> Path | None:
     """The run folder whose journal names `node` as its owner and was updated last."""
-    owned = []
-    for path in folder.glob("*/*-run.json") if folder.is_dir() else []:
-        journal = read_journal(path)
-        if journal and path.name == f"{path.parent.name}-run.json" and journal.get("owner", {}).get("node") == node:
-            owned.append((journal.get("updated", 0), path.parent))
+    owned = [(journal.get("updated", 0), run_dir) for run_dir, journal in run_journals(folder)
+             if journal.get("owner", {}).get("node") == node]
     return max(owned)[1] if owned else None
 
 
@@ -95,11 +101,8 @@ def jobs_route(query: dict[str, str], folder: Path | None = None) -> tuple[int, 
     listed = JOBS.listing()
     known = {job["name"] for job in listed}
     interrupted = []
-    for path in sorted(folder.glob("*/*-run.json")) if folder.is_dir() else []:
-        if path.parent.name in known or path.name != f"{path.parent.name}-run.json":
-            continue
-        journal = read_journal(path)
-        message = interrupted_message(journal) if journal else None
+    for run_dir, journal in run_journals(folder):
+        message = interrupted_message(journal) if run_dir.name not in known else None
         if message:
             interrupted.append({"name": journal["name"], "node": journal.get("owner", {}).get("node"),
                                 "status": "stopped", "message": message, "step": journal.get("step"),

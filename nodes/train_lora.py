@@ -173,6 +173,12 @@ class TrainLora(io.ComfyNode):
         run = run_value(result)
         curve = comfy.pil_to_images([loss_chart(result.losses, f"{result.config.output.name}: loss",
                                                 [c.step for c in result.checkpoints], result.validation)])
+        return cls.hand_on(model, clip, run, curve)
+
+    @classmethod
+    def hand_on(cls, model, clip, run: TrainingRun, curve) -> io.NodeOutput:
+        """The outputs: MODEL and CLIP with the run's recommended checkpoint at strength 1, the run,
+        the loss curve (also shown on the node) and the checkpoint's name as LoraLoader lists it."""
         model_out, clip_out = comfy.apply_lora(model, clip, comfy.load_lora_file(run.best), 1.0, 1.0)
         return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best),
                              ui=ui.PreviewImage(curve, cls=cls))
@@ -202,9 +208,7 @@ class TrainLora(io.ComfyNode):
         if not run.checkpoints:  # nothing to use yet: the nodes after this one wait for a later queue, quietly
             waiting = comfy.blocked(None)
             return io.NodeOutput(waiting, waiting, waiting, curve, waiting, ui=ui.PreviewImage(curve, cls=cls))
-        model_out, clip_out = comfy.apply_lora(model, clip, comfy.load_lora_file(run.best), 1.0, 1.0)
-        return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best),
-                             ui=ui.PreviewImage(curve, cls=cls))
+        return cls.hand_on(model, clip, run, curve)
 
 
 def settings_key(settings: dict) -> str:

@@ -173,19 +173,18 @@ def seed_noise(generator: torch.Generator, seed: int, batch_number: int) -> torc
 
 
 @contextlib.contextmanager
-def parked(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, device: torch.device,
+def parked(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
            generator: torch.Generator) -> Iterator[None]:
     """Between two steps: the LoRA weights and the optimizer state leave an accelerator (so whatever
     runs meanwhile has all of its memory) and come back bit for bit; every RNG is put back as it
     was, so work done meanwhile cannot change the run's noise."""
     rng = capture_rng(generator)
-    away = torch.device("cpu")
     tensors = [*parameters, *(value for state in optimizer.state.values() for value in state.values()
                               if isinstance(value, torch.Tensor))]
-    moves = [t for t in tensors if t.device.type != "cpu"] if device.type != "cpu" else []
+    moves = [t for t in tensors if t.device.type != "cpu"]
     homes = [t.device for t in moves]
     for tensor in moves:
-        tensor.data = tensor.data.to(away)
+        tensor.data = tensor.data.to("cpu")
     try:
         yield
     finally:
@@ -237,7 +236,7 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
     try:
         for step in range(first_step, total_steps + 1):
             if events.pause_requested():
-                with parked(parameters, optimizer, device, generator):
+                with parked(parameters, optimizer, generator):
                     events.pause()
             step_started = time.perf_counter()
             step_loss = torch.zeros((), device=device)  # read once per step: no host sync per micro-batch

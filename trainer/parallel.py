@@ -8,7 +8,7 @@ Launch the same command once per process, e.g. on one machine with two GPUs:
 
 Every process loads the model and encodes the dataset. A step's micro-batches are numbered
 globally: process r of W takes numbers base + k·W + r for each of its gradient-accumulation
-micro-batches k, and a micro-batch's noise is seeded by its number (see `loop.noise_generator`).
+micro-batches k, and a micro-batch's noise is seeded by its number (see `loop.seed_noise`).
 DDP averages the LoRA gradients, so W processes with batch B train exactly as one process with
 batch B and gradient accumulation W: the same images, the same noise, the same update
 (tests/test_parallel.py compares them). The logged loss and a stop request are agreed by all

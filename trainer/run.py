@@ -171,7 +171,7 @@ def resume_file(config: TrainingConfig) -> Path:
     """The resume file that `config.output.resume` names ('latest' or a checkpoint path)."""
     choice = config.output.resume.strip()
     if choice == "latest":
-        return latest_state(Path(config.output.output_dir).expanduser() / check_output_name(config.output.name))
+        return latest_state(run_dir_of(config))
     path = Path(choice).expanduser()
     if path.suffix.lower() == ".safetensors":
         return state_path(path)
