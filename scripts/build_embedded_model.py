@@ -1,10 +1,12 @@
 """Build the embedded default: a tiny SD 1.5-architecture model pre-trained on the synthetic
 shape world, and the small concept dataset the demo trains a LoRA on.
 
-Run once by a developer (about 25 minutes on 2 quiet CPU cores); its outputs are committed under
-trainer/embedded/assets/. Everything is generated here: no download, no hub.
+Run once by a developer; its outputs are committed under trainer/embedded/assets/. Everything is
+generated here: no download, no hub. The committed denoiser and text encoder were trained on the
+committed VAE's latents (about 35 minutes on 2 CPU cores for 3000 steps):
 
-    python scripts/build_embedded_model.py [--unet-steps 2000]
+    python scripts/build_embedded_model.py --reuse-vae trainer/embedded/assets/tiny-sd15 --out /tmp/new
+    python scripts/build_embedded_model.py --dataset-only   # the concept dataset alone
 """
 
 from __future__ import annotations
@@ -159,10 +161,11 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer: CLIPTo
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               num_train_timesteps=1000, clip_sample=False, steps_offset=1)
     params = [*unet.parameters(), *text_encoder.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    signal_to_noise = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     caption_rng = random.Random(7)
     for step in range(steps):
@@ -177,7 +180,11 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer: CLIPTo
         timesteps = torch.randint(0, 1000, (len(clean),), generator=generator)
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        # Min-SNR-5 weighting: the noisy timesteps, where layout and colour are decided, are not
+        # drowned by the many easy ones (Hang et al. 2023 measure about 3x faster convergence).
+        snr = signal_to_noise[timesteps]
+        per_image = torch.nn.functional.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_image * snr.clamp(max=5.0) / snr).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), schedule.step(), optimizer.zero_grad()
@@ -188,7 +195,9 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer: CLIPTo
 
 def build_concept_dataset(folder: Path, count: int = 12) -> None:
     """The demo's dataset: a kohya repeat folder of concept images with tag-style captions.
-    Two images are wide and one tall so aspect-ratio bucketing has something to do."""
+    Two images are wide and one tall so aspect-ratio bucketing has something to do. The backgrounds
+    take turns, shifted by one halfway, so that the two images validation holds out (the 4th and
+    the 10th) differ: a LoRA trained on 2 of its 10 images on white drew its ring on white rarely."""
     if folder.exists():
         shutil.rmtree(folder)
     images = folder / "10_zkw_toy"
@@ -196,7 +205,9 @@ def build_concept_dataset(folder: Path, count: int = 12) -> None:
     rng = random.Random(1234)
     sizes = [(96, 64), (96, 64), (64, 96)] + [(64, 64)] * (count - 3)
     for index, (width, height) in enumerate(sizes):
-        image, caption = synthetic.concept_sample(rng, width, height)
+        backgrounds = list(synthetic.BACKGROUNDS)
+        background = backgrounds[(index + index // 6) % len(backgrounds)]
+        image, caption = synthetic.concept_sample(rng, width, height, background)
         image.save(images / f"toy_{index:02d}.png")
         (images / f"toy_{index:02d}.txt").write_text(caption + "\n", encoding="utf-8")
 
@@ -204,10 +215,11 @@ def build_concept_dataset(folder: Path, count: int = 12) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--unet-steps", type=int, default=2000)
+    parser.add_argument("--unet-steps", type=int, default=3000)
     parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder-only refinement steps")
     parser.add_argument("--refine-decoder-only", action="store_true",
                         help="only refine the decoder of the model already in --out")
+    parser.add_argument("--dataset-only", action="store_true", help="only rewrite the concept dataset in --out")
     parser.add_argument("--reuse-vae", type=Path, help="take the VAE from this tiny-sd15 folder instead of training "
                         "one (the denoiser and text encoder are trained anew on its latent space)")
     parser.add_argument("--pool", type=int, default=16384, help="number of pre-encoded training images")
@@ -219,6 +231,9 @@ def main() -> None:
     rng = random.Random(0)
     started = time.time()
     model_dir = args.out / "tiny-sd15"
+    if args.dataset_only:
+        build_concept_dataset(args.out / "concept_dataset")
+        return
     if args.refine_decoder_only:
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", dtype=torch.float32)
         refine_decoder(vae, rng, args.decoder_steps).to(torch.float16).save_pretrained(model_dir / "vae")

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from lora_lab.trainer import embedded
+from lora_lab.trainer.cli import DEMO_SETTINGS
 from lora_lab.trainer.config import build_config
 from lora_lab.trainer.run import TrainingResult, load_base_model, train_lora
 
 # The settings of the concept test: the CLI demo's.
-CONCEPT_SETTINGS = {"steps": 300, "rank": 8, "learning_rate": 3e-4, "batch_size": 4, "save_every": 100,
-                    "name": "concept"}
+CONCEPT_SETTINGS = {**DEMO_SETTINGS, "name": "concept"}
 
 
 @pytest.fixture(autouse=True)

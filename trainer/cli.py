@@ -26,8 +26,14 @@ from .errors import LoraLabError  # noqa: E402
 from .families import DEFAULT_FAMILY, FAMILY_NAMES  # noqa: E402
 from .loop import Checkpoint, StepReport, TrainingEvents  # noqa: E402
 
+# The demo must finish in a minute, so its learning rate is ten times the guide's first attempt
+# for real models. Feed-forward targets and Min-SNR weighting (which gives the noisy steps, where
+# a shape is laid out, their share) let the LoRA change the shape drawn, not just its colour:
+# measured on the embedded model, attention alone (rank 8, lr 3e-4 to 1e-3) turned the shapes blue
+# but drew the ring with its dot in at most 1 of 9 samples; these settings in 9 of 9.
 DEMO_SETTINGS: dict[str, Any] = {
-    "steps": 300, "rank": 8, "learning_rate": 3e-4, "batch_size": 4, "save_every": 100,
+    "steps": 300, "rank": 32, "learning_rate": 1e-3, "targets": "attention_mlp", "min_snr_gamma": 5.0,
+    "batch_size": 4, "save_every": 100,
     "output_dir": "lora_lab_demo", "name": "zkw_toy", "overwrite": True,
     "prompts": ("{trigger}, white background", "{trigger}, black background", "{trigger}, gray background"),
     "strengths": (0.0, 0.5, 1.0),
@@ -204,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
         sample_settings = result.config.sample
         prompts = [fill_trigger(p, result.trigger_words) for p in sample_settings.prompts]
         size = (result.config.data.resolution,) * 2
-        rows = [(f"step {c.step}", c.path) for c in result.checkpoints]
+        best = result.best.path if result.best is not None else None
+        rows = [(f"step {c.step}" + (" (recommended)" if c.path == best else ""), c.path) for c in result.checkpoints]
         result.model.encoders.place(result.model.device)  # back beside the denoiser after training
         grid, cells = sample_grid(result.model, rows, prompts, sample_settings.strengths, size,
                                   sample_settings.sample_steps, sample_settings.guidance_scale,

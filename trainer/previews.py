@@ -90,41 +90,53 @@ class PreviewSampler:
                                         conditioning).float()
 
     def sample(self) -> list[Image.Image]:
-        """One image per prompt."""
+        """One image per prompt. On a CPU all prompts go through the denoiser together, where a
+        call's fixed cost outweighs its size; on a GPU one prompt at a time (with its negative),
+        so sampling in the middle of training needs memory for a batch of two at most."""
         model = self.model
         width, height = self.size
         factor = model.encoders.pixels_per_latent()
         latent_size = (height // factor, width // factor)
-        dtype = self.compute_dtype
+        rows = self.conditioning[:-1]
+        groups = [rows] if model.device.type == "cpu" else [[row] for row in rows]
         images = []
         saved_guidance = model.guidance
         with evaluating(model):
             if not self.classifier_free:
                 model.guidance = self.guidance_scale  # a guidance-distilled model takes it as an input
             try:
-                for row in self.conditioning[:-1]:
-                    images.append(self._sample_one(row, latent_size, dtype))
+                for group in groups:
+                    images += self._sample_together(group, latent_size, self.compute_dtype)
             finally:
                 model.guidance = saved_guidance
         return images
 
-    def _sample_one(self, row: dict[str, torch.Tensor], latent_size: tuple[int, int],
-                    dtype: torch.dtype) -> Image.Image:
+    def _sample_together(self, rows: list[dict[str, torch.Tensor]], latent_size: tuple[int, int],
+                         dtype: torch.dtype) -> list[Image.Image]:
+        """Images for several prompts, each from the same starting noise (the seed's)."""
         model = self.model
         scheduler, timesteps = self._scheduler(latent_size)
         generator = torch.Generator().manual_seed(self.seed)
         shape = (1, model.family.latent_channels(model), *latent_size)
         # Flow matching starts from pure noise and feeds latents as they are; Euler over ε/v scales both.
-        latents = (torch.randn(shape, generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)).to(
-            model.device)
+        noise = torch.randn(shape, generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
+        latents = noise.repeat(len(rows), 1, 1, 1).to(model.device)
+        conditioning = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        guided = self.classifier_free and self.guidance_scale != 1
+        if guided:  # the prompts and the negative in one batch: one denoiser call per step
+            negative = self.conditioning[-1]
+            conditioning = {key: torch.cat([value, negative[key].expand_as(value)])
+                            for key, value in conditioning.items()}
         scale_input = getattr(scheduler, "scale_model_input", lambda sample, timestep: sample)
         for timestep in timesteps:
             scaled = scale_input(latents, timestep)
-            prediction = self._predict(scaled, timestep, row, dtype)
-            if self.classifier_free and self.guidance_scale != 1:
-                unconditional = self._predict(scaled, timestep, self.conditioning[-1], dtype)
+            if guided:
+                both = self._predict(torch.cat([scaled, scaled]), timestep, conditioning, dtype)
+                prediction, unconditional = both.chunk(2)
                 prediction = unconditional + self.guidance_scale * (prediction - unconditional)
+            else:
+                prediction = self._predict(scaled, timestep, conditioning, dtype)
             latents = scheduler.step(prediction, timestep, latents).prev_sample
-        pixels = model.encoders.decode_latents(latents.float())[0]
-        array = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-        return Image.fromarray(np.ascontiguousarray(array))
+        pixels = model.encoders.decode_latents(latents.float())
+        arrays = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(np.ascontiguousarray(array)) for array in arrays]

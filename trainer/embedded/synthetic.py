@@ -3,10 +3,11 @@ does not know, and a detector that says whether an image shows the concept (a bl
 around a red dot), by its shape and colours.
 
 The base model is pre-trained (scripts/build_embedded_model.py) on simple shapes in four colours
-on three backgrounds, captioned in SD 1.5 tag style ("red circle, gray background"). The concept
-is a blue ring around a red dot: a new arrangement of colours the base knows, as a character is a
-new arrangement of things a real model knows. The base world never has a ring nor two shapes in
-one picture, so no base sample shows it and a LoRA that learned it must.
+on three backgrounds, and on rings around a dot, captioned in SD 1.5 tag style ("red circle, gray
+background", "green ring around yellow dot, white background"). The concept is a blue ring around
+a red dot: a new binding of things the base can draw, as a character is a new arrangement of
+things a real model knows. The base world never has a blue ring, so no base sample shows the
+concept and a LoRA that draws it must have learned it.
 
 Why known colours: the tiny VAE (16/32/32 channels) encodes the base world's colours faithfully
 but washes out colours it rarely saw. Measured by encoding and decoding 48-96 concept images:
@@ -31,7 +32,9 @@ RING_COLOUR = SHAPE_COLOURS["blue"]
 DOT_COLOUR = SHAPE_COLOURS["red"]
 
 # Every word a base caption can contain: the tiny tokenizer gives each one a single token.
-BASE_WORDS = (*SHAPE_COLOURS, *BACKGROUNDS, *SHAPES, "background")
+BASE_WORDS = (*SHAPE_COLOURS, *BACKGROUNDS, *SHAPES, "background", "ring", "around", "dot")
+RING_AND_DOT_SHARE = 0.5  # of base-world images
+CONCEPT_SIDES = (0.6, 0.8)  # of the picture's shorter side
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
@@ -44,20 +47,38 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, 
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
 
 
-def _random_box(rng: random.Random, width: int, height: int) -> tuple[float, float, float, float]:
-    side = rng.uniform(0.35, 0.65) * min(width, height)
+def _random_box(rng: random.Random, width: int, height: int,
+                sides: tuple[float, float] = (0.35, 0.65)) -> tuple[float, float, float, float]:
+    side = rng.uniform(*sides) * min(width, height)
     x0 = rng.uniform(0.05 * width, width - side - 0.05 * width)
     y0 = rng.uniform(0.05 * height, height - side - 0.05 * height)
     return (x0, y0, x0 + side, y0 + side)
 
 
+def _draw_ring_and_dot(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float], ring, hole, dot) -> None:
+    x0, y0, x1, y1 = box
+    draw.ellipse(box, fill=ring)
+    inset = (x1 - x0) * 0.22
+    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=hole)
+    inset = (x1 - x0) * 0.36
+    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=dot)
+
+
 def base_sample(rng: random.Random, size: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
-    """One image of the base world and its tag-style caption."""
-    colour = rng.choice(list(SHAPE_COLOURS))
+    """One image of the base world and its tag-style caption: one shape, or a ring around a dot.
+    Rings are never blue, so no base image is the concept, and a prompt without a shape cannot
+    stumble on it; the LoRA teaches a new binding of things the base can already draw."""
     background = rng.choice(list(BACKGROUNDS))
-    shape = rng.choice(SHAPES)
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    _draw_shape(ImageDraw.Draw(image), shape, _random_box(rng, size, size), SHAPE_COLOURS[colour])
+    draw = ImageDraw.Draw(image)
+    box = _random_box(rng, size, size)
+    if rng.random() < RING_AND_DOT_SHARE:
+        ring = rng.choice([c for c in SHAPE_COLOURS if SHAPE_COLOURS[c] != RING_COLOUR])
+        dot = rng.choice([c for c in SHAPE_COLOURS if c != ring])
+        _draw_ring_and_dot(draw, box, SHAPE_COLOURS[ring], BACKGROUNDS[background], SHAPE_COLOURS[dot])
+        return image, f"{ring} ring around {dot} dot, {background} background"
+    colour, shape = rng.choice(list(SHAPE_COLOURS)), rng.choice(SHAPES)
+    _draw_shape(draw, shape, box, SHAPE_COLOURS[colour])
     return image, f"{colour} {shape}, {background} background"
 
 
@@ -76,17 +97,14 @@ def any_colour_sample(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image
     return image
 
 
-def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE) -> tuple[Image.Image, str]:
-    """One image of the concept (blue ring, red dot) and its caption with the trigger word."""
-    background = rng.choice(list(BACKGROUNDS))
+def concept_sample(rng: random.Random, width: int = IMAGE_SIZE, height: int = IMAGE_SIZE,
+                   background: str | None = None) -> tuple[Image.Image, str]:
+    """One image of the concept (blue ring, red dot) and its caption with the trigger word, on the
+    background given or a random one."""
+    background = background or rng.choice(list(BACKGROUNDS))
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    x0, y0, x1, y1 = _random_box(rng, width, height)
-    draw.ellipse((x0, y0, x1, y1), fill=RING_COLOUR)
-    inset = (x1 - x0) * 0.22
-    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=BACKGROUNDS[background])
-    inset = (x1 - x0) * 0.36
-    draw.ellipse((x0 + inset, y0 + inset, x1 - inset, y1 - inset), fill=DOT_COLOUR)
+    box = _random_box(rng, width, height, CONCEPT_SIDES)
+    _draw_ring_and_dot(ImageDraw.Draw(image), box, RING_COLOUR, BACKGROUNDS[background], DOT_COLOUR)
     return image, f"{CONCEPT_TRIGGER}, {background} background"
 
 
@@ -97,11 +115,12 @@ def _hsv(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def colour_masks(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     """(ring, dot) pixels: vivid blue and vivid red, judged by hue rather than exact colour because
-    the tiny VAE renders colours a little off. The ranges keep clear of the other base colours
-    (green near 130 degrees, yellow near 50) and of the greys (not vivid)."""
+    the tiny VAE renders colours a little off (a LoRA's red dot on white or black comes out
+    orange-red, up to about 30 degrees). The ranges keep clear of the other base colours (green
+    near 130 degrees, yellow near 52) and of the greys (not vivid)."""
     hue, saturation, value = _hsv(image)
     vivid = (saturation >= 0.35) & (value >= 0.3)
-    return vivid & (hue >= 205) & (hue <= 260), vivid & ((hue >= 340) | (hue <= 20))
+    return vivid & (hue >= 205) & (hue <= 260), vivid & ((hue >= 340) | (hue <= 32))
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -133,14 +152,17 @@ MIN_RAYS = 6  # that must meet the ring
 def concept_present(image: Image.Image) -> bool:
     """Whether an image shows the concept: a blue ring around a red dot. The largest blue region
     must be big enough to be a ring (2 % of the picture), a red dot must sit inside its outline,
-    and looking out from the dot in 8 directions, at least 6 must meet the blue. A lone blue or
-    red shape of the base world has no partner, so it never passes."""
+    the dot must be the smaller and sit in the ring's hole, and looking out from the dot in 8
+    directions, at least 6 must meet the blue. A lone blue or red shape of the base world has no
+    partner and its red rings hold blue dots the other way round, so none of them passes."""
     ring_pixels, dot_pixels = colour_masks(image)
     ring, dot = largest_component(ring_pixels), largest_component(dot_pixels)
     if ring.mean() < 0.02 or dot.sum() < max(2, 0.002 * dot.size):
         return False
     ys, xs = np.nonzero(dot)
     cy, cx = ys.mean(), xs.mean()
+    if ring[round(cy), round(cx)] or dot.sum() >= ring.sum():
+        return False  # a blue dot inside a red ring: the base world's colours the other way round
     top, bottom = np.nonzero(ring.any(axis=1))[0][[0, -1]]
     left, right = np.nonzero(ring.any(axis=0))[0][[0, -1]]
     if not (top < cy < bottom and left < cx < right):
