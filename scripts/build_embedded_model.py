@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from lora_lab.trainer.embedded import synthetic
+from lora_lab.trainer.objectives import min_snr_weights
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ASSETS = Path(__file__).resolve().parents[1] / "trainer" / "embedded" / "assets"
@@ -165,7 +166,6 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer: CLIPTo
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    signal_to_noise = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(0)
     caption_rng = random.Random(7)
     for step in range(steps):
@@ -182,9 +182,8 @@ def train_denoiser(latents: torch.Tensor, captions: list[str], tokenizer: CLIPTo
         prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         # Min-SNR-5 weighting: the noisy timesteps, where layout and colour are decided, are not
         # drowned by the many easy ones (Hang et al. 2023 measure about 3x faster convergence).
-        snr = signal_to_noise[timesteps]
         per_image = torch.nn.functional.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_image * snr.clamp(max=5.0) / snr).mean()
+        loss = (per_image * min_snr_weights(scheduler, timesteps, 5.0, "epsilon")).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step(), schedule.step(), optimizer.zero_grad()
@@ -204,8 +203,8 @@ def build_concept_dataset(folder: Path, count: int = 12) -> None:
     images.mkdir(parents=True)
     rng = random.Random(1234)
     sizes = [(96, 64), (96, 64), (64, 96)] + [(64, 64)] * (count - 3)
+    backgrounds = list(synthetic.BACKGROUNDS)
     for index, (width, height) in enumerate(sizes):
-        backgrounds = list(synthetic.BACKGROUNDS)
         background = backgrounds[(index + index // 6) % len(backgrounds)]
         image, caption = synthetic.concept_sample(rng, width, height, background)
         image.save(images / f"toy_{index:02d}.png")

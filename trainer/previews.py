@@ -61,11 +61,12 @@ class PreviewSampler:
         with torch.no_grad():
             encoded = model.encoders.encode_prompts([*self.prompts, negative])
         rows = {key: value.detach().float().cpu() for key, value in encoded.items()}
-        self.conditioning = [{key: value[i:i + 1] for key, value in rows.items()} for i in range(len(prompts) + 1)]
         width, height = size
         extra = model.family.image_conditioning((height, width), (0, 0), (height, width))
-        for row in self.conditioning:
-            row.update({key: value[None].float() for key, value in extra.items()})
+        rows.update({key: value[None].float().expand(len(prompts) + 1, *value.shape) for key, value in extra.items()})
+        # The prompts' rows, then the negative's: a batch of prompts is a slice of the first.
+        self.prompt_rows = {key: value[:-1] for key, value in rows.items()}
+        self.negative_row = {key: value[-1:] for key, value in rows.items()}
 
     def _scheduler(self, latent_size: tuple[int, int]) -> tuple[object, torch.Tensor]:
         config = self.model.noise_scheduler.config
@@ -97,35 +98,34 @@ class PreviewSampler:
         width, height = self.size
         factor = model.encoders.pixels_per_latent()
         latent_size = (height // factor, width // factor)
-        rows = self.conditioning[:-1]
-        groups = [rows] if model.device.type == "cpu" else [[row] for row in rows]
+        count = len(self.prompts)
+        groups = [(0, count)] if model.device.type == "cpu" else [(i, i + 1) for i in range(count)]
         images = []
         saved_guidance = model.guidance
         with evaluating(model):
             if not self.classifier_free:
                 model.guidance = self.guidance_scale  # a guidance-distilled model takes it as an input
             try:
-                for group in groups:
-                    images += self._sample_together(group, latent_size, self.compute_dtype)
+                for first, end in groups:
+                    images += self._sample_together(first, end, latent_size, self.compute_dtype)
             finally:
                 model.guidance = saved_guidance
         return images
 
-    def _sample_together(self, rows: list[dict[str, torch.Tensor]], latent_size: tuple[int, int],
+    def _sample_together(self, first: int, end: int, latent_size: tuple[int, int],
                          dtype: torch.dtype) -> list[Image.Image]:
-        """Images for several prompts, each from the same starting noise (the seed's)."""
+        """Images for prompts first..end-1, each from the same starting noise (the seed's)."""
         model = self.model
         scheduler, timesteps = self._scheduler(latent_size)
         generator = torch.Generator().manual_seed(self.seed)
         shape = (1, model.family.latent_channels(model), *latent_size)
         # Flow matching starts from pure noise and feeds latents as they are; Euler over ε/v scales both.
         noise = torch.randn(shape, generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
-        latents = noise.repeat(len(rows), 1, 1, 1).to(model.device)
-        conditioning = {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
+        conditioning = {key: value[first:end] for key, value in self.prompt_rows.items()}
+        latents = noise.repeat(end - first, 1, 1, 1).to(model.device)
         guided = self.classifier_free and self.guidance_scale != 1
         if guided:  # the prompts and the negative in one batch: one denoiser call per step
-            negative = self.conditioning[-1]
-            conditioning = {key: torch.cat([value, negative[key].expand_as(value)])
+            conditioning = {key: torch.cat([value, self.negative_row[key].expand_as(value)])
                             for key, value in conditioning.items()}
         scale_input = getattr(scheduler, "scale_model_input", lambda sample, timestep: sample)
         for timestep in timesteps:
