@@ -4,10 +4,9 @@ trigger words read from the files. Inputs are never changed: patching works on c
 
 from __future__ import annotations
 
-import json
-
 from ..trainer.errors import LoraLabError
 from ..trainer.files import read_metadata
+from ..trainer.metadata import trigger_words
 from . import comfy_bridge as comfy
 from .comfy_bridge import RUN, STACK, io
 from .values import StackEntry, TrainingRun
@@ -20,17 +19,6 @@ AUTO_STRENGTHS = (0.7, 0.5, 0.35)
 
 def auto_strength(position: int) -> float:
     return AUTO_STRENGTHS[min(position, len(AUTO_STRENGTHS) - 1)]
-
-
-def trigger_words(metadata: dict[str, str]) -> list[str]:
-    """Trigger words a LoRA file declares (ours, then modelspec's)."""
-    try:
-        words = json.loads(metadata.get("lora_lab.trigger_words", "[]"))
-    except json.JSONDecodeError:
-        words = []
-    if not words and metadata.get("modelspec.trigger_phrase"):
-        words = [w.strip() for w in metadata["modelspec.trigger_phrase"].split(",")]
-    return [w for w in words if isinstance(w, str) and w.strip()]
 
 
 def build_stack(incoming: list[StackEntry] | None, run: TrainingRun | None, slots: list[tuple],
@@ -56,7 +44,7 @@ class ApplyLoraStack(io.ComfyNode):
         slot_inputs = []
         for n in range(1, SLOTS + 1):
             slot_inputs += [
-                io.Combo.Input(f"lora_{n}", options=[NONE, *comfy.lora_names()], default=NONE,
+                comfy.ListedCombo(f"lora_{n}", options=[NONE, *comfy.lora_names()], default=NONE,
                                tooltip=f"LoRA number {n} of the stack, from the loras folder."),
                 io.Float.Input(f"model_strength_{n}", default=0.7 if n == 1 else 0.5, min=-10, max=10, step=0.05,
                                tooltip="Strength on the model (the guide: start at 0.7; lower when stacking)."),
@@ -83,15 +71,6 @@ class ApplyLoraStack(io.ComfyNode):
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      STACK.Output(display_name="lora_stack"), io.String.Output(display_name="trigger_words")],
         )
-
-    @classmethod
-    def validate_inputs(cls, lora_1: str = NONE, lora_2: str = NONE, lora_3: str = NONE) -> bool | str:
-        # V3 combos are not checked by the server; a stranger's workflow may name files we lack.
-        known = set(comfy.lora_names())
-        for n, name in enumerate((lora_1, lora_2, lora_3), start=1):
-            if name != NONE and name not in known:
-                return f"lora_{n}: {name!r} is not in the loras folder; refresh (R) or choose another."
-        return True
 
     @classmethod
     def execute(cls, model, clip, auto_strengths: bool, lora_stack=None, training_run=None, checkpoint: str = "best",

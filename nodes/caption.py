@@ -12,7 +12,6 @@ Symbolic links that lead out of those folders are refused.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..trainer.captioners import HOW_TO_GET_ONE, find_captioners, loaded_captioner
@@ -22,18 +21,12 @@ from ..trainer.errors import LoraLabError
 from ..trainer.families import DEFAULT_FAMILY, get_family
 from ..trainer.files import atomic_write_text
 from . import comfy_bridge as comfy
-from . import graph_model
+from . import graph_model, widget_history
 from .comfy_bridge import DATASET, io
+from .folders import WRITABLE_FOLDERS_VARIABLE, writable_roots
 from .values import DatasetValue
 
-WRITABLE_FOLDERS_VARIABLE = "LORA_LAB_WRITABLE_FOLDERS"
 NO_CAPTIONER = "none"
-
-
-def writable_roots() -> list[Path]:
-    extra = [Path(part).expanduser() for part in os.environ.get(WRITABLE_FOLDERS_VARIABLE, "").split(os.pathsep)
-             if part.strip()]
-    return [path.resolve() for path in (comfy.input_directory(), *extra)]
 
 
 def sidecar_path(image: Path, roots: list[Path]) -> Path:
@@ -81,24 +74,31 @@ class Caption(io.ComfyNode):
                                 "when no captioner is chosen; {trigger}, {name} (file name) and {folder} are filled "
                                 "in. Describe what varies between images: a caption of only the trigger word "
                                 "teaches everything in the picture to it."),
+                # Added after the first release: optional, so API prompts written before them still
+                # validate; write_txt_files is optional too, so the widgets keep their order.
                 io.Combo.Input("captioner", options=[NO_CAPTIONER, *find_captioners(comfy.captioner_root())],
-                               default=NO_CAPTIONER, tooltip=f"Write missing captions automatically with a model in "
-                               f"models/captioners/ ({HOW_TO_GET_ONE}); loaded for this node only, then freed. "
-                               "'none' uses the template."),
-                io.Boolean.Input("replace_existing", default=False, tooltip="Let the captioner rewrite every "
-                                 "caption, not only the missing ones."),
-                io.String.Input("edits", multiline=True, default="", tooltip="Your changes, one 'image name: "
-                                "caption' a line (copy lines from the captions output and edit them)."),
-                io.Boolean.Input("write_txt_files", default=False, tooltip="Also save the captions as .txt files "
-                                 "next to the images (the old text is kept as .txt.bak). Only inside ComfyUI's "
-                                 f"input folder or a folder in {WRITABLE_FOLDERS_VARIABLE}."),
+                               default=NO_CAPTIONER, optional=True,
+                               tooltip=f"Write missing captions automatically with a model in models/captioners/ "
+                               f"({HOW_TO_GET_ONE}); loaded for this node only, then freed. 'none' uses the template."),
+                io.Boolean.Input("replace_existing", default=False, optional=True,
+                                 tooltip="Let the captioner rewrite every caption, not only the missing ones."),
+                io.String.Input("edits", multiline=True, default="", optional=True,
+                                tooltip="Your changes, one 'image name: caption' a line (copy lines from the captions "
+                                "output and edit them)."),
+                io.Boolean.Input("write_txt_files", default=False, optional=True,
+                                 tooltip="Also save the captions as .txt files next to the images (the old text is "
+                                 f"kept as .txt.bak). Only inside ComfyUI's input folder or a folder in "
+                                 f"{WRITABLE_FOLDERS_VARIABLE}."),
             ],
             outputs=[DATASET.Output(display_name="dataset"), io.String.Output(display_name="captions")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
-    def execute(cls, dataset: DatasetValue, trigger_word: str, template: str, captioner: str,
-                replace_existing: bool, edits: str, write_txt_files: bool, model=None) -> io.NodeOutput:
+    def execute(cls, dataset: DatasetValue, trigger_word: str, template: str, captioner: str = NO_CAPTIONER,
+                replace_existing: bool = False, edits: str = "", write_txt_files: bool = False,
+                model=None) -> io.NodeOutput:
+        widget_history.note_removed_inputs("LoraLabCaption", cls.hidden.prompt, cls.hidden.unique_id)
         trigger = trigger_word.strip() or (dataset.dataset.trigger_words[0] if dataset.dataset.trigger_words else "")
         if not trigger:
             raise LoraLabError("Caption needs a trigger word: set trigger_word (e.g. xyz_style).")

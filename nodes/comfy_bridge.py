@@ -48,14 +48,29 @@ class _LoraNameType(str):
     inputs that list the loras folder (LoraLoader's lora_name), and no other combo."""
 
     def __ne__(self, other: object) -> bool:
-        if isinstance(other, list):
-            return other != lora_names()
+        if isinstance(other, list):  # a list of LoRA files (LoraLoader's, or Apply LoRA Stack's with "None")
+            return [name for name in other if name != "None"] != lora_names()
+        if other == "*":  # inputs that take any type (Preview Any, switches, reroutes)
+            return False
         return str.__ne__(self, other)
 
     def __eq__(self, other: object) -> bool:
         return not self.__ne__(other)
 
     __hash__ = str.__hash__
+
+
+class ListedCombo(io.Combo.Input):
+    """A combo whose type is its list of choices, as ComfyUI's own file pickers (LoraLoader's
+    lora_name) are declared: every ComfyUI version then checks a queued value against the list and
+    blames the one input that holds it (0.3.x does not check V3 combos at all)."""
+
+    def __init__(self, id: str, options: list[str], **details: Any) -> None:  # noqa: A002 - ComfyUI's name
+        super().__init__(id, options=options, **details)
+        self.choices = list(options)
+
+    def get_io_type(self) -> list[str]:
+        return self.choices
 
 
 LORA_NAME = io.Custom("COMBO")
@@ -91,6 +106,26 @@ def lora_display_name(path: Path) -> str:
         with contextlib.suppress(ValueError):
             return path.resolve().relative_to(Path(root).resolve()).as_posix()
     return path.name
+
+
+def relative_to_comfy(path: Path) -> str:
+    """A folder as a message names it: relative to ComfyUI's own folder, never the machine's layout."""
+    try:
+        return Path(path).resolve().relative_to(Path(folder_paths.base_path).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+def server_is_local() -> bool:
+    """Whether ComfyUI listens on the loopback address only (its default). Started with --listen
+    beyond it, strangers on the network can queue workflows, so datasets are read only from folders
+    the owner allows (nodes/load_dataset.py)."""
+    try:
+        from comfy.cli_args import args
+    except ImportError:  # not inside the server (unit tests)
+        return True
+    hosts = [host.strip().strip("[]") for host in str(getattr(args, "listen", "127.0.0.1")).split(",")]
+    return all(host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.") for host in hosts if host)
 
 
 def input_directory() -> Path:
@@ -183,6 +218,11 @@ def _leave_inference_mode(module: torch.nn.Module) -> None:
                     owner.register_buffer(name, fresh)
 
 
+def diffusion_model(model: Any) -> torch.nn.Module:
+    """ComfyUI's own diffusion model module of a MODEL (read only)."""
+    return model.model.diffusion_model
+
+
 def trainable_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The diffusion model's own tensors (not copies), usable by autograd."""
     _leave_inference_mode(model.model.diffusion_model)
@@ -256,9 +296,10 @@ def add_json_route(path: str, handler: Callable[[dict[str, str]], tuple[int, Any
         if method == "post" and request.can_read_body:
             try:
                 body = await request.json()
-            except ValueError:
-                return web.json_response({"error": "the body must be JSON"}, status=400)
-            fields.update({key: str(value) for key, value in body.items()} if isinstance(body, dict) else {})
+            except (ValueError, RecursionError):  # not JSON, or nested too deep to parse
+                return web.json_response({"error": "the body must be a small JSON object"}, status=400)
+            if isinstance(body, dict):  # only plain fields are read; anything nested is not a field
+                fields.update({key: str(value) for key, value in body.items() if isinstance(value, str | int | float)})
         status, answer = handler(fields)
         return web.json_response(answer, status=status)
 

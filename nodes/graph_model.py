@@ -167,10 +167,10 @@ class GraphEncoders(Encoders):
         return images.movedim(-1, 1).float() * 2 - 1
 
 
-def weights_key(denoiser: torch.nn.Module) -> str:
+def weights_key(denoiser: torch.nn.Module, extra: str = "") -> str:
     """A digest that changes whenever the weights do: every tensor's name and shape, and a strided
     sample of its values (hashing every byte of a 12B-parameter model would take minutes)."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(extra.encode())
     with torch.no_grad():
         for name, tensor in denoiser.state_dict().items():
             flat = tensor.detach().reshape(-1)
@@ -186,16 +186,24 @@ def shared_denoiser(model: Any) -> torch.nn.Module:
     return CONVERSIONS[family_of(model).name].denoiser(model)
 
 
-def loaded_model(model: Any, clip: Any, vae: Any, model_name: str) -> LoadedModel:
+def model_identity(model: Any, model_name: str) -> ModelIdentity:
+    """Which base model a graph's MODEL is: its file's name, and a digest of its weights as ComfyUI
+    loads them for this graph (loaded whole first, so patches applied upstream, such as a LoRA,
+    are in the weights) and of what it predicts. The same file and patches give the same key after
+    a server restart: how Train LoRA recognises a run it finished (nodes/run_plan.py)."""
+    comfy.free_memory_for_training(model)
+    key = weights_key(comfy.diffusion_model(model), comfy.prediction_type(model))
+    return ModelIdentity(name=model_name, key=key)
+
+
+def loaded_model(model: Any, clip: Any, vae: Any, identity: ModelIdentity) -> LoadedModel:
     """The trainer's view of a graph's MODEL, CLIP and VAE (see the module docstring)."""
     family = family_of(model)
     comfy.free_memory_for_training(model)
-    denoiser = shared_denoiser(model)
-    return LoadedModel(family=family, denoiser=denoiser,
+    return LoadedModel(family=family, denoiser=shared_denoiser(model),
                        encoders=GraphEncoders(family, clip, vae, comfy.latent_format(model)),
                        noise_scheduler=family.training_scheduler(), prediction_type=comfy.prediction_type(model),
-                       identity=ModelIdentity(name=model_name, key=weights_key(denoiser)),
-                       resolution=family.default_resolution)
+                       identity=identity, resolution=family.default_resolution)
 
 
 LOADER_INPUTS = ("ckpt_name", "unet_name", "model_name")  # the file widgets of ComfyUI's model loaders

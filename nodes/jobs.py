@@ -184,7 +184,7 @@ class TrainingJob:
     def stop(self) -> None:
         if self.active:
             self.stop_requested.set()
-            self.status = "stopping"
+            self.status, self.message = "stopping", "Stopping: saving a checkpoint at the end of this step ..."
 
     def listing(self) -> dict[str, Any]:
         return {"name": self.name, "node": self.node, "status": self.status, "message": self.message,
@@ -206,6 +206,12 @@ class JobEvents(PanelEvents):
     def status(self, status: str, message: str = "", **extra: Any) -> None:
         self.job.status, self.job.message = status, message
         super().status(status, message, background=True, **extra)
+
+    def on_start(self, first_step: int, total_steps: int, checkpoints: list[Checkpoint]) -> None:
+        # A resumed run: the checkpoints of its earlier segments are the run's too.
+        self.job.checkpoints = [(checkpoint.step, checkpoint.path) for checkpoint in checkpoints]
+        self.job.step, self.job.total_steps = first_step - 1, total_steps
+        super().on_start(first_step, total_steps, checkpoints)
 
     def on_step(self, report: StepReport) -> None:
         self.job.step, self.job.total_steps = report.step, report.total_steps
@@ -288,7 +294,8 @@ class JobRegistry:
             events = JobEvents(job, send, self.turns, trainer)
             job.thread = threading.Thread(target=self._run, args=(job, events, trainer.train), daemon=True,
                                           name=f"lora-lab-{job.name}")
-            self.jobs.append(job)
+            # One entry per run: a resumed run's job replaces the one that stopped.
+            self.jobs = [other for other in self.jobs if other.name != job.name] + [job]
             job.thread.start()
             return job
 

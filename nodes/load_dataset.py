@@ -13,26 +13,14 @@ from ..trainer.doctor import LORA_TYPES, examine, flagged_sheet
 from ..trainer.errors import LoraLabError
 from ..trainer.families import DEFAULT_FAMILY, get_family
 from . import comfy_bridge as comfy
-from . import graph_model
+from . import graph_model, widget_history
 from .comfy_bridge import DATASET, io
+from .folders import resolve_dataset_folder
 from .values import DatasetValue
 
 _ASSUMED = get_family(DEFAULT_FAMILY)
 NO_MODEL_NOTE = (f"· No MODEL connected: checked as {_ASSUMED.title} ({_ASSUMED.default_resolution} px, caption style: "
                  f"{_ASSUMED.caption_style}). Connect your checkpoint loader's MODEL to check against your model.")
-
-
-def resolve_folder(folder: str) -> Path:
-    """An absolute folder as given (the user names their dataset; it is only read), or a folder
-    inside ComfyUI's input directory; a relative path may not climb out of it."""
-    path = Path(folder.strip()).expanduser()
-    if path.is_absolute():
-        return path
-    inside = (comfy.input_directory() / path).resolve()
-    if not inside.is_relative_to(comfy.input_directory().resolve()):
-        raise LoraLabError(f"Dataset folder {folder!r} points outside ComfyUI's input folder; give a folder inside "
-                           "it (e.g. my_dataset) or an absolute path.")
-    return inside
 
 
 def folder_fingerprint(folder: Path) -> str:
@@ -68,17 +56,19 @@ class LoadDataset(io.ComfyNode):
                                 tooltip="One caption per line for the images input."),
             ],
             outputs=[DATASET.Output(display_name="dataset"), io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
     def fingerprint_inputs(cls, folder: str = "", **_: object) -> str:
-        return folder_fingerprint(resolve_folder(folder)) if folder.strip() else ""
+        return folder_fingerprint(resolve_dataset_folder(folder)) if folder.strip() else ""
 
     @classmethod
     def execute(cls, folder: str, lora_type: str, trigger_word: str, model=None, images=None,
                 captions: str = "") -> io.NodeOutput:
+        widget_history.note_removed_inputs("LoraLabLoadDataset", cls.hidden.prompt, cls.hidden.unique_id)
         if folder.strip():
-            root = resolve_folder(folder)
+            root = resolve_dataset_folder(folder)
             dataset = scan_folder(root)
             source, fingerprint = str(root), folder_fingerprint(root)
         elif images is not None:

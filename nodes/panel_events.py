@@ -22,6 +22,10 @@ class PanelEvents(TrainingEvents):
     def event(self, kind: str, **data: Any) -> None:
         self.send(f"lora_lab.{kind}", {"node": self.node_id, "run": self.run, **data})
 
+    def on_start(self, first_step: int, total_steps: int, checkpoints: list[Checkpoint]) -> None:
+        self.event("start", first_step=first_step, total=total_steps,
+                   checkpoints=[{"step": c.step, "file": c.path.name} for c in checkpoints])
+
     def on_step(self, report: StepReport) -> None:
         self.event("progress", step=report.step, total=report.total_steps, loss=report.loss,
                    lr=report.learning_rate, seconds_per_step=report.seconds_per_step)

@@ -18,13 +18,12 @@ models/loras is ever read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from ..trainer.history import journal_path, loss_log_path, read_journal, read_loss_log
+from ..trainer.history import loss_log_path, read_loss_log, runs_in
 from ..trainer.metadata import thumbnail_url
 from . import comfy_bridge as comfy
 from .jobs import JOBS, interrupted_message
@@ -39,59 +38,61 @@ def runs_folder() -> Path:
     return comfy.lora_root() / comfy.LORA_SUBFOLDER
 
 
-def latest_sample(run_dir: Path, journal: dict[str, Any]) -> str | None:
+def inside(folder: Path, path: Path) -> bool:
+    """Whether `path`, with every link followed, lies in `folder`: nothing else is ever read."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def latest_sample(folder: Path, run_dir: Path, journal: dict[str, Any]) -> str | None:
     """The run's newest sample sheet as a small data URL, as the live panel shows it."""
     for sheet in reversed(journal.get("samples") or []):
         path = run_dir / str(sheet.get("file", ""))
-        if path.parent == run_dir and path.name.endswith("-samples.png") and path.is_file():
+        if path.parent == run_dir and path.name.endswith("-samples.png") and path.is_file() and inside(folder, path):
             with Image.open(path) as picture:
                 return thumbnail_url(picture, SAMPLE_PREVIEW_WIDTH)
     return None
 
 
-def current_journal(run_dir: Path) -> dict[str, Any] | None:
+def current_journal(journal: dict[str, Any]) -> dict[str, Any]:
     """A run's journal as it stands: one still "training" under a server that is gone reads as stopped."""
-    journal = read_journal(journal_path(run_dir, run_dir.name))
-    message = interrupted_message(journal) if journal else None
+    message = interrupted_message(journal)
     return {**journal, "status": "stopped", "message": message} if message else journal
 
 
-def run_answer(folder: Path, run_dir: Path) -> tuple[int, dict[str, Any]]:
-    journal = current_journal(run_dir)
-    if run_dir.parent.resolve() != folder.resolve() or journal is None:
-        return 404, {"error": f"no run named {run_dir.name!r} in {folder}"}
+def shown_name(name: str) -> str:
+    """A name from a query, as an error reply may repeat it: short (a reply never echoes megabytes)."""
+    return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
+def run_answer(folder: Path, run_dir: Path, journal: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     losses = loss_log_path(run_dir, run_dir.name)
     job = JOBS.named(run_dir.name)
-    return 200, {"run": journal, "losses": read_loss_log(losses) if losses.is_file() else [],
-                 "sample": latest_sample(run_dir, journal), "job": job.listing() if job else None}
+    return 200, {"run": current_journal(journal),
+                 "losses": read_loss_log(losses) if losses.is_file() and inside(folder, losses) else [],
+                 "sample": latest_sample(folder, run_dir, journal), "job": job.listing() if job else None}
 
 
-def run_journals(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """(run folder, journal) of every run in the LoRA Lab folder, by name."""
-    for path in sorted(folder.glob("*/*-run.json")) if folder.is_dir() else []:
-        journal = read_journal(path) if path.name == f"{path.parent.name}-run.json" else None
-        if journal is not None:
-            yield path.parent, journal
-
-
-def newest_run_of_node(folder: Path, node: str) -> Path | None:
-    """The run folder whose journal names `node` as its owner and was updated last."""
-    owned = [(journal.get("updated", 0), run_dir) for run_dir, journal in run_journals(folder)
+def newest_run_of_node(folder: Path, node: str) -> tuple[Path, dict[str, Any]] | None:
+    """The run folder (and journal) whose journal names `node` as its owner and was updated last."""
+    owned = [(journal.get("updated", 0), run_dir.name, run_dir, journal) for run_dir, journal in runs_in(folder)
              if journal.get("owner", {}).get("node") == node]
-    return max(owned)[1] if owned else None
+    return max(owned)[2:] if owned else None
 
 
 def run_route(query: dict[str, str], folder: Path | None = None) -> tuple[int, dict[str, Any]]:
     folder = folder or runs_folder()
     if query.get("name"):
         name = query["name"]
-        if "/" in name or "\\" in name or name.startswith("."):
+        if "/" in name or "\\" in name or name.startswith(".") or len(name) > 255:
             return 400, {"error": "a run name is one folder name"}
-        return run_answer(folder, folder / name)
+        found = dict(runs_in(folder)).get(folder / name)
+        if found is None:
+            return 404, {"error": f"no run named {shown_name(name)} in {comfy.relative_to_comfy(folder)}"}
+        return run_answer(folder, folder / name, found)
     if query.get("node"):
-        run_dir = newest_run_of_node(folder, query["node"])
-        return run_answer(folder, run_dir) if run_dir else (200, {"run": None, "losses": [], "sample": None,
-                                                                  "job": None})
+        found = newest_run_of_node(folder, query["node"])
+        return run_answer(folder, *found) if found else (200, {"run": None, "losses": [], "sample": None,
+                                                               "job": None})
     return 400, {"error": "ask for ?name=<run> or ?node=<node id>"}
 
 
@@ -101,7 +102,7 @@ def jobs_route(query: dict[str, str], folder: Path | None = None) -> tuple[int, 
     listed = JOBS.listing()
     known = {job["name"] for job in listed}
     interrupted = []
-    for run_dir, journal in run_journals(folder):
+    for run_dir, journal in runs_in(folder):
         message = interrupted_message(journal) if run_dir.name not in known else None
         if message:
             interrupted.append({"name": journal["name"], "node": journal.get("owner", {}).get("node"),
@@ -118,7 +119,7 @@ def stop_route(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
         return 400, {"error": "say which job: {\"name\": <run>}"}
     job = JOBS.stop(name)
     if job is None:
-        return 404, {"error": f"no background job named {name!r} is running"}
+        return 404, {"error": f"no background job named {shown_name(name)} is running"}
     return 200, {"job": job.listing()}
 
 

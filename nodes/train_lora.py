@@ -13,11 +13,22 @@ from pathlib import Path
 from ..trainer.charts import loss_chart
 from ..trainer.config import TrainingConfig, build_config
 from ..trainer.errors import LoraLabError
+from ..trainer.families.base import ModelIdentity
+from ..trainer.history import journal_path, loss_log_path, read_journal, read_loss_log
 from ..trainer.resume import SUFFIX
-from ..trainer.run import TrainingResult, finish_message, stop_message, train_lora, trigger_word_of
+from ..trainer.run import (
+    TrainingResult,
+    check_output_name,
+    finish_message,
+    stop_message,
+    train_lora,
+    trigger_word_of,
+)
 from . import comfy_bridge as comfy
-from . import graph_model, jobs
+from . import graph_model, jobs, widget_history
 from .comfy_bridge import DATASET, RUN, io, ui
+from .panel_events import PanelEvents
+from .run_plan import LATEST, NEW_RUN, RunIdentity, RunPlan, default_plan, plan_run
 from .settings_widgets import setting_widget
 from .values import DatasetValue, TrainingRun
 
@@ -26,7 +37,6 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
             "sample_every", "prompts", "validation_images")
-NEW_RUN, LATEST = "off", "latest"
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
 # The preset follows the LoRA type chosen once on Load Dataset unless set here.
@@ -42,15 +52,9 @@ BACKGROUND_TOOLTIP = ("Train as a job of the server and return at once, so the q
                       "turns on the GPU. Stop it with the panel's Stop button (it saves, as Cancel does).")
 
 log = logging.getLogger(__name__)
-
-
-def unique_name(folder: Path, name: str) -> str:
-    """`name`, or `name_2`, `name_3`, ... so an earlier run is never overwritten."""
-    candidate, number = name, 1
-    while (folder / candidate).exists():
-        number += 1
-        candidate = f"{name}_{number}"
-    return candidate
+NODE_ID = "LoraLabTrainLora"
+# Added since the first release: optional, so API prompts written before them still validate.
+LATER_INPUTS = frozenset(widget_history.history()[NODE_ID]["added"])
 
 
 def resume_choices(output_dir: Path) -> list[str]:
@@ -60,40 +64,31 @@ def resume_choices(output_dir: Path) -> list[str]:
     return [NEW_RUN, LATEST, *(f"{path.parent.name}/{path.name}" for path in found)]
 
 
-def chosen_checkpoint(output_dir: Path, choice: str) -> Path:
-    """A '<run>/<file>.resume' choice as a path, which must lie inside the LoRA Lab folder: the
-    choice may come from a stranger's workflow."""
-    root = output_dir.resolve()
-    path = (output_dir / choice).resolve()
-    if not path.is_relative_to(root) or path.suffix != SUFFIX or not path.is_file():
-        raise LoraLabError(f"resume = {choice!r} is not a checkpoint of a run in {output_dir}; choose 'latest' or "
-                           "one of the listed checkpoints (refresh the page to see new ones).")
-    return path
-
-
-def node_config(values: dict, output_dir: Path, lora_type: str = "none") -> TrainingConfig:
-    """The trainer config of the node's widgets; `lora_type` is the dataset's (Load Dataset).
+def node_config(values: dict, output_dir: Path, lora_type: str = "none", plan: RunPlan | None = None) -> TrainingConfig:
+    """The trainer config of the node's widgets; `lora_type` is the dataset's (Load Dataset); `plan`
+    says which run folder and checkpoint (nodes/run_plan.py; without one, as if no run were on disk).
     `background` is how the node runs, not a training setting."""
     settings = {**{k: v for k, v in values.items() if k != "background"}, "output_dir": str(output_dir)}
     if settings.get("preset", FROM_DATASET) == FROM_DATASET:
         settings["preset"] = lora_type
-    name = str(values.get("name", "my_lora")).strip() or "my_lora"
-    resume = str(values.get("resume", NEW_RUN))
-    if resume == NEW_RUN:
-        settings.update(resume="", name=unique_name(output_dir, name))
-    elif resume == LATEST:
-        settings.update(resume=LATEST, name=name)
-    else:  # a chosen checkpoint continues in its own run folder
-        path = chosen_checkpoint(output_dir, resume)
-        settings.update(resume=str(path), name=path.parent.name)
+    plan = plan or default_plan(output_dir, requested_name(values), str(values.get("resume", NEW_RUN)))
+    settings.update(name=plan.name, resume=plan.resume)
     return build_config(settings)
+
+
+def requested_name(values: dict) -> str:
+    """The run name as typed, checked before anything else happens (a stranger's workflow may say
+    '../../somewhere')."""
+    return check_output_name(str(values.get("name", "my_lora")).strip() or "my_lora")
 
 
 def resume_widget() -> io.Combo.Input:
     return io.Combo.Input("resume", options=resume_choices(comfy.lora_root() / comfy.LORA_SUBFOLDER), default=NEW_RUN,
+                          optional=True,
                           tooltip="Continue a stopped run exactly where it stopped: 'latest' = the newest checkpoint "
-                          "of the run called name, or a chosen checkpoint. 'off' starts a new run (an existing name "
-                          "gets _2, _3, ...).")
+                          "of this training (or of the run called name), or a chosen checkpoint. 'off' starts a new "
+                          "run (an existing name gets _2, _3, ...); a run already finished with the same settings, "
+                          "dataset and model is handed on without training again.")
 
 
 def run_value(result: TrainingResult) -> TrainingRun:
@@ -101,11 +96,21 @@ def run_value(result: TrainingResult) -> TrainingRun:
                        result.trigger_words, result.stopped, result.best.step if result.best else None)
 
 
+def run_chart(run_dir: Path, title: str):
+    """The loss curve as ComfyUI IMAGE, drawn from the run's own files, so a finished run handed on
+    again draws exactly the picture its training drew."""
+    journal = read_journal(journal_path(run_dir, run_dir.name)) or {}
+    log_file = loss_log_path(run_dir, run_dir.name)
+    losses = read_loss_log(log_file) if log_file.is_file() else []
+    return comfy.pil_to_images([loss_chart(losses, title, [row["step"] for row in journal.get("checkpoints", [])],
+                                           [tuple(row) for row in journal.get("validation", [])])])
+
+
 class TrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="LoraLabTrainLora", display_name="Train LoRA", category="LoRA Lab",
+            node_id=NODE_ID, display_name="Train LoRA", category="LoRA Lab",
             description="Train a LoRA on this graph's model; checkpoints go to models/loras/lora_lab/<name>/.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model from your checkpoint loader: the LoRA is trained "
@@ -113,9 +118,9 @@ class TrainLora(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the captions (once, before training)."),
                 io.Vae.Input("vae", tooltip="Encodes the images (once, before training)."),
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
-                *(resume_widget() if name == "resume" else setting_widget(name, **WIDGET_OPTIONS.get(name, {}))
+                *(resume_widget() if name == "resume" else
+                  setting_widget(name, optional=name in LATER_INPUTS, **WIDGET_OPTIONS.get(name, {}))
                   for name in SETTINGS),
-                # Optional, so API prompts written before it existed still validate.
                 io.Boolean.Input("background", default=False, optional=True, tooltip=BACKGROUND_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "
@@ -133,31 +138,52 @@ class TrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, background: bool = False, **settings) -> str:
-        """Foreground: constant (ComfyUI caches the run as usual). Background: changes when the
-        job of these settings saves a checkpoint or ends, so Train LoRA and the nodes using its run
-        execute again and see it."""
-        if not background:
+    def fingerprint_inputs(cls, **inputs) -> str:
+        """Foreground: constant (ComfyUI caches the run as usual; once its cache has let go, the run
+        is found on disk). Background: changes when the job of these settings saves a checkpoint or
+        ends, so Train LoRA and the nodes using its run execute again and see it."""
+        inputs = widget_history.with_added_defaults(NODE_ID, inputs)
+        if not inputs.pop("background"):
             return ""
-        job = jobs.JOBS.find_settings(settings_key(settings))
+        job = jobs.JOBS.find_settings(settings_key(inputs))
         return job.token() if job else "new"
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset: DatasetValue, background: bool = False,
-                **settings) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, dataset: DatasetValue, **inputs) -> io.NodeOutput:
+        inputs = widget_history.with_added_defaults(NODE_ID, inputs)
+        background = bool(inputs.pop("background"))
+        settings = {name: inputs[name] for name in SETTINGS}
+        name, node_id = requested_name(settings), cls.hidden.unique_id
+        panel = PanelEvents(node_id, name, comfy.send)
+        panel.status("starting", "Loading the model ...")  # the previous run's message goes at once
+        try:
+            family = graph_model.family_of(model)
+            model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
+            identity = RunIdentity(settings, dataset.fingerprint, dataset.lora_type, model_name,
+                                   graph_model.model_identity(model, model_name).key)
+            folder = comfy.lora_root() / comfy.LORA_SUBFOLDER
+            plan = plan_run(folder, identity, str(settings["resume"]), jobs.SERVER_SESSION)
+        except LoraLabError as error:
+            panel.status("failed", str(error))
+            raise
+        if plan.running and not background:
+            raise LoraLabError(f"{plan.message} Turn background on to follow it here, or stop it on its panel.")
+        if plan.refusal:
+            PanelEvents(node_id, plan.name, comfy.send).status("stopped", plan.refusal)
+            raise LoraLabError(plan.refusal)
+        if plan.reuse is not None:
+            return cls.hand_on_finished(model, clip, plan)
+        config = node_config({**settings, "family": family.name}, folder, dataset.lora_type, plan)
+        owner = {"node": node_id, "server": jobs.SERVER_SESSION, "identity": identity.record()}
+        model_identity = ModelIdentity(model_name, identity.model_key)
         if background:
-            return cls.execute_in_background(model, clip, vae, dataset, settings)
-        family = graph_model.family_of(model)
-        config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER,
-                             dataset.lora_type)
-        node_id = cls.hidden.unique_id
+            return cls.execute_in_background(model, clip, vae, dataset, settings, config, identity, owner, plan)
         events = comfy.NodeEvents(node_id, config.output.name, config.train.steps or 1)
-        events.status("training", "Loading the model and encoding the dataset ...")
-        model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
+        events.status("training", f"{plan.message} Loading the model and encoding the dataset ...".strip())
         try:
             with comfy.training_mode():
-                result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_name),
-                                    dataset=dataset.dataset, owner={"node": node_id, "server": jobs.SERVER_SESSION})
+                result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_identity),
+                                    dataset=dataset.dataset, owner=owner)
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         except LoraLabError as error:
             events.status("failed", str(error))
@@ -170,10 +196,7 @@ class TrainLora(io.ComfyNode):
             events.status("stopped", message)
             comfy.raise_interrupted()
         events.status("finished", finish_message(result))
-        run = run_value(result)
-        curve = comfy.pil_to_images([loss_chart(result.losses, f"{result.config.output.name}: loss",
-                                                [c.step for c in result.checkpoints], result.validation)])
-        return cls.hand_on(model, clip, run, curve)
+        return cls.hand_on(model, clip, run_value(result), run_chart(result.run_dir, f"{config.output.name}: loss"))
 
     @classmethod
     def hand_on(cls, model, clip, run: TrainingRun, curve) -> io.NodeOutput:
@@ -184,23 +207,32 @@ class TrainLora(io.ComfyNode):
                              ui=ui.PreviewImage(curve, cls=cls))
 
     @classmethod
-    def execute_in_background(cls, model, clip, vae, dataset: DatasetValue, settings: dict) -> io.NodeOutput:
+    def hand_on_finished(cls, model, clip, plan: RunPlan) -> io.NodeOutput:
+        """A run finished earlier with the same identity, handed on as its training handed it on."""
+        run_dir = plan.reuse
+        journal = read_journal(journal_path(run_dir, run_dir.name)) or {}
+        run = TrainingRun.from_journal(run_dir, journal)
+        if not run.checkpoints:
+            raise LoraLabError(f"Run {run_dir.name} finished, but its checkpoints are gone from its folder; change "
+                               "the name to train it again.")
+        PanelEvents(cls.hidden.unique_id, run_dir.name, comfy.send).status(
+            "finished", f"{plan.message} {journal.get('message') or ''}".strip(), reused=True)
+        return cls.hand_on(model, clip, run, run_chart(run_dir, f"{run_dir.name}: loss"))
+
+    @classmethod
+    def execute_in_background(cls, model, clip, vae, dataset: DatasetValue, settings: dict, config: TrainingConfig,
+                              identity: RunIdentity, owner: dict, plan: RunPlan) -> io.NodeOutput:
         """Start the job (or find the same training's job) and return what it has saved so far."""
         if not jobs.TURNS.installed:
             raise LoraLabError("Background training needs to run prompts in turns with the job, which this ComfyUI "
                                "version does not allow (see the server log); turn background off.")
-        family = graph_model.family_of(model)
-        node_id = cls.hidden.unique_id
-        model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
-        key = settings_key(settings)
-        same_training = hashlib.sha256(f"{key}|{dataset.fingerprint}|{model_name}".encode()).hexdigest()[:16]
-        config = node_config({**settings, "family": family.name}, comfy.lora_root() / comfy.LORA_SUBFOLDER,
-                             dataset.lora_type)
         job = jobs.JOBS.start(  # the same training's job when it runs or has finished
-            jobs.TrainingJob(name=config.output.name, key=same_training, settings_key=key, node=node_id,
-                             total_steps=config.train.steps,
+            jobs.TrainingJob(name=config.output.name, key=identity.key, settings_key=settings_key(settings),
+                             node=cls.hidden.unique_id, total_steps=config.train.steps, message=plan.message,
                              trigger_words=tuple(w for w in [trigger_word_of(config, dataset.dataset)] if w)),
-            background_training(config, model, clip, vae, dataset, model_name, node_id), comfy.send)
+            background_training(config, model, clip, vae, dataset, ModelIdentity(identity.model_name,
+                                                                                 identity.model_key),
+                                owner, cls.hidden.unique_id), comfy.send)
         run = jobs.job_run(job)
         curve = comfy.pil_to_images([loss_chart(job.losses, f"{job.name}: loss ({job.status})",
                                                 [step for step, _ in job.checkpoints],
@@ -212,13 +244,13 @@ class TrainLora(io.ComfyNode):
 
 
 def settings_key(settings: dict) -> str:
-    """The node's settings as one digest: what "the same training" means, with the dataset and model."""
+    """The node's settings as one digest: what a background job's fingerprint follows."""
     chosen = {name: settings.get(name) for name in SETTINGS}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def background_training(config: TrainingConfig, model, clip, vae, dataset: DatasetValue, model_name: str,
-                        node_id: str | None) -> jobs.Trainer:
+def background_training(config: TrainingConfig, model, clip, vae, dataset: DatasetValue, identity: ModelIdentity,
+                        owner: dict, node_id: str | None) -> jobs.Trainer:
     """The job's work, run in its own thread in its turns: train as a foreground run does; before a
     pause let go of the base weights, and after it have ComfyUI load the base model whole again and
     share its tensors anew (see nodes/jobs.py)."""
@@ -227,9 +259,9 @@ def background_training(config: TrainingConfig, model, clip, vae, dataset: Datas
     def train(events: jobs.JobEvents) -> TrainingResult:
         try:
             with comfy.training_mode():
-                loaded.append(graph_model.loaded_model(model, clip, vae, model_name))
+                loaded.append(graph_model.loaded_model(model, clip, vae, identity))
                 return train_lora(config, events, model=loaded[0], dataset=dataset.dataset,
-                                  owner={"node": node_id, "server": jobs.SERVER_SESSION, "background": True})
+                                  owner={**owner, "background": True})
         finally:
             loaded.clear()
             comfy.release_training_memory()

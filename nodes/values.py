@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..trainer.data import Dataset
 from ..trainer.doctor import DoctorReport
 from ..trainer.errors import LoraLabError
+from ..trainer.files import read_metadata
+from ..trainer.metadata import trigger_words
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ class TrainingRun:
     stopped: bool = False
     best_step: int | None = None  # the recommended checkpoint (lowest validation loss, else the guide's rule)
     training: bool = False  # a background job still training
+
+    @classmethod
+    def from_journal(cls, run_dir: Path, journal: dict[str, Any]) -> TrainingRun:
+        """A finished or stopped run as its folder tells it: every checkpoint whose file is there
+        (across resumes), its trigger words and the recommended checkpoint."""
+        checkpoints = tuple((row["step"], run_dir / row["file"]) for row in journal.get("checkpoints") or []
+                            if (run_dir / row["file"]).is_file())
+        words = journal.get("trigger_words")
+        if words is None and checkpoints:  # a journal from before it recorded them: the file says
+            words = trigger_words(read_metadata(checkpoints[-1][1]))
+        best = (journal.get("best") or {}).get("step")
+        return cls(run_dir.name, checkpoints, tuple(words or ()), journal.get("status") == "stopped", best)
 
     @property
     def final(self) -> Path:

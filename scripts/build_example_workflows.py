@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from frontend_rules import FRONTEND_ONLY_NODES, widgets_values
+from frontend_rules import FRONTEND_ONLY_NODES, widget_history, widgets_values
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 CHECKPOINT = "your_sd15_checkpoint.safetensors"
@@ -233,6 +233,7 @@ def to_ui(example: Example, object_info: dict, sizes: dict[str, tuple[float, flo
     outgoing: dict[tuple[int, int], list[int]] = {}
     placed, groups = layout(example, sizes)
     all_nodes = example_nodes(example)
+    history = widget_history()
     for order, node in enumerate(all_nodes):
         pos, size = placed[node.id]
         record: dict[str, Any] = {"id": node.id, "type": node.type, "pos": list(pos), "size": list(size),
@@ -246,6 +247,8 @@ def to_ui(example: Example, object_info: dict, sizes: dict[str, tuple[float, flo
             continue
         info = object_info[node.type]
         record["properties"] = {"Node name for S&R": node.type}
+        if node.type in history:  # the layout its widget values follow (web/widget_history.json)
+            record["properties"]["lora_lab_layout"] = len(history[node.type]["layouts"])
         record["widgets_values"] = widgets_values(info, node.widgets)
         specs = [(n, s) for group in ("required", "optional") for n, s in info["input"].get(group, {}).items()]
         for name, spec in specs:

@@ -16,17 +16,23 @@ frontend. It follows ComfyUI_frontend, as shipped in comfyui-frontend-package 1.
 - `widgets_values` holds every widget's value in that order (LGraphNode.serialize).
 - graphToPrompt sends each widget by name, except the control widgets (their option serialize
   is false), and a linked input as [source node id, output slot]; Note nodes are not sent.
+
+And what LoRA Lab's own frontend (web/lora_lab.js) adds: a LoRA Lab node saved with an older widget
+layout (web/widget_history.json) has its values laid out anew as it loads (`migrate_widgets_values`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 SEED_NAMES = ("seed", "noise_seed")
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 FRONTEND_ONLY_NODES = ("Note", "MarkdownNote", "PrimitiveNode", "Reroute")
+WIDGET_HISTORY = Path(__file__).resolve().parents[1] / "web" / "widget_history.json"
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,37 @@ def named_values(info: dict, values: list[Any]) -> dict[str, Any]:
     return named
 
 
+def widget_history() -> dict[str, Any]:
+    return json.loads(WIDGET_HISTORY.read_text(encoding="utf-8"))["nodes"]
+
+
+def saved_layout(entry: dict, values: list, saved: Any) -> int | None:
+    """Which of a node's layouts (1-based) its saved values follow: the one its properties name,
+    else the newest whose length matches and whose control slots, and only those, hold control
+    values ("fixed", "randomize", ...)."""
+    if isinstance(saved, int) and 1 <= saved <= len(entry["layouts"]):
+        return saved
+    for index in range(len(entry["layouts"]), 0, -1):
+        names = entry["layouts"][index - 1]["widgets"]
+        if len(names) == len(values) and all(name.endswith("#control") == (value in CONTROL_VALUES)
+                                              for name, value in zip(names, values, strict=True)):
+            return index
+    return None
+
+
+def migrate_widgets_values(node_type: str, values: list, properties: dict | None = None) -> list:
+    """A LoRA Lab node's saved values laid out in its current layout, as web/lora_lab.js does on load."""
+    entry = widget_history().get(node_type)
+    if entry is None or not isinstance(values, list):
+        return values
+    layout = saved_layout(entry, values, (properties or {}).get("lora_lab_layout"))
+    if layout is None:
+        raise ValueError(f"{node_type}: {len(values)} widget values match none of its layouts")
+    named = dict(zip(entry["layouts"][layout - 1]["widgets"], values, strict=True))
+    return [named[name] if name in named else "fixed" if name.endswith("#control") else entry["added"][name]
+            for name in entry["layouts"][-1]["widgets"]]
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """A UI-format workflow as the API prompt the frontend would queue."""
     links = {link[0]: link for link in workflow["links"]}
@@ -118,7 +155,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         if node["type"] in FRONTEND_ONLY_NODES or node.get("mode", 0) in (2, 4):  # muted or bypassed
             continue
         info = object_info[node["type"]]
-        inputs: dict[str, Any] = dict(named_values(info, node.get("widgets_values", [])))
+        saved = migrate_widgets_values(node["type"], node.get("widgets_values", []), node.get("properties"))
+        inputs: dict[str, Any] = dict(named_values(info, saved))
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 source = links[slot["link"]]

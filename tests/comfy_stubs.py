@@ -17,12 +17,15 @@ class Port:
     io_type: str
     options: dict = field(default_factory=dict)
 
+    def get_io_type(self) -> Any:
+        return self.io_type
+
 
 def _port_type(io_type: str) -> type:
     class PortType:
-        @staticmethod
-        def Input(id: str, **options: Any) -> Port:  # noqa: N802 - mirrors ComfyUI's API
-            return Port(id, io_type, options)
+        class Input(Port):  # a class, as ComfyUI's, so the nodes may subclass it
+            def __init__(self, id: str, **options: Any) -> None:
+                super().__init__(id, io_type, options)
 
         @staticmethod
         def Output(id: str | None = None, **options: Any) -> Port:  # noqa: N802
@@ -43,7 +46,7 @@ class NodeOutput:
 
 
 class ComfyNode:
-    hidden = types.SimpleNamespace(unique_id="7")
+    hidden = types.SimpleNamespace(unique_id="7", prompt=None)
 
 
 def make_io() -> types.ModuleType:
@@ -80,6 +83,7 @@ def install(loras: Path, input_dir: Path) -> Recorder:
     folder_paths.get_full_path = lambda name, file: str(loras / file) if (loras / file).is_file() else None
     folder_paths.get_input_directory = lambda: str(input_dir)
     folder_paths.models_dir = str(input_dir.parent / "models")
+    folder_paths.base_path = str(input_dir.parent)
     comfy = types.ModuleType("comfy")
     modules = {"comfy": comfy, "folder_paths": folder_paths, "comfy_api": types.ModuleType("comfy_api"),
                "comfy_api.latest": latest}
@@ -90,6 +94,8 @@ def install(loras: Path, input_dir: Path) -> Recorder:
     comfy.samplers.KSampler = types.SimpleNamespace(SAMPLERS=["euler", "dpmpp_2m"], SCHEDULERS=["normal", "karras"])
     comfy.model_management.processing_interrupted = lambda: recorder.interrupted
     comfy.model_management.get_torch_device = lambda: __import__("torch").device("cpu")
+    comfy.model_management.InterruptProcessingException = type("InterruptProcessingException", (Exception,), {})
+    comfy.utils.ProgressBar = lambda total, node_id=None: types.SimpleNamespace(update_absolute=lambda *_: None)
     for name, parent in (("SD15", object), ("SDXL", object), ("Flux", object)):  # model classes, by name
         setattr(comfy.supported_models, name, type(name, (parent,), {}))
     comfy.supported_models.Segmind_Vega = type("Segmind_Vega", (comfy.supported_models.SDXL,), {})

@@ -122,6 +122,43 @@ def test_examples_load_with_the_values_they_mean(page, server, example, screensh
     assert not overlaps(list(facts.values()))
 
 
+FROZEN = sorted(p for p in (REPO / "tests" / "fixtures" / "workflows").glob("*/*.json")
+                if not p.name.endswith(".api.json"))
+
+
+@pytest.mark.parametrize("path", FROZEN, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_workflow_saved_by_any_release_loads_with_its_values(page, server, path):
+    """Workflows saved by earlier releases (tests/fixtures/workflows) load into today's nodes by
+    widget name (web/widget_history.json), and queue what the Python model of the frontend says."""
+    from frontend_rules import migrate_widgets_values, named_values, ui_to_api
+
+    page, _ = page
+    workflow = json.loads(path.read_text())
+    load_workflow(page, workflow)
+    object_info = server.get("/object_info")
+    facts = {f["id"]: f for f in node_facts(page)}
+    checked = 0
+    for node in workflow["nodes"]:
+        if not node["type"].startswith("LoraLab"):
+            continue
+        meant = named_values(object_info[node["type"]], migrate_widgets_values(node["type"], node["widgets_values"],
+                                                                               node.get("properties")))
+        shown = {w["name"]: w["value"] for w in facts[node["id"]]["widgets"] if w["serialize"]}
+        for name, value in meant.items():
+            assert shown[name] == pytest.approx(value) if isinstance(value, float) else shown[name] == value, (
+                f"{path.parent.name}/{path.name}: node {node['id']} {name} = {shown[name]!r}, meant {value!r}")
+            checked += 1
+    queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    expected = ui_to_api(workflow, object_info)
+    for node_id, node in expected.items():
+        if node["class_type"].startswith("LoraLab"):
+            assert queued[node_id]["inputs"] == node["inputs"], f"{path.name}: node {node_id} queues other values"
+    saved = page.evaluate("() => window.app.graph.serialize().nodes.filter((n) => n.type.startsWith('LoraLab'))"
+                          ".map((n) => n.properties.lora_lab_layout)")
+    assert saved and all(isinstance(layout, int) for layout in saved)  # saved again: with today's layout
+    print(f"{path.parent.name}/{path.name}: {checked} LoRA Lab widget values as meant")
+
+
 def test_templates_browser_shows_the_examples_with_thumbnails(page, server, screenshots):
     page, _ = page
     templates = server.get("/workflow_templates")
@@ -282,7 +319,10 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
                           ".concat([window.app.graph.getNodeById(5).loraLabCells.text.textContent])")
     print(f"Load Dataset shows: {texts[0]!r}; Caption shows: {texts[1][:80]!r}...; Sample Checkpoint: {texts[2]!r}")
     assert texts[0].startswith(("Ready to train", "1 problem", "2 problem")) and "12 images" in texts[0]
-    assert texts[1].count(": zkw_toy,") == 12 and texts[2].startswith("All 3 cells sampled")  # "name: caption" lines
+    assert texts[1].count(": zkw_toy,") == 12  # "name: caption" lines
+    # Every checkpoint of the run, the one saved at Cancel too, at strength 1; strength 0 once.
+    saved = server.get("/lora_lab/run?name=browser_run")["run"]["checkpoints"]
+    assert len(saved) >= 2 and texts[2].startswith(f"All {1 + len(saved)} cells sampled")
     zoom = json.loads(example_path(TRAIN_AND_TEST).read_text())["extra"]["ds"]["scale"]
     cell = grid_cell_on_screen(page, 5, zoom)
     print(f"a grid cell is {cell:.0f} px on screen at the example's zoom ({zoom:.0%})")

@@ -191,11 +191,14 @@ def test_caption_writes_stay_inside_the_allowed_folders(caption_node, stubs, tmp
     with pytest.raises(LoraLabError, match="may only write inside"):
         caption_node.execute(_dataset_value(link), "zkw_toy", "{trigger}", "none", False, "", True)
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
-    # A caption file that is itself a link out is refused.
+    # A caption file that became a link out after the dataset was read is refused (a dataset read
+    # with it skips that image: trainer/data.py).
     inside = _small_set(tmp_path / "input" / "set3")
+    value = _dataset_value(inside)
+    (inside / "img2.txt").unlink(missing_ok=True)
     (inside / "img2.txt").symlink_to(outside / "img0.txt")
     with pytest.raises(LoraLabError, match="never through a symbolic link"):
-        caption_node.execute(_dataset_value(inside), "zkw_toy", "{trigger}", "none", False, "", True)
+        caption_node.execute(value, "zkw_toy", "{trigger}", "none", False, "", True)
     assert {p.name: p.read_bytes() for p in outside.iterdir()} == before
     # The machine's owner may allow a folder (an environment variable: a workflow cannot set it).
     monkeypatch.setenv("LORA_LAB_WRITABLE_FOLDERS", str(outside))

@@ -16,6 +16,8 @@ import re
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +203,12 @@ def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     steps = [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"]
     assert steps == list(range(step + 1, 31))
     assert (run_dir / "cancelled.safetensors").is_file() and (run_dir / "cancelled-step000020.safetensors").is_file()
+    # The resumed run knows the checkpoint saved at Cancel too: the journal, the run route and the
+    # training_run value that Sample Checkpoint's "all" and the recommendation choose from.
+    listed = [c["step"] for c in server.get("/lora_lab/run?name=cancelled")["run"]["checkpoints"]]
+    assert listed == [step, 20, 30]
+    started = next(m for m in messages if m["type"] == "lora_lab.start")["data"]
+    assert started["first_step"] == step + 1 and [c["step"] for c in started["checkpoints"]] == [step]
 
 
 def _unloaded_keys(server: ComfyServer, since: int) -> list[str]:
@@ -347,14 +355,179 @@ def test_a_background_job_stops_from_the_route_and_resumes(server):
     settings = train_settings(steps=100, save_every=50, name="bgstop", background=True)
     server.run(training_graph(settings))
     wait_for_job(server, "bgstop", lambda j: j["step"] >= 3)
-    assert server.post("/lora_lab/jobs/stop", {"name": "bgstop"})["job"]["name"] == "bgstop"
+    reply = server.post("/lora_lab/jobs/stop", {"name": "bgstop"})["job"]
+    assert (reply["name"], reply["status"]) == ("bgstop", "stopping") and reply["message"].startswith("Stopping")
     job = wait_for_job(server, "bgstop", lambda j: j["status"] == "stopped")
     step = job["checkpoints"][-1]["step"]
     assert 3 <= step < 100 and "resume to 'latest'" in job["message"]
     run_dir = server.base / "models" / "loras" / "lora_lab" / "bgstop"
     assert (run_dir / f"bgstop-step{step:06d}.resume").is_file()
+    # Resumed in the background: one entry for the run in the job list, current, with every checkpoint.
     prompt_id, messages = server.run(training_graph(train_settings(steps=100, save_every=50, name="bgstop",
-                                                                   resume="latest")))
+                                                                   resume="latest", background=True)))
     assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
-    steps = [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"]
-    assert steps[0] == step + 1 and steps[-1] == 100
+    job = wait_for_job(server, "bgstop", lambda j: j["status"] == "finished")
+    assert [j["name"] for j in server.get("/lora_lab/jobs")["jobs"]].count("bgstop") == 1
+    assert [c["step"] for c in job["checkpoints"]] == [step, 50, 100] and "Finished" in job["message"]
+    journal = server.get("/lora_lab/run?name=bgstop")["run"]
+    assert [c["step"] for c in journal["checkpoints"]] == [step, 50, 100]
+
+
+# --- saved workflows, messages and containment (issue: a graph you can queue again) -------------------
+
+FROZEN = REPO / "tests" / "fixtures" / "workflows"
+QUICK_STEPS = {"LoraLabTrainLora": {"steps": 4, "save_every": 2, "resolution": 64},
+               "LoraLabSampleCheckpoint": {"steps": 2, "width": 64, "height": 64},
+               "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64}}
+
+
+def _shipped_names_exist(server: ComfyServer) -> None:
+    """The files the examples name, made here: only step counts (and sizes) change in the prompts."""
+    base = server.base
+    checkpoint = base / "models" / "checkpoints" / CHECKPOINT
+    shipped = base / "models" / "checkpoints" / "your_sd15_checkpoint.safetensors"
+    if not shipped.exists():
+        shipped.symlink_to(checkpoint)
+    if not (base / "input" / "my_dataset").exists():
+        shutil.copytree(embedded.CONCEPT_DATASET, base / "input" / "my_dataset")
+    lora = base / "models" / "loras" / "lora_lab" / "server_test" / "server_test.safetensors"
+    for name in ("first_lora.safetensors", "second_lora.safetensors"):
+        if not (base / "models" / "loras" / name).exists():
+            shutil.copyfile(lora, base / "models" / "loras" / name)
+    for folder, name in (("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "clip_l.safetensors"),
+                         ("text_encoders", "t5xxl_fp16.safetensors"), ("vae", "ae.safetensors")):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "models" / folder / name).touch()  # FLUX: named for validation (the FLUX tier runs them)
+
+
+def _quick(prompt: dict) -> dict:
+    for node in prompt.values():
+        node["inputs"].update(QUICK_STEPS.get(node["class_type"], {}))
+    return prompt
+
+
+@pytest.mark.parametrize("path", sorted(FROZEN.glob("*/*.api.json")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_frozen_api_prompt_validates_and_runs(server, path):
+    """API prompts written for every earlier release are accepted (no required_input_missing) and run
+    as they did then; the FLUX ones validate here (the FLUX tier runs FLUX)."""
+    _shipped_names_exist(server)
+    prompt = _quick(json.loads(path.read_text()))
+    is_flux = any(node["class_type"] == "UNETLoader" for node in prompt.values())
+    if is_flux:
+        try:
+            answer = server.post("/prompt", {"prompt": prompt, "client_id": server.client_id, "front": True})
+        except urllib.error.HTTPError as error:
+            pytest.fail(f"{path.name} no longer validates: {error.read().decode()[:2000]}")
+        server.post("/queue", {"delete": [answer["prompt_id"]]})
+        server.post("/interrupt", {})
+        assert not answer.get("node_errors")
+        return
+    since = len(server.log())
+    prompt_id, _ = server.run(prompt)
+    status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+    assert status["status_str"] == "success", server.log()[since:][-3000:]
+    assert not _unloaded_keys(server, since)
+
+
+def test_messages_and_replies_say_only_what_a_user_needs(server):
+    since = len(server.log())
+    # A hostile name is refused before anything happens (no "Loading the model" on the panel).
+    prompt_id, messages = server.run(training_graph(train_settings(steps=2, name="../../evil")))
+    assert any(m["type"] == "execution_error" and "not a plain file name" in m["data"]["exception_message"]
+               for m in messages)
+    assert not [m for m in messages if m["type"] == "lora_lab.status"]
+    # A training's log: no diffusers chatter, no absolute paths.
+    prompt_id, _ = server.run(training_graph(train_settings(steps=2, save_every=1, name="quiet")))
+    log = server.log()[since:]
+    assert "should be kept in float32" not in log, log[-2000:]
+    # No folder of the user's is named (tracebacks ComfyUI prints name where the code is installed).
+    for folder in ("models", "input"):
+        assert str(server.base / folder) not in log, log[-2000:]
+    # Train LoRA's lora_name feeds nodes that take any type, as well as LoraLoader.
+    graph = training_graph(train_settings(steps=2, save_every=1, name="quiet"),
+                           {"4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}}})
+    prompt_id, _ = server.run(graph)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-2000:]
+    # A missing LoRA in Apply LoRA Stack's second slot is blamed on that slot alone.
+    slots = {f"{key}_{n}": value for n in (1, 2, 3)
+             for key, value in (("model_strength", 0.7), ("clip_strength", 0.7), ("enabled", True))}
+    stack = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+             "2": {"class_type": "LoraLabApplyLoraStack", "inputs": {
+                 "model": ["1", 0], "clip": ["1", 1], "auto_strengths": False, **slots,
+                 "lora_1": "None", "lora_2": "not_here.safetensors", "lora_3": "None"}},
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 3]}}}
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        server.post("/prompt", {"prompt": stack, "client_id": server.client_id})
+    errors = json.loads(refused.value.read())["node_errors"]["2"]["errors"]
+    assert [e["extra_info"]["input_name"] for e in errors] == ["lora_2"], errors
+    assert "not_here.safetensors" in errors[0]["details"] and "lora_2 - lora_2" not in errors[0]["details"]
+
+
+def test_routes_refuse_hostile_requests_briefly(server):
+    nested = "[" * 100_000 + "]" * 100_000
+    request = urllib.request.Request(server.url + "/lora_lab/jobs/stop", data=f'{{"name": {nested}}}'.encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 400
+    for route in ("/lora_lab/run?name=" + "x" * 100_000, "/lora_lab/run?name=nothing_here"):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            server.get(route)
+        body = answer.value.read().decode()
+        assert answer.value.code in (400, 404) and len(body) < 300 and str(server.base) not in body, body
+    # A run folder that is a link to elsewhere is not served.
+    elsewhere = server.base / "elsewhere_run"
+    shutil.copytree(server.base / "models" / "loras" / "lora_lab" / "server_test", elsewhere / "linked")
+    for old in (elsewhere / "linked").glob("server_test*"):
+        old.rename(old.with_name(old.name.replace("server_test", "linked")))
+    (server.base / "models" / "loras" / "lora_lab" / "linked").symlink_to(elsewhere / "linked")
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        server.get("/lora_lab/run?name=linked")
+    assert answer.value.code == 404
+    (server.base / "models" / "loras" / "lora_lab" / "linked").unlink()
+    # Resume files name no folder of this machine.
+    for state in (server.base / "models" / "loras" / "lora_lab").glob("*/*.resume"):
+        assert str(server.base).encode() not in state.read_bytes(), state
+
+
+def test_a_finished_training_is_handed_on_after_other_work_and_a_restart(server):
+    """Train, run another workflow, restart the server, queue the first graph again: no new folder,
+    no step trained, the outputs identical."""
+    sample = dict(seed=5, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
+    graph = training_graph(train_settings(steps=6, save_every=3, name="again"), {
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 3]}},
+        "5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": ["3", 4],
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": ["5", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["5", 1]}},
+        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "9": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["8", 0], **sample}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["1", 2]}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+    })
+    folder = server.base / "models" / "loras" / "lora_lab"
+
+    def queue() -> tuple[list, list]:
+        prompt_id, messages = server.run(graph)
+        status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
+        assert status["status_str"] == "success", server.log()[-3000:]
+        return [output_images(server, prompt_id, node)[0] for node in ("4", "11")], messages
+
+    first, messages = queue()
+    assert [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"] == list(range(1, 7))
+    runs = sorted(p.name for p in folder.iterdir())
+    other = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+             "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "something else", "clip": ["1", 1]}},
+             "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}}}
+    server.run(other)  # another workflow: ComfyUI's cache lets go of Train LoRA's outputs
+    for moment in ("after another workflow", "after a restart"):
+        if moment == "after a restart":
+            server.stop()
+            server.start()
+        again, messages = queue()
+        assert not [m for m in messages if m["type"] == "lora_lab.progress"], f"trained again {moment}"
+        assert sorted(p.name for p in folder.iterdir()) == runs, f"a new run folder {moment}"
+        assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True)), f"other outputs {moment}"
+        finished = [m["data"] for m in messages if m["type"] == "lora_lab.status" and m["data"]["status"] == "finished"]
+        assert finished and "handed on without training again" in finished[-1]["message"]

@@ -143,3 +143,25 @@ def test_batches_hold_one_bucket_and_are_reproducible():
     fresh = BatchOrder(buckets, repeats, 2, 7)
     sequence = [order.batch(n) for n in range(12)]
     assert fresh.batch(9) == sequence[9]  # any batch can be recomputed without replaying the others
+
+
+def test_links_to_files_or_folders_outside_the_dataset_are_not_read(tmp_path):
+    """A shared workflow names one dataset folder; a link inside it must not reach the rest of the disk."""
+    secret = tmp_path / "private"
+    secret.mkdir()
+    _image(secret / "photo.png")
+    (secret / "photo.txt").write_text("private caption")
+    data = tmp_path / "data"
+    (data / "5_xyz").mkdir(parents=True)
+    _image(data / "own.png")
+    (data / "own.txt").write_text("xyz, own")
+    (data / "linked.png").symlink_to(secret / "photo.png")
+    (data / "5_xyz" / "a.png").symlink_to(data / "own.png")  # a link that stays inside is fine
+    _image(data / "caption_linked.png")
+    (data / "caption_linked.txt").symlink_to(secret / "photo.txt")
+    (data / "10_linked").symlink_to(secret, target_is_directory=True)
+    dataset = scan_folder(data)
+    assert sorted(item.path.name for item in dataset.items) == ["a.png", "own.png"]
+    assert all("private caption" not in item.caption for item in dataset.items)
+    for name in ("linked.png", "caption_linked.txt", "10_linked"):
+        assert any(name in warning and "outside the dataset folder" in warning for warning in dataset.warnings)

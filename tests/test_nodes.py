@@ -66,6 +66,7 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     from lora_lab.nodes.values import DatasetValue
     from lora_lab.trainer.data import Dataset
     from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families.base import ModelIdentity
     from lora_lab.trainer.loop import Checkpoint
 
     calls = {}
@@ -80,7 +81,9 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
                                      Checkpoint(10, final, True)])
 
     monkeypatch.setattr(train_lora, "train_lora", fake_train)
-    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, name: ("loaded", model, name))
+    monkeypatch.setattr(graph_model, "model_identity", lambda model, name: ModelIdentity(name, "weights"))
+    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, identity: ("loaded", model,
+                                                                                         identity.name))
     monkeypatch.setattr(comfy_bridge, "training_mode", _nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     statuses = []
@@ -104,7 +107,11 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     assert calls["model"] == ("loaded", "MODEL", "my_model.safetensors")  # the loader's file, through the LoRA
     from lora_lab.nodes.jobs import SERVER_SESSION
 
-    assert calls["owner"] == {"node": "7", "server": SERVER_SESSION}
+    owner = calls["owner"]
+    assert (owner["node"], owner["server"]) == ("7", SERVER_SESSION)
+    identity = owner["identity"]  # what a later queue recognises the run by (nodes/run_plan.py)
+    assert (identity["model"], identity["model_key"], identity["dataset"]) == ("my_model.safetensors", "weights", "f")
+    assert identity["settings"]["rank"] == 8 and identity["settings"]["name"] == "mine"
     assert statuses == [("7", "mine", "training"), ("7", "mine", "finished")]
     model_out, clip_out, run, curve, name = output.values
     assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
@@ -126,7 +133,7 @@ def test_node_runs_default_to_the_familys_resolution(nodes, tmp_path):
 
 
 def test_existing_run_names_get_a_new_suffix(nodes, tmp_path):
-    from lora_lab.nodes.train_lora import unique_name
+    from lora_lab.nodes.run_plan import unique_name
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine_2").mkdir()
@@ -194,7 +201,13 @@ def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
                                                                              ("b.safetensors", 0.9, 0.8)]
     auto = ApplyLoraStack.execute("MODEL", "CLIP", True, lora_stack=incoming, **slots).values[2]
     assert [(s[1], s[2]) for s in auto] == [(0.7, 0.7), (0.5, 0.5)]  # the guide's stacking rule
-    assert "not in the loras folder" in ApplyLoraStack.validate_inputs(lora_1="missing.safetensors")
+    # Each slot's type is its list of files, so the server checks a queued name against it and blames
+    # that slot alone (a stranger's workflow may name files this machine lacks).
+    slot_types = {i.id: i.get_io_type() for i in ApplyLoraStack.define_schema().inputs
+                  if i.id in ("lora_1", "lora_2", "lora_3")}
+    assert slot_types == {f"lora_{n}": ["None", "a.safetensors", "b.safetensors"] for n in (1, 2, 3)}
+    with pytest.raises(LoraLabError, match="'missing.safetensors' is not in the loras folder"):
+        ApplyLoraStack.execute("MODEL", "CLIP", False, **{**slots, "lora_1": "missing.safetensors"})
     with pytest.raises(LoraLabError, match="LORA_STACK list"):
         ApplyLoraStack.execute("MODEL", "CLIP", False, lora_stack="junk", **slots)
 
@@ -337,3 +350,62 @@ def test_sample_checkpoint_samples_strength_zero_once_per_prompt_and_reports_eac
     assert [data["done"] for event, data in events if event == "lora_lab.cell"] == list(range(1, 11))
     assert events[-1][1]["image"].startswith("data:image/jpeg;base64,")
     assert grid.shape[0] == 1 and grid.shape[2] > 240 + 3 * 250  # label column and three cells of 256 px
+
+
+def test_the_run_routes_stay_in_their_folder_and_answer_briefly(nodes, make_config, fresh_model, tmp_path):
+    """Links out of the LoRA Lab folder are never followed; error replies cut what they echo and name
+    no absolute folder."""
+    import os
+
+    from lora_lab.nodes.routes import run_route, stop_route
+    from lora_lab.trainer.run import train_lora
+
+    folder = tmp_path / "out"
+    train_lora(make_config(steps=2, name="mine", sample_every=-1), model=fresh_model, owner={"node": "3"})
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "theirs").mkdir(parents=True)
+    (elsewhere / "theirs" / "theirs-run.json").write_text((folder / "mine" / "mine-run.json").read_text().replace(
+        '"mine"', '"theirs"'))
+    (folder / "theirs").symlink_to(elsewhere / "theirs", target_is_directory=True)  # a run folder that is a link
+    assert run_route({"name": "theirs"}, folder)[0] == 404
+    secret = tmp_path / "secret.csv"
+    secret.write_text("step,loss,lr,val_loss\n1,0.123456,0.1,\n")
+    os.replace(folder / "mine" / "mine-loss.csv", tmp_path / "kept.csv")
+    (folder / "mine" / "mine-loss.csv").symlink_to(secret)  # a loss log that is a link out
+    status, answer = run_route({"name": "mine"}, folder)
+    assert status == 200 and answer["losses"] == []
+    status, answer = run_route({"name": "x" * 5_000_000}, folder)
+    assert status == 400 and len(str(answer)) < 200
+    status, answer = stop_route({"name": "y" * 5_000_000})
+    assert status == 404 and len(str(answer)) < 200
+    status, answer = run_route({"name": "nope"}, folder)
+    assert status == 404 and str(tmp_path) not in answer["error"]
+
+
+def test_a_server_open_to_the_network_reads_datasets_only_from_allowed_folders(nodes, stubs, monkeypatch, tmp_path):
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.nodes.folders import resolve_dataset_folder
+
+    outside = tmp_path / "anywhere"
+    outside.mkdir()
+    assert resolve_dataset_folder(str(outside)) == outside  # this machine only: the user's own folders
+    monkeypatch.setattr(comfy_bridge, "server_is_local", lambda: False)  # started with --listen 0.0.0.0
+    with pytest.raises(LoraLabError, match="reads datasets only from the input folder.*LORA_LAB_DATASET_FOLDERS"):
+        resolve_dataset_folder(str(outside))
+    (tmp_path / "input" / "mine").mkdir()
+    assert resolve_dataset_folder("mine") == (tmp_path / "input" / "mine").resolve()
+    monkeypatch.setenv("LORA_LAB_DATASET_FOLDERS", str(outside))
+    assert resolve_dataset_folder(str(outside / ".")) == outside / "."
+
+
+def test_server_listening_beyond_loopback_is_told_apart(nodes, monkeypatch):
+    import sys
+    import types
+
+    from lora_lab.nodes import comfy_bridge
+
+    for listen, local in (("127.0.0.1", True), ("127.0.0.1,::1", True), ("0.0.0.0", False),
+                          ("192.168.1.5", False), ("::", False), ("localhost", True)):
+        monkeypatch.setitem(sys.modules, "comfy.cli_args", types.SimpleNamespace(args=types.SimpleNamespace(
+            listen=listen)))
+        assert comfy_bridge.server_is_local() is local, listen

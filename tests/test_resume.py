@@ -97,22 +97,47 @@ def test_stop_and_resume_matches_an_uninterrupted_run(where, make_config, base_m
     assert journal["status"] == "stopped" and f"Stopped at step {stop} of {STEPS}" in journal["message"]
     assert "resume to 'latest'" in journal["message"]
     resumed = _train(make_config, base_model, two_bucket_dataset, resume="latest")
-    assert [c.step for c in resumed.checkpoints] == [s for s in (4, 8, 12) if s > stop]
+    # The resumed run knows every checkpoint of the run, the earlier segment's too (Sample
+    # Checkpoint's "all" and the recommendation choose among them).
+    assert [c.step for c in resumed.checkpoints] == sorted({4, 8, 12, stop})
+    assert all(c.path.is_file() for c in resumed.checkpoints)
     _assert_same(resumed, reference)
     lines = (resumed.run_dir / "run-loss.csv").read_text().splitlines()
     assert len(lines) == STEPS + 1  # the loss log covers the whole run, once
     journal = read_journal(resumed.run_dir / "run-run.json")
     assert (journal["status"], journal["step"], journal["total_steps"]) == ("finished", STEPS, STEPS)
+    assert [c["step"] for c in journal["checkpoints"]] == sorted({4, 8, 12, stop})
 
 
 def test_resume_of_a_resume_and_from_a_chosen_checkpoint(make_config, base_model, two_bucket_dataset, reference):
     _train(make_config, base_model, two_bucket_dataset, StopAt(2))
     second = _train(make_config, base_model, two_bucket_dataset, StopAt(6), resume="latest")
     assert second.stopped and second.checkpoints[-1].step == 6
-    _assert_same(_train(make_config, base_model, two_bucket_dataset, resume="latest"), reference)
-    # A chosen earlier checkpoint (by its LoRA file) gives the same end as well.
+    third = _train(make_config, base_model, two_bucket_dataset, resume="latest")
+    _assert_same(third, reference)
+    assert [c.step for c in third.checkpoints] == [2, 4, 6, 8, 12]  # every segment's, across two resumes
+    # A chosen earlier checkpoint (by its LoRA file) gives the same end as well; the checkpoints
+    # saved after it belong to another future and are not the run's any more.
     chosen = second.run_dir / "run-step000004.safetensors"
-    _assert_same(_train(make_config, base_model, two_bucket_dataset, resume=str(chosen)), reference)
+    again = _train(make_config, base_model, two_bucket_dataset, resume=str(chosen))
+    _assert_same(again, reference)
+    assert [c.step for c in again.checkpoints] == [2, 4, 8, 12]
+
+
+def test_a_resume_file_names_no_local_folder(make_config, base_model, two_bucket_dataset, tmp_path):
+    first = _train(make_config, base_model, two_bucket_dataset, StopAt(2))
+    state = read_state(first.final_path.with_suffix(".resume"))
+    assert state.config["output"]["output_dir"] == "out" and state.config["data"]["dataset"] == two_bucket_dataset.name
+    raw = first.final_path.with_suffix(".resume").read_bytes()
+    assert str(tmp_path).encode() not in raw and str(two_bucket_dataset.parent).encode() not in raw
+    # The whole run folder moved elsewhere still resumes.
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(first.run_dir.parent), moved)
+    resumed = _train(make_config, base_model, two_bucket_dataset, resume=str(moved / "run" / first.final_path.name),
+                     output_dir=str(moved))
+    assert resumed.checkpoints[-1].step == STEPS and [c.step for c in resumed.checkpoints][:1] == [2]
 
 
 def test_changed_settings_or_data_are_refused_unless_allowed(make_config, base_model, two_bucket_dataset, tmp_path):

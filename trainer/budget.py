@@ -105,7 +105,8 @@ def measure_step(model: LoadedModel, config: TrainingConfig, latents: torch.Tens
     same on a real step: within a few percent on the CPU."""
     with torch.device("meta"):
         denoiser = type(model.denoiser).from_config(model.denoiser.config)
-    denoiser.to(compute_dtype)
+    # torch's own .to: diffusers' warns about fp32-kept modules on every call (a list that is empty here).
+    torch.nn.Module.to(denoiser, compute_dtype)
     probe = dataclasses.replace(model, denoiser=denoiser, encoders=Encoders())
     add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, train_text_encoder=False)
     denoiser.train()

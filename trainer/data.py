@@ -129,7 +129,20 @@ def scan_folder(folder: str | Path) -> Dataset:
                            "images with same-name .txt captions).")
     dataset = Dataset(items=[])
     folders: list[tuple[Path, int, str]] = [(root, 1, "")]
+    # A link to a file or folder elsewhere is never followed: a shared workflow names only the
+    # dataset folder, and nothing outside it is read.
+    inside = root.resolve()
+
+    def outside(path: Path, what: str) -> bool:
+        if path.resolve().is_relative_to(inside):
+            return False
+        dataset.warnings.append(f"Skipped {what} {path.name}: it is a link to something outside the dataset folder; "
+                                "copy the file itself into the folder.")
+        return True
+
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if outside(sub, "subfolder"):
+            continue
         match = REPEAT_FOLDER.match(sub.name)
         if match and int(match.group(1)) > 0:
             folders.append((sub, int(match.group(1)), match.group(2)))
@@ -138,7 +151,7 @@ def scan_folder(folder: str | Path) -> Dataset:
                                     "are read, N being how often each image repeats per epoch.")
     for path_folder, repeats, name in folders:
         for path in sorted(path_folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or outside(path, "image"):
                 continue
             try:
                 with Image.open(path) as probe:
@@ -152,6 +165,8 @@ def scan_folder(folder: str | Path) -> Dataset:
                 continue
             caption_path = path.with_suffix(".txt")
             captioned = caption_path.is_file()
+            if captioned and outside(caption_path, "caption of"):
+                continue
             if captioned:
                 caption = read_caption(caption_path, dataset.warnings)
                 if caption is None:

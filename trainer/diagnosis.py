@@ -26,6 +26,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 MIN_STEPS = 30
+# A run stopped early is judged flat only once it has this many steps (or this share of its plan):
+# a LoRA starts as the base model, and its first steps often move the loss little.
+FLAT_MIN_STEPS = 100
+FLAT_MIN_SHARE = 0.4
 SPIKE_RATIO = 12.0  # a spike is this many times the mean of the steps around it
 SPIKE_NEIGHBOURS = 30  # steps on each side
 ERRATIC_DISPERSION = 2.5  # squared second difference of window means, in units of what noise alone gives
@@ -129,11 +133,21 @@ def _judge_trend(head: Window, points: Sequence[Window], tail: Window, steps: Se
 
 
 def diagnose(losses: Sequence[float], validation: Sequence[tuple[int, float]] = (),
-             first_step: int = 1) -> Diagnosis:
+             first_step: int = 1, planned: int | None = None) -> Diagnosis:
     """The guide's reading of a run: per-step training losses (step `first_step` first) and,
-    where the run has one, its validation loss as (step, loss)."""
+    where the run has one, its validation loss as (step, loss); `planned` is the run's length
+    (a run stopped early is not called flat before it has had a fair share of its steps)."""
     if len(losses) < MIN_STEPS:
         return Diagnosis("too_short", ADVICE["too_short"], f"{len(losses)} steps")
+    found = _diagnose(losses, validation, first_step)
+    needed = max(FLAT_MIN_STEPS, math.ceil(FLAT_MIN_SHARE * planned)) if planned else 0
+    if found.pattern == "flat" and len(losses) < min(needed, planned or 0):
+        return Diagnosis("too_short", ADVICE["too_short"], f"{len(losses)} of {planned} steps; a flat curve is "
+                         f"judged from step {needed} on")
+    return found
+
+
+def _diagnose(losses: Sequence[float], validation: Sequence[tuple[int, float]], first_step: int) -> Diagnosis:
     held_out = None
     if len(validation) >= 3:
         # Fixed noise and timesteps: a point moves only with the model, so its error is its rounding.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +38,25 @@ def journal_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}-run.json"
 
 
+def checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"step": checkpoint.step, "file": checkpoint.path.name, "final": checkpoint.final}
+
+
 class RunJournal(TrainingEvents):
     """Records every event of the loop in the run folder, then passes it on to `inner`."""
 
     def __init__(self, run_dir: Path, name: str, total_steps: int, inner: TrainingEvents,
                  losses: list[tuple[int, float, float]], owner: dict[str, Any] | None = None,
-                 validation: list[tuple[int, float]] = (), samples: list[dict] = (), interval: float = 1.0) -> None:
+                 validation: list[tuple[int, float]] = (), samples: list[dict] = (),
+                 checkpoints: list[Checkpoint] = (), trigger_words: tuple[str, ...] = (),
+                 interval: float = 1.0) -> None:
         self.run_dir, self.name, self.inner, self.interval = run_dir, name, inner, interval
         self.losses = list(losses)  # a resumed run's log holds exactly its steps so far, never a discarded future
         self.state: dict[str, Any] = {
             "version": FORMAT_VERSION, "name": name, "status": "training", "message": "",
             "step": self.losses[-1][0] if self.losses else 0, "total_steps": total_steps, "seconds_per_step": None,
-            "started": time.time(), "updated": time.time(), "checkpoints": [], "owner": owner or {},
+            "started": time.time(), "updated": time.time(), "owner": owner or {},
+            "checkpoints": [checkpoint_row(c) for c in checkpoints], "trigger_words": list(trigger_words),
             "validation": [list(row) for row in validation], "samples": list(samples), "diagnosis": None,
             "best": None}
         self._written_at = 0.0
@@ -56,6 +64,9 @@ class RunJournal(TrainingEvents):
         self.flush(force=True)
 
     # --- the loop's events -------------------------------------------------------------------
+    def on_start(self, first_step: int, total_steps: int, checkpoints: list[Checkpoint]) -> None:
+        self.inner.on_start(first_step, total_steps, checkpoints)
+
     def on_step(self, report: StepReport) -> None:
         self.losses.append((report.step, report.loss, report.learning_rate))
         speed = self.state["seconds_per_step"]  # smoothed, so one slow step does not swing the ETA
@@ -65,8 +76,7 @@ class RunJournal(TrainingEvents):
         self.inner.on_step(report)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
-        self.state["checkpoints"].append({"step": checkpoint.step, "file": checkpoint.path.name,
-                                          "final": checkpoint.final})
+        self.state["checkpoints"].append(checkpoint_row(checkpoint))
         self.flush(force=True)
         self.inner.on_checkpoint(checkpoint)
 
@@ -136,3 +146,16 @@ def read_journal(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) and state.get("version") == FORMAT_VERSION else None
+
+
+def runs_in(folder: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(run folder, journal) of every run in `folder`, by name; a run folder or journal that is a link
+    to somewhere else is not one of them."""
+    inside = folder.resolve()
+    for path in sorted(folder.glob("*/*-run.json")) if folder.is_dir() else []:
+        if path.name != f"{path.parent.name}-run.json" or not path.resolve().is_relative_to(inside) or \
+                path.parent.resolve().parent != inside:
+            continue
+        journal = read_journal(path)
+        if journal is not None:
+            yield path.parent, journal

@@ -63,6 +63,10 @@ class SampleSheet:
 class TrainingEvents:
     """Hooks the loop calls; subclass and override what you need (CLI progress bar, ComfyUI node)."""
 
+    def on_start(self, first_step: int, total_steps: int, checkpoints: list[Checkpoint]) -> None:
+        """Once, before the first step: where the run starts (1, or the step after a resumed
+        checkpoint) and the checkpoints it already has (those of earlier segments)."""
+
     def on_step(self, report: StepReport) -> None:
         pass
 
@@ -195,9 +199,11 @@ def parked(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimize
 
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
-             resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None) -> LoopResult:
-    """Train up to `total_steps` optimizer steps, from the start or from `resume`;
-    `save(step, final, state)` writes a checkpoint and returns the LoRA file's path;
+             resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None,
+             earlier: list[Checkpoint] | None = None) -> LoopResult:
+    """Train up to `total_steps` optimizer steps, from the start or from `resume` (whose run saved
+    the `earlier` checkpoints); `save(step, final, state)` writes a checkpoint and returns the LoRA
+    file's path;
     `watch(step, checkpoint_due)` measures between steps (validation, samples) without training."""
     train = config.train
     device = model.device
@@ -223,13 +229,17 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
         first_step, batch_number = resume.step + 1, resume.batch_number
         _restore(resume, model, optimizer, scheduler, scaler, generator)
         result.losses = [tuple(row) for row in resume.losses]
+        result.checkpoints = list(earlier or [])
 
     def snapshot(step: int) -> RunState:
         return RunState(step=step, batch_number=batch_number,
                         lora={name: p.detach() for name, p in named_lora_parameters(model)},
                         optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), rng=capture_rng(generator), losses=list(result.losses))
+                        scaler=scaler.state_dict(), rng=capture_rng(generator), losses=list(result.losses),
+                        checkpoints=[{"step": c.step, "file": c.path.name, "final": c.final}
+                                     for c in result.checkpoints])
 
+    events.on_start(first_step, total_steps, list(result.checkpoints))
     model.denoiser.train()
     started = time.perf_counter()
     step = first_step - 1

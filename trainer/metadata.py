@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ def story(config: TrainingConfig, facts: RunFacts, step: int, checkpoint: Checkp
     triggers = ", ".join(facts.trigger_words)
     preset = config.train.preset
     kind = f"{preset} " if preset != "none" else ""
-    description = (f"A {kind}LoRA for {facts.family.title}, trained with LoRA Lab on {facts.image_count} images"
+    article = "An" if (kind or "LoRA")[0].lower() in "aeiou" else "A"
+    description = (f"{article} {kind}LoRA for {facts.family.title}, trained with LoRA Lab on {facts.image_count} images"
                    f"{f' of {triggers}' if triggers else ''}: step {step} of {facts.steps}, rank {config.lora.rank}, "
                    f"learning rate {config.optimizer.learning_rate:g}, {facts.resolution} px.")
     if checkpoint.validation_loss is not None:
@@ -97,6 +99,19 @@ def story(config: TrainingConfig, facts: RunFacts, step: int, checkpoint: Checkp
     if checkpoint.diagnosis is not None:
         metadata["lora_lab.diagnosis"] = checkpoint.diagnosis.pattern
     return metadata
+
+
+def trigger_words(metadata: dict[str, str]) -> list[str]:
+    """Trigger words a LoRA file declares (ours, then modelspec's)."""
+    try:
+        words = json.loads(metadata.get("lora_lab.trigger_words", "[]"))
+    except json.JSONDecodeError:
+        words = []
+    if not isinstance(words, list):
+        words = []
+    if not words and metadata.get("modelspec.trigger_phrase"):
+        words = [w.strip() for w in metadata["modelspec.trigger_phrase"].split(",")]
+    return [w for w in words if isinstance(w, str) and w.strip()]
 
 
 def new_session_id() -> str:

@@ -48,6 +48,10 @@ class RunState:
     losses: list[tuple[int, float, float]]
     validation: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     samples: list[dict[str, Any]] = field(default_factory=list)  # {"step", "file"} of each saved sample sheet
+    # Every checkpoint of the run up to this one, across earlier resumes: {"step", "file", "final"}.
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    # The resolved config with local paths cut to their names (TrainingConfig.shareable): a resume
+    # file may be shared with the run, and a moved run folder resumes as well.
     config: dict[str, dict[str, Any]] = field(default_factory=dict)
     dataset: list[list[Any]] = field(default_factory=list)  # [name, bytes, repeats, caption] per image
     history: list[dict[str, Any]] = field(default_factory=list)  # settings changed on earlier resumes
@@ -145,7 +149,7 @@ def read_state(path: Path) -> RunState:
         if metadata.get("lora_lab.resume_version") != str(FORMAT_VERSION):
             raise ValueError("not a LoRA Lab resume file of this version")
         values = _unpack(json.loads(metadata["lora_lab.resume_state"]), tensors)
-        return RunState(**values)
+        return RunState(**{name: value for name, value in values.items() if name in RunState.__dataclass_fields__})
     except Exception as error:  # safetensors and json raise several types for one problem: a bad file
         raise LoraLabError(f"Resume file {path.name} cannot be read ({error}). Resume from an earlier "
                            "checkpoint of the run instead.") from None

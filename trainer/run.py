@@ -180,10 +180,18 @@ def resume_file(config: TrainingConfig) -> Path:
     raise LoraLabError(f"resume = {choice!r}: use 'latest' or the path of a checkpoint (.safetensors or {SUFFIX}).")
 
 
+def earlier_checkpoints(run_dir: Path, resume: RunState | None) -> list[Checkpoint]:
+    """The checkpoints a resumed run saved before the one it resumes from (and that one), across any
+    number of earlier resumes: those whose files are still there."""
+    rows = resume.checkpoints if resume else []
+    return [Checkpoint(row["step"], run_dir / row["file"], row["final"]) for row in rows
+            if (run_dir / row["file"]).is_file()]
+
+
 def check_resume(state: RunState, config: TrainingConfig, listing: list[list]) -> list[dict]:
     """Refuse a resume whose settings or dataset changed, unless allowed; returns the run's history
     of such changes (recorded in the metadata)."""
-    changes = settings_changes(state.config, config.to_dict()) + dataset_changes(state.dataset, listing)
+    changes = settings_changes(state.config, config.shareable()) + dataset_changes(state.dataset, listing)
     if state.step >= config.train.steps:
         raise LoraLabError(f"The checkpoint is at step {state.step} and the run has {config.train.steps} steps: "
                            "nothing left to train. To train further, raise steps and turn on resume_with_changes.")
@@ -283,7 +291,9 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     run_dir = prepare_run_dir(config, resuming=resume is not None) if processes().main else run_dir_of(config)
     processes().wait()  # the others start once the run folder is ready
     journal = RunJournal(run_dir, config.output.name, config.train.steps, events, resume.losses if resume else [],
-                         owner, resume.validation if resume else [], resume.samples if resume else [])
+                         owner, resume.validation if resume else [], resume.samples if resume else [],
+                         earlier_checkpoints(run_dir, resume),
+                         tuple(w for w in [config.data.trigger_word] if w))
     try:
         result = _train(config, journal, model, train_set, held_out, run_dir, resume, history, listing, started)
     except LoraLabError as error:
@@ -329,18 +339,19 @@ def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, d
         """The LoRA file, then its resume file: a resume file never exists without its LoRA."""
         path = run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
         tensors = lora_state_dict(model, config.alpha, SAVE_DTYPES["fp16"])
-        story = CheckpointStory(diagnose_run(state.losses, watch.validation), watch.validation_at(step),
+        story = CheckpointStory(diagnose_run(state.losses, watch.validation, train.steps), watch.validation_at(step),
                                 watch.thumbnail_at(step))
         save_lora(path, tensors, build_metadata(config, facts, step, story))
-        state.config, state.dataset, state.history = config.to_dict(), listing, history
+        state.config, state.dataset, state.history = config.shareable(), listing, history
         state.validation, state.samples = watch.validation, watch.samples
+        state.checkpoints.append({"step": step, "file": path.name, "final": final})
         write_state(state_path(path), state)
-        log.info("Saved %s", path)
+        log.debug("Saved %s", path.name)
         return path
 
     loop = run_loop(model, prepared.examples, config, train.steps, config.output.save_every, save, events,
-                    resume=resume, watch=watch)
-    diagnosis = diagnose_run(loop.losses, watch.validation)
+                    resume=resume, watch=watch, earlier=earlier_checkpoints(run_dir, resume))
+    diagnosis = diagnose_run(loop.losses, watch.validation, train.steps)
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
                           loop_seconds=loop.seconds, model=model, validation=watch.validation,

@@ -58,8 +58,10 @@ class RunWatch:
         return sheet.images[0] if sheet is not None and sheet.step == step and sheet.images else None
 
 
-def diagnose_run(losses: Sequence[tuple[int, float, float]], validation: Sequence[tuple[int, float]]) -> Diagnosis:
-    return diagnose([loss for _, loss, _ in losses], validation, first_step=losses[0][0] if losses else 1)
+def diagnose_run(losses: Sequence[tuple[int, float, float]], validation: Sequence[tuple[int, float]],
+                 planned: int | None = None) -> Diagnosis:
+    return diagnose([loss for _, loss, _ in losses], validation, first_step=losses[0][0] if losses else 1,
+                    planned=planned)
 
 
 def recommend(checkpoints: Sequence[Checkpoint], validation: Sequence[tuple[int, float]],

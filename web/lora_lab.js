@@ -24,6 +24,48 @@ const MULTILINE_HEIGHT = 96;
 const CELL_HEIGHT = 104;
 const runs = new Map(); // execution id -> the run state shown by that node's panel
 
+// --- workflows saved by older versions ----------------------------------------------------------
+// Workflow files store widget values by position. widget_history.json lists every widget layout each
+// LoRA Lab node has had; a node saved with an older one is read by name and laid out anew, inputs
+// added since then taking the value that keeps the old behaviour, removed ones dropped. The layout a
+// node was saved with is kept in its properties (lora_lab_layout); files from before that are
+// recognised by their number of values and where the "control after generate" values sit (there, and
+// nowhere else).
+const CONTROL_VALUES = new Set(["fixed", "increment", "decrement", "randomize"]);
+const history = fetch(new URL("./widget_history.json", import.meta.url)).then((r) => r.json())
+  .then((data) => data.nodes).catch((error) => { console.warn("LoRA Lab: no widget history", error); return {}; });
+let widgetHistory = {};
+history.then((nodes) => { widgetHistory = nodes; });
+
+function savedLayout(entry, values, saved) {
+  if (Number.isInteger(saved) && entry.layouts[saved - 1]) return saved;
+  for (let index = entry.layouts.length; index >= 1; index--) {
+    const widgets = entry.layouts[index - 1].widgets;
+    if (widgets.length === values.length &&
+        widgets.every((name, i) => name.endsWith("#control") === CONTROL_VALUES.has(values[i]))) return index;
+  }
+  return null;
+}
+
+function migrateWidgetValues(type, info) {
+  const entry = widgetHistory[type];
+  const values = info?.widgets_values;
+  if (!entry || !Array.isArray(values)) return;
+  const current = entry.layouts.length;
+  const layout = savedLayout(entry, values, info.properties?.lora_lab_layout);
+  info.properties = { ...(info.properties ?? {}), lora_lab_layout: current };
+  if (layout === null) {
+    console.warn(`LoRA Lab: ${type} has ${values.length} widget values, which match none of its layouts`);
+    return;
+  }
+  if (layout === current) return;
+  const named = Object.fromEntries(entry.layouts[layout - 1].widgets.map((name, i) => [name, values[i]]));
+  const dropped = entry.removed.filter((name) => name in named);
+  if (dropped.length) console.info(`LoRA Lab: ${type} from an older workflow: ignored ${dropped.join(", ")}`);
+  info.widgets_values = entry.layouts[current - 1].widgets.map((name) => name in named ? named[name]
+    : name.endsWith("#control") ? "fixed" : entry.added[name]);
+}
+
 // --- nodes and execution ids -------------------------------------------------------------------
 // A node property changed by code is not a change the frontend notices by itself; without this the
 // autosaved workflow (what a page reload restores) would miss it until the user next touches the graph.
@@ -111,10 +153,11 @@ function refetchSoon(node) {
   setTimeout(() => { refetching.delete(node); loadHistory(node); }, 1500);
 }
 
-async function loadHistory(node) {
+async function loadHistory(node, name = null) {
   const id = executionIdOf(node);
+  const query = name ? `name=${encodeURIComponent(name)}` : `node=${encodeURIComponent(id)}`;
   try {
-    const response = await api.fetchApi(`/lora_lab/run?node=${encodeURIComponent(id)}`, { cache: "no-store" });
+    const response = await api.fetchApi(`/lora_lab/run?${query}`, { cache: "no-store" });
     if (!response.ok) return;
     const { run: saved, losses, sample, job } = await response.json();
     if (!saved) return; // this node has not trained yet
@@ -160,6 +203,9 @@ function onRunEvent(type, detail) {
     run.validation = mergePoints(run.validation, [[detail.step, detail.loss]]);
   } else if (type === "sample") {
     run.sample = detail.image;
+  } else if (type === "start") {
+    Object.assign(run, { step: detail.first_step - 1, total: detail.total, status: "training" });
+    run.checkpoints = mergeCheckpoints(run.checkpoints, detail.checkpoints ?? []);
   } else if (type === "status") {
     Object.assign(run, { status: detail.status, message: detail.message ?? "" });
     if (detail.background) run.background = true;
@@ -167,9 +213,14 @@ function onRunEvent(type, detail) {
   const node = nodeForExecutionId(detail.node);
   if (!node) return;
   renderNode(node);
+  // A run this panel has not followed (handed on from disk, resumed, or stopped earlier): its curve
+  // is in its folder (asked for only once the run has one).
+  const ended = type === "status" && ["finished", "stopped"].includes(detail.status) && run.losses.length === 0;
+  if (type === "start" || ended) loadHistory(node, detail.run);
   if (type === "progress" && hasGap(run)) refetchSoon(node);
 }
 
+api.addEventListener("lora_lab.start", ({ detail }) => onRunEvent("start", detail));
 api.addEventListener("lora_lab.progress", ({ detail }) => onRunEvent("progress", detail));
 api.addEventListener("lora_lab.checkpoint", ({ detail }) => onRunEvent("checkpoint", detail));
 api.addEventListener("lora_lab.status", ({ detail }) => onRunEvent("status", detail));
@@ -452,9 +503,17 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.name.startsWith("LoraLab")) return;
     const placeholder = TEXT_NODES[nodeData.name];
+    await history;
+    const configure = nodeType.prototype.configure;
+    nodeType.prototype.configure = function (info) {
+      migrateWidgetValues(nodeData.name, info);
+      return configure.apply(this, arguments);
+    };
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const result = onNodeCreated?.apply(this, arguments);
+      const layouts = widgetHistory[nodeData.name]?.layouts;
+      if (layouts) this.properties = { ...(this.properties ?? {}), lora_lab_layout: layouts.length };
       capTextBoxes(this);
       if (nodeData.name === TRAIN_NODE) addPanel(this);
       else if (nodeData.name === SAMPLE_NODE) addCellView(this);
