@@ -60,17 +60,30 @@ class _LoraNameType(str):
     __hash__ = str.__hash__
 
 
+@functools.cache
+def server_checks_combos() -> bool:
+    """Whether this ComfyUI checks a queued V3 combo value against its options (current releases
+    do; 0.3.x checks only combos whose type is the list of choices, as V1 nodes declare them)."""
+    try:
+        import inspect
+
+        import execution
+    except ImportError:  # not running inside the server (unit tests)
+        return False
+    return "io.Combo.io_type" in inspect.getsource(execution.validate_inputs)
+
+
 class ListedCombo(io.Combo.Input):
-    """A combo whose type is its list of choices, as ComfyUI's own file pickers (LoraLoader's
-    lora_name) are declared: every ComfyUI version then checks a queued value against the list and
-    blames the one input that holds it (0.3.x does not check V3 combos at all)."""
+    """A combo of files that the server checks against its list, blaming the one input that holds
+    a missing name: on a ComfyUI that does not check V3 combos, its type is its list of choices, as
+    ComfyUI's own file pickers (LoraLoader's lora_name) are declared."""
 
     def __init__(self, id: str, options: list[str], **details: Any) -> None:  # noqa: A002 - ComfyUI's name
         super().__init__(id, options=options, **details)
         self.choices = list(options)
 
-    def get_io_type(self) -> list[str]:
-        return self.choices
+    def get_io_type(self) -> Any:
+        return super().get_io_type() if server_checks_combos() else self.choices
 
 
 LORA_NAME = io.Custom("COMBO")
