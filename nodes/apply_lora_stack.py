@@ -22,7 +22,7 @@ def auto_strength(position: int) -> float:
 
 
 def build_stack(incoming: list[StackEntry] | None, run: TrainingRun | None, slots: list[tuple],
-                auto: bool, checkpoint: str = "best") -> list[StackEntry]:
+                auto: bool, checkpoint: str = "best", run_strength: float = 1.0) -> list[StackEntry]:
     """The stack in order: incoming entries, the run's chosen checkpoint, then the enabled slots."""
     stack = list(incoming or [])
     if run is not None:
@@ -30,7 +30,7 @@ def build_stack(incoming: list[StackEntry] | None, run: TrainingRun | None, slot
         if len(chosen) != 1 or checkpoint.strip().lower() == "all":
             raise LoraLabError(f"checkpoint {checkpoint!r}: a stack takes one checkpoint of the run: latest, best or "
                                "one step number.")
-        stack.append((comfy.lora_display_name(chosen[0][1]), 1.0, 1.0))
+        stack.append((comfy.lora_display_name(chosen[0][1]), run_strength, run_strength))
     stack += [(name, model_strength, clip_strength) for name, model_strength, clip_strength, on in slots
               if on and name != NONE]
     if auto:
@@ -67,6 +67,9 @@ class ApplyLoraStack(io.ComfyNode):
                                 tooltip="Which checkpoint of training_run: best (the recommended one: lowest "
                                         "validation loss, else the last; so far, while the run trains), latest, "
                                         "or a step number."),
+                io.Float.Input("run_strength", optional=True, default=0.7, min=-10, max=10, step=0.05,
+                               tooltip="Strength of training_run's checkpoint on the model and the text encoder "
+                                       "(the guide: start at 0.7)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Clip.Output(display_name="clip"),
                      STACK.Output(display_name="lora_stack"), io.String.Output(display_name="trigger_words")],
@@ -74,15 +77,28 @@ class ApplyLoraStack(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, auto_strengths: bool, lora_stack=None, training_run=None, checkpoint: str = "best",
-                **slots) -> io.NodeOutput:
+                run_strength: float = 1.0, **slots) -> io.NodeOutput:
         slot_values = [(slots[f"lora_{n}"], slots[f"model_strength_{n}"], slots[f"clip_strength_{n}"],
                         slots[f"enabled_{n}"]) for n in range(1, SLOTS + 1)]
         if lora_stack is not None and not isinstance(lora_stack, list | tuple):
             raise LoraLabError("lora_stack must be a LORA_STACK list of (name, model strength, clip strength).")
-        stack = build_stack(lora_stack, training_run, slot_values, auto_strengths, checkpoint)
+        stack = build_stack(lora_stack, training_run, slot_values, auto_strengths, checkpoint, run_strength)
         words: list[str] = []
         for name, model_strength, clip_strength in stack:
             path = comfy.lora_path(name)
             model, clip = comfy.apply_lora(model, clip, comfy.load_lora_file(path), model_strength, clip_strength)
             words += [w for w in trigger_words(read_metadata(path)) if w not in words]
-        return io.NodeOutput(model, clip, stack, ", ".join(words))
+        return io.NodeOutput(model, clip, stack, ", ".join(words), ui={"text": (applied_text(stack, training_run),)})
+
+
+def applied_text(stack: list[StackEntry], run: TrainingRun | None) -> str:
+    """What the node applied, slot by slot, as it shows it."""
+    if not stack:
+        return "Nothing applied: every slot is off or None."
+    steps = {comfy.lora_display_name(path): step for step, path in (run.checkpoints if run else ())}
+    lines = []
+    for number, (name, model_strength, clip_strength) in enumerate(stack, start=1):
+        step = steps.get(name)
+        which = "" if step is None else f" (step {step}{', recommended' if run and step == run.best_step else ''})"
+        lines.append(f"{number}. {name}{which}: model {model_strength:.2f}, clip {clip_strength:.2f}")
+    return "Applied:\n" + "\n".join(lines)

@@ -68,8 +68,8 @@ class Caption(io.ComfyNode):
                 io.Model.Input("model", optional=True, tooltip="Your base model (optional): captions take its "
                                "family's style (tags for SD 1.5, mixed for SDXL, sentences for FLUX). Without it, the "
                                "family Load Dataset saw, else SD 1.5."),
-                io.String.Input("trigger_word", default="", tooltip="A unique made-up word like xyz_style (empty = "
-                                "the dataset's N_name folder name)."),
+                io.String.Input("trigger_word", default="", tooltip="Leave empty to use the trigger word set on "
+                                "Load Dataset (or the dataset's N_name folder name); a word here overrides it."),
                 io.String.Input("template", default="{trigger}", tooltip="Caption for images without one "
                                 "when no captioner is chosen; {trigger}, {name} (file name) and {folder} are filled "
                                 "in. Describe what varies between images: a caption of only the trigger word "
@@ -99,9 +99,10 @@ class Caption(io.ComfyNode):
                 replace_existing: bool = False, edits: str = "", write_txt_files: bool = False,
                 model=None) -> io.NodeOutput:
         widget_history.note_removed_inputs("LoraLabCaption", cls.hidden.prompt, cls.hidden.unique_id)
-        trigger = trigger_word.strip() or (dataset.dataset.trigger_words[0] if dataset.dataset.trigger_words else "")
+        trigger = trigger_word.strip() or dataset.trigger_word or (
+            dataset.dataset.trigger_words[0] if dataset.dataset.trigger_words else "")
         if not trigger:
-            raise LoraLabError("Caption needs a trigger word: set trigger_word (e.g. xyz_style).")
+            raise LoraLabError("Caption needs a trigger word: set it on Load Dataset (or here), e.g. xyz_style.")
         family = graph_model.family_of(model).name if model is not None else dataset.family or DEFAULT_FAMILY
         changes = parse_edits(edits)
         names = {item_name(item) for item in dataset.dataset.items} | {i.path.name for i in dataset.dataset.items}
@@ -135,7 +136,7 @@ class Caption(io.ComfyNode):
             note += (f"\n! {only_trigger} caption(s) are only the trigger word: describe what varies (edit them in "
                      "edits, or choose a captioner), or the trigger learns everything in those pictures.")
         value = DatasetValue(captioned, dataset.source, "|".join((dataset.fingerprint, trigger, family, text)),
-                             dataset.lora_type, dataset.family or family, dataset.report)
+                             dataset.lora_type, dataset.family or family, dataset.report, trigger)
         return io.NodeOutput(value, text, ui={"text": (f"{note}\n{text}",)})
 
 

@@ -86,6 +86,24 @@ class ListedCombo(io.Combo.Input):
         return super().get_io_type() if server_checks_combos() else self.choices
 
 
+def folded(widget: Any) -> Any:
+    """A widget folded away until the user asks for all settings: ComfyUI's own "advanced" flag where
+    the API has it (the frontend folds such inputs), else the same flag in the input's options,
+    where web/lora_lab.js reads it (ComfyUI 0.3.x)."""
+    if hasattr(widget, "advanced"):
+        widget.advanced = True
+    else:
+        widget.extra_dict["advanced"] = True
+    return widget
+
+
+def schema_extras(search_aliases: list[str]) -> dict[str, Any]:
+    """Schema fields this ComfyUI knows (search aliases came after 0.3.x)."""
+    import inspect
+
+    return {"search_aliases": search_aliases} if "search_aliases" in inspect.signature(io.Schema).parameters else {}
+
+
 LORA_NAME = io.Custom("COMBO")
 LORA_NAME.io_type = _LoraNameType("COMBO")  # io.Custom wraps the name in its own str type; ours decides matches
 CELL_EVENT = "lora_lab.cell"

@@ -47,8 +47,9 @@ class LoadDataset(io.ComfyNode):
                 io.Combo.Input("lora_type", options=list(LORA_TYPES), default="style",
                                tooltip="What you are training. The report compares the image count with the "
                                        "guide's table for it, and Train LoRA's preset 'from dataset' uses it."),
-                io.String.Input("trigger_word", default="", tooltip="The trigger word the report checks for "
-                                "(empty = the N_name folder name, if there is one)."),
+                io.String.Input("trigger_word", default="", tooltip="The trigger word, typed once here: the report "
+                                "checks the captions for it, Caption puts it in them and Train LoRA records it and "
+                                "fills {trigger} in sample prompts (empty = the N_name folder name, if there is one)."),
                 io.Model.Input("model", optional=True, tooltip="Your base model (optional): the report checks "
                                "resolution and caption style against its family."),
                 io.Image.Input("images", optional=True, tooltip="Train on these images instead of a folder."),
@@ -57,6 +58,7 @@ class LoadDataset(io.ComfyNode):
             ],
             outputs=[DATASET.Output(display_name="dataset"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+            is_output_node=True,  # its report can be made on its own, without queueing training
         )
 
     @classmethod
@@ -80,10 +82,15 @@ class LoadDataset(io.ComfyNode):
         if lora_type not in LORA_TYPES:
             raise LoraLabError(f"lora_type {lora_type!r} is not one of {', '.join(LORA_TYPES)}; pick one.")
         family = graph_model.family_of(model).name if model is not None else ""
-        report = examine(dataset, family or DEFAULT_FAMILY, lora_type, trigger_word.strip() or _single(dataset))
+        trigger = trigger_word.strip() or _single(dataset)
+        report = examine(dataset, family or DEFAULT_FAMILY, lora_type, trigger)
         text = report.text() + ("" if family else "\n" + NO_MODEL_NOTE)
-        value = DatasetValue(dataset, source, fingerprint, lora_type, family, report)
-        return io.NodeOutput(value, text, ui=comfy.text_and_preview(text, flagged_sheet(dataset, report), cls))
+        value = DatasetValue(dataset, source, f"{fingerprint}|{trigger}", lora_type, family, report, trigger)
+        shown = comfy.text_and_preview(text, flagged_sheet(dataset, report), cls)
+        # What Train LoRA's plan line needs to say the steps before Queue (web/lora_lab.js keeps it).
+        shown["lora_lab_dataset"] = [{"images": len(dataset.items), "lora_type": lora_type, "family": family,
+                                      "trigger": trigger}]
+        return io.NodeOutput(value, text, ui=shown)
 
 
 def _single(dataset: Dataset) -> str:

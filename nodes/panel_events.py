@@ -28,7 +28,10 @@ class PanelEvents(TrainingEvents):
 
     def on_step(self, report: StepReport) -> None:
         self.event("progress", step=report.step, total=report.total_steps, loss=report.loss,
-                   lr=report.learning_rate, seconds_per_step=report.seconds_per_step)
+                   lr=report.learning_rate, seconds_per_step=report.seconds_per_step, eta=report.eta_seconds)
+
+    def on_phase(self, phase: str) -> None:
+        self.event("phase", phase=phase)
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.event("checkpoint", step=checkpoint.step, file=checkpoint.path.name)

@@ -7,6 +7,7 @@ background jobs (nodes/jobs.py).
     GET  /lora_lab/run?node=<id>    the newest run started by that node ("5" or "5:3" in a subgraph)
     GET  /lora_lab/jobs             this server's background jobs, and runs a restart interrupted
     POST /lora_lab/jobs/stop        {"name": <run>}: stop that job; it saves a resumable checkpoint
+    POST /lora_lab/plan             {"settings": <widget values as JSON>, ...}: the panel's plan line
 
 The run routes answer {"run": <journal>, "losses": [[step, loss, lr], ...], "sample": <the newest
 sample sheet as a data URL, or null>, "job": <the job's listing, or null>}; a node that has not
@@ -18,6 +19,7 @@ models/loras is ever read.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from .panel_events import SAMPLE_PREVIEW_WIDTH
 RUN_ROUTE = "/lora_lab/run"
 JOBS_ROUTE = "/lora_lab/jobs"
 STOP_ROUTE = "/lora_lab/jobs/stop"
+PLAN_ROUTE = "/lora_lab/plan"
 
 
 def runs_folder() -> Path:
@@ -123,6 +126,28 @@ def stop_route(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
     return 200, {"job": job.listing()}
 
 
+def plan_route(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """The panel's plan line: what the Train LoRA settings become before Queue (trainer/explain.py).
+    Fields: settings (the node's widget values as JSON), lora_type, family and images (from the last
+    run of the Load Dataset node upstream; empty when it has not run)."""
+    from ..trainer.errors import LoraLabError
+    from ..trainer.explain import plan_line
+    from .train_lora import node_settings
+
+    text = query.get("settings", "")
+    if len(text) > 100_000:
+        return 400, {"error": "settings too long"}
+    try:
+        widgets = json.loads(text or "{}")
+        images = int(query["images"]) if query.get("images") else None
+        settings = node_settings(widgets if isinstance(widgets, dict) else {}, query.get("lora_type") or "none")
+        return 200, {"plan": plan_line(settings, query.get("family", ""), images)}
+    except (ValueError, RecursionError):
+        return 400, {"error": "settings must be the node's widget values as a JSON object"}
+    except LoraLabError as error:
+        return 200, {"plan": str(error)}
+
+
 _registered: list[str] = []
 
 
@@ -132,4 +157,5 @@ def register() -> None:
         comfy.add_json_route(RUN_ROUTE, run_route)
         comfy.add_json_route(JOBS_ROUTE, jobs_route)
         comfy.add_json_route(STOP_ROUTE, stop_route, method="post")
+        comfy.add_json_route(PLAN_ROUTE, plan_route, method="post")
         _registered.append(RUN_ROUTE)

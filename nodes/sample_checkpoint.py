@@ -117,7 +117,18 @@ class SampleCheckpoint(io.ComfyNode):
                 cells += images
                 rows.append((label + (f"\n{text}" if len(prompt_lines) > 1 else ""),
                              [comfy.images_to_pil(image)[0] for image in images]))
-        picture = labelled_grid(rows, [f"strength {s:g}" for s in strength_values],
-                                cell_size=min(512, max(256, width, height)))
+        columns = [f"strength {s:g}" for s in strength_values]
+        picture = labelled_grid(rows, columns, cell_size=min(512, max(256, width, height)))
         grid = comfy.pil_to_images([picture])
-        return io.NodeOutput(grid, torch.cat(cells), ui=ui.PreviewImage(grid, cls=cls))
+        images = torch.cat(cells)
+        return io.NodeOutput(grid, images, ui=grid_view(columns, [label for label, _ in rows], images, cls))
+
+
+def grid_view(columns: list[str], rows: list[str], cells: torch.Tensor, cls: type) -> dict:
+    """What the node shows: the grid as cells and text labels (web/lora_lab.js lays them out at a
+    size that reads on the node, and opens a cell full size on a click); the grid picture itself
+    is the grid output."""
+    saved = ui.PreviewImage(cells, cls=cls).as_dict()["images"]  # each cell as a temporary image
+    width = len(columns)
+    return {"lora_lab_grid": [{"columns": columns, "rows": [
+        {"label": label, "cells": saved[index * width:(index + 1) * width]} for index, label in enumerate(rows)]}]}

@@ -26,13 +26,15 @@ from ..trainer.run import (
 )
 from . import comfy_bridge as comfy
 from . import graph_model, jobs, widget_history
-from .comfy_bridge import DATASET, RUN, io, ui
+from .comfy_bridge import DATASET, RUN, io
 from .panel_events import PanelEvents
 from .run_plan import LATEST, NEW_RUN, RunIdentity, RunPlan, default_plan, plan_run
 from .settings_widgets import setting_widget
 from .values import DatasetValue, TrainingRun
 
 # Widgets in this order are public API: workflow files store widget values by position.
+# What the guide calls the essential settings stays in view; the rest is folded until asked for.
+ESSENTIAL = ("preset", "steps", "rank", "learning_rate", "resolution", "name", "resume", "prompts", "background")
 SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "batch_size", "optimizer",
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
@@ -64,16 +66,22 @@ def resume_choices(output_dir: Path) -> list[str]:
     return [NEW_RUN, LATEST, *(f"{path.parent.name}/{path.name}" for path in found)]
 
 
-def node_config(values: dict, output_dir: Path, lora_type: str = "none", plan: RunPlan | None = None) -> TrainingConfig:
-    """The trainer config of the node's widgets; `lora_type` is the dataset's (Load Dataset); `plan`
-    says which run folder and checkpoint (nodes/run_plan.py; without one, as if no run were on disk).
-    `background` is how the node runs, not a training setting."""
-    settings = {**{k: v for k, v in values.items() if k != "background"}, "output_dir": str(output_dir)}
+def node_settings(values: dict, lora_type: str = "none") -> dict:
+    """The trainer settings of the node's widgets (those it knows), the preset "from dataset" being
+    the dataset's LoRA type (Load Dataset); `background` is how the node runs, not a setting."""
+    settings = {k: v for k, v in values.items() if k in SETTINGS and k != "resume"}
     if settings.get("preset", FROM_DATASET) == FROM_DATASET:
         settings["preset"] = lora_type
+    return settings
+
+
+def node_config(values: dict, output_dir: Path, lora_type: str = "none", plan: RunPlan | None = None) -> TrainingConfig:
+    """The trainer config of the node's widgets; `plan` says which run folder and checkpoint
+    (nodes/run_plan.py; without one, as if no run were on disk)."""
     plan = plan or default_plan(output_dir, requested_name(values), str(values.get("resume", NEW_RUN)))
-    settings.update(name=plan.name, resume=plan.resume)
-    return build_config(settings)
+    extra = {k: v for k, v in values.items() if k not in SETTINGS and k != "background"}  # e.g. family
+    return build_config({**node_settings(values, lora_type), **extra, "output_dir": str(output_dir),
+                         "name": plan.name, "resume": plan.resume})
 
 
 def requested_name(values: dict) -> str:
@@ -110,17 +118,21 @@ class TrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id=NODE_ID, display_name="Train LoRA", category="LoRA Lab",
-            description="Train a LoRA on this graph's model; checkpoints go to models/loras/lora_lab/<name>/.",
+            node_id=NODE_ID, display_name="Train LoRA (LoRA Lab)", category="LoRA Lab",
+            description="LoRA Lab's trainer: trains a LoRA on this graph's model with the guide's presets, shows "
+                        "loss, samples and time left on the node, saves resumable checkpoints to "
+                        "models/loras/lora_lab/<name>/ (Cancel keeps them) and hands the best one on.",
+            **comfy.schema_extras(["lora lab", "lora training", "train lora checkpoints", "kohya", "dreambooth"]),
             inputs=[
                 io.Model.Input("model", tooltip="The base model from your checkpoint loader: the LoRA is trained "
                                "on exactly this model."),
                 io.Clip.Input("clip", tooltip="Encodes the captions (once, before training)."),
                 io.Vae.Input("vae", tooltip="Encodes the images (once, before training)."),
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
-                *(resume_widget() if name == "resume" else
-                  setting_widget(name, optional=name in LATER_INPUTS, **WIDGET_OPTIONS.get(name, {}))
-                  for name in SETTINGS),
+                *(widget if name in ESSENTIAL else comfy.folded(widget) for name, widget in (
+                    (name, resume_widget() if name == "resume" else
+                     setting_widget(name, optional=name in LATER_INPUTS, **WIDGET_OPTIONS.get(name, {})))
+                    for name in SETTINGS)),
                 io.Boolean.Input("background", default=False, optional=True, tooltip=BACKGROUND_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "
@@ -173,7 +185,8 @@ class TrainLora(io.ComfyNode):
             raise LoraLabError(plan.refusal)
         if plan.reuse is not None:
             return cls.hand_on_finished(model, clip, plan)
-        config = node_config({**settings, "family": family.name}, folder, dataset.lora_type, plan)
+        trigger = {"trigger_word": dataset.trigger_word} if dataset.trigger_word else {}  # typed on Load Dataset
+        config = node_config({**settings, "family": family.name, **trigger}, folder, dataset.lora_type, plan)
         owner = {"node": node_id, "server": jobs.SERVER_SESSION, "identity": identity.record()}
         model_identity = ModelIdentity(model_name, identity.model_key)
         if background:
@@ -203,8 +216,8 @@ class TrainLora(io.ComfyNode):
         """The outputs: MODEL and CLIP with the run's recommended checkpoint at strength 1, the run,
         the loss curve (also shown on the node) and the checkpoint's name as LoraLoader lists it."""
         model_out, clip_out = comfy.apply_lora(model, clip, comfy.load_lora_file(run.best), 1.0, 1.0)
-        return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best),
-                             ui=ui.PreviewImage(curve, cls=cls))
+        # The panel draws the loss curve; the curve image is an output only (one chart on the node).
+        return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best))
 
     @classmethod
     def hand_on_finished(cls, model, clip, plan: RunPlan) -> io.NodeOutput:
@@ -239,7 +252,7 @@ class TrainLora(io.ComfyNode):
                                                 sorted(job.validation.items()))])
         if not run.checkpoints:  # nothing to use yet: the nodes after this one wait for a later queue, quietly
             waiting = comfy.blocked(None)
-            return io.NodeOutput(waiting, waiting, waiting, curve, waiting, ui=ui.PreviewImage(curve, cls=cls))
+            return io.NodeOutput(waiting, waiting, waiting, curve, waiting)
         return cls.hand_on(model, clip, run, curve)
 
 

@@ -24,6 +24,7 @@ class DatasetValue:
     lora_type: str = "style"  # what the LoRA is for: Train LoRA's preset "from dataset" follows it
     family: str = ""  # the family of the MODEL connected to Load Dataset ("" when none was)
     report: DoctorReport | None = None  # the dataset doctor's findings
+    trigger_word: str = ""  # typed once, on Load Dataset (or Caption): captions and Train LoRA use it
 
 
 CHECKPOINT_CHOICES = "all, latest, best, or step numbers separated by commas"

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from frontend_rules import FRONTEND_ONLY_NODES, widget_history, widgets_values
+from frontend_rules import FRONTEND_ONLY_NODES, WIDGET_TYPES, widget_history, widgets_values
 
 OUT = Path(__file__).resolve().parents[1] / "example_workflows"
 CHECKPOINT = "your_sd15_checkpoint.safetensors"
@@ -28,7 +28,10 @@ GROUP_PADDING = 16
 GROUP_TITLE = 40  # the group's title bar
 NODE_TITLE = 30  # LiteGraph draws a node's title above its position
 NOTE_SIZE = (360, 170)
-STACK_ROOM = 60  # below Apply LoRA Stack's widgets, for its taller rows in Nodes 2.0
+STACK_ROOM = 160  # below Apply LoRA Stack's widgets: what it applied, and its taller rows in Nodes 2.0
+# Sample Checkpoint lays its grid out at its width: a 150 px label column and four strengths of
+# about 160 px, so cells stay over 128 px on screen at the zoom the examples open at.
+GRID_WIDTH, GRID_ROOM = 840, 720
 
 
 @dataclass
@@ -43,7 +46,7 @@ class Node:
 
 
 def note(node_id: int, text: str) -> Node:
-    return Node(node_id, "Note", {"text": text})
+    return Node(node_id, NOTE, {"text": text})
 
 
 @dataclass
@@ -57,41 +60,55 @@ class Group:
 class Example:
     name: str  # the file name, which the Templates browser shows as the title
     groups: list[Group]
+    opens_on: int = 0  # the example opens zoomed on its first groups up to this one (0: all of them)
+
+
+VIEWPORT = (1600, 1000)  # the screen the opening view is made for (the browser tests use it)
+CANVAS_LEFT, CANVAS_TOP = 56, 70  # where the canvas starts on screen: right of the side bar, below the top bar
+MARGIN = 12
+# The frontend's Markdown note: its text reads at the size of the nodes' own (a plain Note's is smaller).
+NOTE = "MarkdownNote"
+READABLE_ZOOM = 0.8  # 15 px labels on the nodes read at 12 px
 
 
 # --- the examples ---------------------------------------------------------------------------------
 SAMPLE = {"seed": 0, "steps": 20, "cfg": 7.0}
 DATASET_SHEET_ROOM = 400  # Load Dataset's sheet of flagged images: two rows of four at a readable size
 DATASET_WIDTH = 560
-TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", [
+TRAIN_AND_TEST = Example("Train a LoRA and test it (SD 1.5)", opens_on=2, groups=[
     Group("1 · Dataset", [[
         note(13, "1. Put 10-50 images with same-name .txt captions in ComfyUI/input/my_dataset (or set folder to an "
-                 "absolute path).\n2. Choose the LoRA type and a trigger word, a made-up word like xyz_style.\n3. "
-                 "The report on Load Dataset says what to fix before training; Caption shows every caption (edit "
-                 "them there, or let a captioner in models/captioners write the missing ones)."),
+                 "absolute path); pick your SD 1.5 checkpoint in Load Checkpoint.\n2. Choose the LoRA type and a "
+                 "trigger word, a made-up word like xyz_style: typed once, here. Caption, Train LoRA and the test "
+                 "prompts take it from the dataset.\n3. The report on Load Dataset says what to fix before training "
+                 "(queue Load Dataset alone to check); Caption shows every caption (edit them there, or let a "
+                 "captioner in models/captioners write the missing ones).\n4. Queue. Train LoRA's panel shows the "
+                 "plan (what each 0 becomes), the loss and the time left; Cancel saves, and resume = latest continues. "
+                 "Queue again any time: a finished run is handed on, not retrained."),
         Node(2, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "style", "trigger_word": "xyz_style"},
              {"model": (1, 0)}, width=DATASET_WIDTH,
              extra_height=DATASET_SHEET_ROOM),
-        Node(3, "LoraLabCaption", {"trigger_word": "xyz_style"}, {"dataset": (2, 0), "model": (1, 0)}),
+    ], [
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
+        Node(3, "LoraLabCaption", {}, {"dataset": (2, 0), "model": (1, 0)}),  # the trigger from Load Dataset
     ]]),
     Group("2 · Train", [[
-        note(14, "4. Pick your SD 1.5 checkpoint in Load Checkpoint.\n5. Queue. The panel on Train LoRA shows the "
-                 "loss, speed and time left; Cancel saves a checkpoint, and resume = latest continues it. "
-                 "Turn background on to keep queueing while it trains.\n"
-                 "Preset 'from dataset' = the LoRA type on Load Dataset; steps 0 = the guide's 100 per image; rank "
-                 "and learning rate 0 = the preset's."),
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
+        # At the top of its column, so its panel is in view when the example opens.
         Node(4, "LoraLabTrainLora", {"name": "xyz_style"},
-             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (3, 0)}, width=420, extra_height=300),
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "dataset": (3, 0)}, width=440),
     ]], colour="#8a6d3b"),
     Group("3 · Test", [[
         Node(5, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, a lighthouse at dusk\n{trigger}, a cat"},
-             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "training_run": (4, 2)}, width=720, extra_height=520),
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "training_run": (4, 2)}, width=GRID_WIDTH,
+             extra_height=GRID_ROOM),
     ], [
         # Nodes 2.0 draws this node's 17 widget rows taller than the classic canvas measures them.
         Node(6, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (1, 1), "training_run": (4, 2)},
              extra_height=STACK_ROOM),
-        Node(7, "CLIPTextEncode", {"text": "xyz_style, a mountain lake"}, {"clip": (6, 1)}, title="Prompt"),
+        # The trigger word reaches the prompt through the stack, with core nodes only.
+        Node(15, "StringConcatenate", {"string_b": "a mountain lake", "delimiter": ", "}, {"string_a": (6, 3)},
+             title="Prompt text: trigger words + your words"),
+        Node(7, "CLIPTextEncode", {"text": ""}, {"clip": (6, 1), "text": (15, 0)}, title="Prompt"),
         Node(8, "CLIPTextEncode", {"text": ""}, {"clip": (6, 1)}, title="Negative prompt"),
     ], [
         Node(9, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
@@ -109,20 +126,22 @@ COMPARE_LORAS = Example("Compare LoRAs by strength", [
     ], [
         Node(2, "LoraLabSampleCheckpoint", {"prompts": "a portrait photo\na landscape painting",
                                             "lora_names": "first_lora.safetensors\nsecond_lora.safetensors"},
-             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}, width=720, extra_height=520),
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2)}, width=GRID_WIDTH, extra_height=GRID_ROOM),
     ]]),
 ])
 STACK_TWO = Example("Stack two LoRAs", [
     Group("Stack", [[
         note(9, "Two LoRAs at once with the guide's stacking strengths (first 0.7, second 0.5, third 0.35; turn "
-                "auto_strengths off to set your own).\n1. Pick your checkpoint and the two LoRAs.\n2. Use both "
-                "trigger words in the prompt (the stack's trigger_words output lists them).\n3. Queue."),
+                "auto_strengths off to set your own).\n1. Pick your checkpoint and the two LoRAs.\n2. Write your "
+                "prompt in 'Prompt text': both trigger words are put in front of it from the LoRA files.\n3. Queue."),
         Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
         Node(2, "LoraLabApplyLoraStack", {"auto_strengths": True, "lora_1": "first_lora.safetensors",
                                           "lora_2": "second_lora.safetensors"}, {"model": (1, 0), "clip": (1, 1)},
              extra_height=STACK_ROOM),
     ], [
-        Node(3, "CLIPTextEncode", {"text": "a portrait photo"}, {"clip": (2, 1)}, title="Prompt"),
+        Node(10, "StringConcatenate", {"string_b": "a portrait photo", "delimiter": ", "}, {"string_a": (2, 3)},
+             title="Prompt text: trigger words + your words"),
+        Node(3, "CLIPTextEncode", {"text": ""}, {"clip": (2, 1), "text": (10, 0)}, title="Prompt"),
         Node(4, "CLIPTextEncode", {"text": ""}, {"clip": (2, 1)}, title="Negative prompt"),
         Node(5, "EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
     ], [
@@ -133,31 +152,32 @@ STACK_TWO = Example("Stack two LoRAs", [
 ])
 # FLUX.1-dev as ComfyUI users hold it: the transformer, CLIP-L + T5-XXL and the VAE as separate files.
 # The transformer loads in fp8, so Train LoRA keeps it in fp8 (about 12 GB instead of 24).
-TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", [
+TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
     Group("1 · Dataset", [[
-        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset.\n2. FLUX likes sentences: "
-                "Caption (connected to the FLUX model) turns tags into them, the trigger word first.\n3. Read the "
-                "report on Load Dataset before training."),
+        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick flux1-dev (loaded in fp8: "
+                "about 12 GB), clip_l + t5xxl and ae.safetensors.\n2. FLUX likes sentences: Caption (connected to "
+                "the FLUX model) turns tags into them, the trigger word (typed once, on Load Dataset) first.\n3. "
+                "Read the report on Load Dataset before training, then Queue (gradient checkpointing is on, to fit "
+                "24 GB GPUs)."),
         Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
              {"model": (1, 0)}, width=DATASET_WIDTH,
              extra_height=DATASET_SHEET_ROOM),
-        Node(5, "LoraLabCaption", {"trigger_word": "xyz_person"}, {"dataset": (4, 0), "model": (1, 0)}),
-    ]]),
-    Group("2 · Train", [[
-        note(9, "4. Pick flux1-dev (loaded in fp8: about 12 GB), clip_l + t5xxl and ae.safetensors.\n5. Queue. "
-                "Gradient checkpointing is on to fit 24 GB GPUs."),
+    ], [
         Node(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}),
         Node(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
                                    "type": "flux"}),
         Node(3, "VAELoader", {"vae_name": "ae.safetensors"}),
-    ], [
+        Node(5, "LoraLabCaption", {}, {"dataset": (4, 0), "model": (1, 0)}),
+    ]]),
+    Group("2 · Train", [[
         Node(6, "LoraLabTrainLora", {"name": "xyz_person_flux", "gradient_checkpointing": True, "rank": 16},
-             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=420, extra_height=300),
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=440),
     ]], colour="#8a6d3b"),
     Group("3 · Test", [[
         Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
                                                        "astronaut", "cfg": 3.5, "width": 1024, "height": 1024},
-             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=720, extra_height=520),
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
+             extra_height=GRID_ROOM),
     ]], colour="#3f7f4f"),
 ])
 EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX]
@@ -214,7 +234,7 @@ def layout(example: Example, sizes: dict[str, tuple[float, float]]) -> tuple[dic
             width = max((node.width or sizes.get(node.type, NOTE_SIZE)[0]) for node in column)
             y = top
             for node in column:
-                measured = NOTE_SIZE if node.type == "Note" else sizes[node.type]
+                measured = NOTE_SIZE if node.type == NOTE else sizes[node.type]
                 size = (max(width, measured[0]), measured[1] + node.extra_height)
                 placed[node.id] = ((column_x, y + NODE_TITLE), size)
                 y += NODE_TITLE + size[1] + GAP
@@ -241,7 +261,7 @@ def to_ui(example: Example, object_info: dict, sizes: dict[str, tuple[float, flo
                                   "properties": {}, "widgets_values": []}
         if node.title:
             record["title"] = node.title
-        if node.type == "Note":
+        if node.type == NOTE:
             record.update(widgets_values=[node.widgets["text"]], color="#432", bgcolor="#653")
             nodes.append(record)
             continue
@@ -259,17 +279,32 @@ def to_ui(example: Example, object_info: dict, sizes: dict[str, tuple[float, flo
             kind = "COMBO" if isinstance(spec[0], list) else spec[0]
             links.append([link, source, slot, node.id, len(record["inputs"]), kind])
             outgoing.setdefault((source, slot), []).append(link)
-            record["inputs"].append({"name": name, "type": kind, "link": link})
+            entry = {"name": name, "type": kind, "link": link}
+            if kind in WIDGET_TYPES:  # a widget fed by a link: the frontend keeps both
+                entry["widget"] = {"name": name}
+            record["inputs"].append(entry)
         nodes.append(record)
     for record, node in zip(nodes, all_nodes, strict=True):
-        if node.type == "Note":
+        if node.type == NOTE:
             continue
         info = object_info[node.type]
         record["outputs"] = [{"name": name, "type": kind if isinstance(kind, str) else "COMBO",
                               "links": outgoing.get((node.id, slot), []), "slot_index": slot}
                              for slot, (name, kind) in enumerate(zip(info["output_name"], info["output"], strict=True))]
     return {"last_node_id": max(n["id"] for n in nodes), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": groups, "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4}
+            "groups": groups, "config": {}, "extra": {"ds": opening_view(example, groups)}, "version": 0.4}
+
+
+def opening_view(example: Example, groups: list[dict]) -> dict:
+    """The zoom and offset the example opens at: its first groups (the main path) as wide as a 1600 px
+    screen shows them, top aligned, at 100 % at most, never below the 80 % at which text stays readable
+    (the rest is a scroll away)."""
+    shown = groups[:example.opens_on or len(groups)]
+    left = min(g["bounding"][0] for g in shown) - 10
+    top = min(g["bounding"][1] for g in shown) - 10
+    right = max(g["bounding"][0] + g["bounding"][2] for g in shown) + 10
+    scale = max(READABLE_ZOOM, min(1.0, (VIEWPORT[0] - CANVAS_LEFT - 2 * MARGIN) / (right - left)))
+    return {"scale": round(scale, 3), "offset": [MARGIN / scale - left, MARGIN / scale - top]}
 
 
 def example_path(example: Example) -> Path:

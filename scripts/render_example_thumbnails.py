@@ -1,94 +1,90 @@
-"""Render the Templates browser's thumbnail of each example (`example_workflows/<name>.jpg`) from a
-real run in the real frontend, against a running ComfyUI with LoRA Lab installed:
+"""Render the Templates browser's thumbnail of each example (`example_workflows/<name>.jpg`): what the
+workflow makes, with a line saying what it does (the frontend shows a custom node's template file
+name as both title and description, so the picture has to say the rest).
 
-    python scripts/render_example_thumbnails.py --url http://127.0.0.1:8188 \
-        --checkpoint random_sd15.safetensors --dataset concept
+    python scripts/render_example_thumbnails.py
 
-The SD 1.5 example is run at 64 px (a few minutes on a CPU); its two checkpoints then feed the
-compare and stack examples. FLUX.1-dev cannot run on a machine without a GPU of its size: its
-thumbnail shows the workflow as loaded.
+The pictures are real results of the trainer the nodes call, on the embedded demo model (a ring
+LoRA trained in a minute on a CPU): its checkpoint x strength grid, the same checkpoints compared by
+strength, and two of its LoRAs stacked. FLUX.1-dev cannot run on a machine without a GPU of its
+size, so its card shows the workflow's steps instead of a result.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import json
-import time
+import tempfile
+from pathlib import Path
 
 from build_example_workflows import COMPARE_LORAS, STACK_TWO, TRAIN_AND_TEST, TRAIN_FLUX, example_path
-from comfy_browser import fit_view, launch, load_workflow, open_comfyui, set_widgets
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 THUMBNAIL_SIDE = 768  # square, as the Templates browser's cards are
+CAPTION = 150  # the band for the title and what the workflow does
 
 
-def queue_and_wait(page, output_node: int, timeout: float = 900) -> None:
-    page.evaluate("() => window.app.queuePrompt(0, 1)")
-    page.wait_for_function("(id) => window.app.nodeOutputs?.[String(id)]", arg=output_node, timeout=timeout * 1000)
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
 
 
-def save_thumbnail(page, example, node_ids: list[int]) -> None:
-    """The nodes that tell the example's story, large enough to read (the canvas drops text below
-    60 % zoom)."""
-    fit_view(page, node_ids=node_ids, min_scale=0.62)
-    # The canvas loads a node's pictures when it first draws the node on screen.
-    page.wait_for_function("(ids) => ids.every((id) => !window.app.nodeOutputs?.[String(id)]?.images"
-                           " || (window.app.graph.getNodeById(id).imgs ?? []).some((img) => img.naturalWidth))",
-                           arg=node_ids, timeout=30_000)
-    picture = Image.open(io.BytesIO(page.screenshot())).convert("RGB")
-    picture = picture.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.LANCZOS)
-    path = example_path(example).with_suffix(".jpg")
-    picture.save(path, quality=88)
+def card(title: str, says: str, picture: Image.Image | None, path: Path) -> None:
+    """A thumbnail: the result fitted below a caption band with the title and what it does."""
+    from lora_lab.trainer.sampling import wrap_text
+
+    sheet = Image.new("RGB", (THUMBNAIL_SIDE, THUMBNAIL_SIDE), (32, 34, 38))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((24, 18), title, fill="white", font=font(34))
+    for number, line in enumerate(wrap_text(says, font(22), THUMBNAIL_SIDE - 48)[:3]):
+        draw.text((24, 66 + 26 * number), line, fill=(200, 204, 210), font=font(22))
+    if picture is not None:
+        room = (THUMBNAIL_SIDE - 32, THUMBNAIL_SIDE - CAPTION - 16)
+        picture = picture.copy()
+        picture.thumbnail(room, Image.Resampling.LANCZOS)
+        sheet.paste(picture, ((THUMBNAIL_SIDE - picture.width) // 2, CAPTION + (room[1] - picture.height) // 2))
+    sheet.save(path, quality=90)
     print(f"wrote {path.name}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="http://127.0.0.1:8188")
-    parser.add_argument("--checkpoint", required=True, help="an SD 1.5 checkpoint in the server's models/checkpoints")
-    parser.add_argument("--dataset", required=True, help="a dataset folder in the server's input folder")
-    parser.add_argument("--trigger", default="zkw_toy")
-    args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
+def steps_picture(steps: list[str]) -> Image.Image:
+    """The workflow's path as boxes and arrows, for a card without a result."""
+    picture = Image.new("RGB", (700, 560), (32, 34, 38))
+    draw = ImageDraw.Draw(picture)
+    for index, text in enumerate(steps):
+        top = 20 + index * 108
+        draw.rounded_rectangle((120, top, 580, top + 72), radius=12, fill=(58, 62, 70), outline=(120, 160, 220))
+        draw.text((350, top + 36), text, fill="white", font=font(24), anchor="mm")
+        if index < len(steps) - 1:
+            draw.line((350, top + 72, 350, top + 104), fill=(120, 160, 220), width=4)
+    return picture
 
-    small = {"width": 64, "height": 64, "steps": 2}
-    with sync_playwright() as playwright:
-        browser = launch(playwright)
-        page, _ = open_comfyui(browser, args.url, viewport=(1100, 1100))
-        run = f"thumbnail_{int(time.time())}"
-        load_workflow(page, json.loads(example_path(TRAIN_AND_TEST).read_text()))
-        set_widgets(page, 1, {"ckpt_name": args.checkpoint})
-        set_widgets(page, 2, {"folder": args.dataset, "trigger_word": args.trigger})
-        set_widgets(page, 3, {"trigger_word": args.trigger})
-        set_widgets(page, 4, {"steps": 40, "resolution": 64, "batch_size": 2, "rank": 4, "learning_rate": 0.001,
-                              "save_every": 20, "name": run})
-        set_widgets(page, 5, {**small, "strengths": "0, 0.5, 1", "prompts": "{trigger}"})
-        set_widgets(page, 9, {"width": 64, "height": 64})
-        set_widgets(page, 10, {"steps": 2})
-        queue_and_wait(page, 5)
-        save_thumbnail(page, TRAIN_AND_TEST, [4, 5])
-        loras = [f"lora_lab/{run}/{run}-step000020.safetensors", f"lora_lab/{run}/{run}.safetensors"]
-        page.evaluate("() => fetch('/api/refresh', {method: 'POST'}).catch(() => {})")
-        load_workflow(page, json.loads(example_path(COMPARE_LORAS).read_text()))
-        set_widgets(page, 1, {"ckpt_name": args.checkpoint})
-        set_widgets(page, 2, {**small, "lora_names": "\n".join(loras), "prompts": args.trigger,
-                              "strengths": "0, 0.5, 1"})
-        queue_and_wait(page, 2)
-        save_thumbnail(page, COMPARE_LORAS, [1, 2, 3])
-        page.reload()
-        page.wait_for_function("window.app && window.app.graph", timeout=120_000)
-        load_workflow(page, json.loads(example_path(STACK_TWO).read_text()))
-        set_widgets(page, 1, {"ckpt_name": args.checkpoint})
-        set_widgets(page, 2, {"lora_1": loras[0], "lora_2": loras[1]})
-        set_widgets(page, 3, {"text": args.trigger})
-        set_widgets(page, 5, {"width": 64, "height": 64})
-        set_widgets(page, 6, {"steps": 2})
-        queue_and_wait(page, 8)
-        save_thumbnail(page, STACK_TWO, [2, 6, 8])
-        load_workflow(page, json.loads(example_path(TRAIN_FLUX).read_text()))
-        save_thumbnail(page, TRAIN_FLUX, [6, 7])
-        browser.close()
+
+def main() -> None:
+    from lora_lab.trainer.cli import DEMO_SETTINGS
+    from lora_lab.trainer.config import build_config
+    from lora_lab.trainer.run import train_lora
+    from lora_lab.trainer.sampling import fill_trigger, sample_grid
+
+    with tempfile.TemporaryDirectory() as folder:
+        result = train_lora(build_config({**DEMO_SETTINGS, "output_dir": folder}))
+        prompts = [fill_trigger(p, result.trigger_words) for p in DEMO_SETTINGS["prompts"]]
+        size = (result.config.data.resolution,) * 2
+        rows = [(f"step {c.step}", c.path) for c in result.checkpoints]
+        trained, _ = sample_grid(result.model, rows, prompts[:2], (0.0, 0.5, 1.0), size, 20, 5.0, 1)
+        compare, _ = sample_grid(result.model, [(f"LoRA at step {c.step}", c.path) for c in result.checkpoints[::2]],
+                                 prompts[:1], (0.0, 0.4, 0.7, 1.0), size, 20, 5.0, 2)
+        # Two LoRAs of the run stacked at the guide's strengths (0.7 and 0.5) against each alone.
+        stacked, _ = sample_grid(result.model, [("first alone", rows[0][1]), ("second alone", rows[-1][1])],
+                                 prompts[2:], (0.5, 0.7), size, 20, 5.0, 3)
+    card(TRAIN_AND_TEST.name, "Checks the dataset, trains with the guide's presets, shows the loss and samples as it "
+         "goes, then a checkpoint x strength grid and the LoRA applied to your own prompt.", trained,
+         example_path(TRAIN_AND_TEST).with_suffix(".jpg"))
+    card(COMPARE_LORAS.name, "One row per LoRA file, one column per strength, the same seed in every cell: see "
+         "which LoRA and which strength to use.", compare, example_path(COMPARE_LORAS).with_suffix(".jpg"))
+    card(STACK_TWO.name, "Applies two LoRAs at the guide's stacking strengths and puts both trigger words in your "
+         "prompt.", stacked, example_path(STACK_TWO).with_suffix(".jpg"))
+    card(TRAIN_FLUX.name, "From the separate transformer (fp8), CLIP-L + T5-XXL and VAE files: dataset, "
+         "sentence captions, training, a grid with FLUX guidance.",
+         steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA (fp8 base)", "Sample Checkpoint (grid)",
+                        "Apply LoRA Stack"]), example_path(TRAIN_FLUX).with_suffix(".jpg"))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ class Port:
     def get_io_type(self) -> Any:
         return self.io_type
 
+    @property
+    def extra_dict(self) -> dict:  # ComfyUI merges it into the input's options
+        return self.options
+
 
 def _port_type(io_type: str) -> type:
     class PortType:

@@ -199,7 +199,8 @@ def panel_state(page, node_id: int = 4) -> dict:
         const [nodeLeft, nodeTop] = toScreen(node.pos[0], node.pos[1]);
         const [nodeRight, nodeBottom] = toScreen(node.pos[0] + node.size[0], node.pos[1] + node.size[1]);
         const parts = node.loraLabPanel, message = parts.message;
-        return { status: parts.status.textContent, numbers: parts.numbers.textContent, message: message.textContent,
+        return { status: parts.status.dataset.status, shown: parts.status.textContent,
+                 numbers: parts.numbers.textContent, message: message.textContent,
                  messageFits: message.scrollWidth <= message.clientWidth + 1,
                  messageRect: message.getBoundingClientRect().toJSON(), points: Number(parts.chart.dataset.points),
                  panel: panel.toJSON(), widgets,
@@ -239,8 +240,7 @@ def intersects(a: dict, b: dict) -> bool:
 def small_sd15_example(page) -> None:
     load_workflow(page, json.loads(example_path(TRAIN_AND_TEST).read_text()))
     set_widgets(page, 1, {"ckpt_name": CHECKPOINT})
-    set_widgets(page, 2, {"folder": "concept", "trigger_word": "zkw_toy"})
-    set_widgets(page, 3, {"trigger_word": "zkw_toy"})
+    set_widgets(page, 2, {"folder": "concept", "trigger_word": "zkw_toy"})  # typed once: Caption reads it
     set_widgets(page, 4, {**SMALL_TRAINING, "name": "browser_run"})
     set_widgets(page, 5, {"width": 64, "height": 64, "steps": 2, "strengths": "0, 1", "prompts": "{trigger}"})
     set_widgets(page, 9, {"width": 64, "height": 64})
@@ -249,8 +249,46 @@ def small_sd15_example(page) -> None:
 
 def wait_status(page, statuses: tuple[str, ...], timeout: float = 600) -> dict:
     page.wait_for_function("(statuses) => statuses.includes(window.app.graph.getNodeById(4)?.loraLabPanel?.status"
-                           ".textContent)", arg=list(statuses), timeout=timeout * 1000)
+                           ".dataset.status)", arg=list(statuses), timeout=timeout * 1000)
     return panel_state(page)
+
+
+def test_the_sd15_example_opens_with_its_main_path_and_panel_in_view(page, server, screenshots):
+    """As the example opens: the dataset and training nodes on screen at a readable zoom, Train LoRA's
+    panel near its top with the plan line saying what each 0 becomes, the folded settings a click
+    away and keeping their values."""
+    page, _ = page
+    load_workflow(page, json.loads(example_path(TRAIN_AND_TEST).read_text()))
+    page.wait_for_function("() => window.app.graph.getNodeById(4).loraLabPanel.plan.textContent.length > 0",
+                           timeout=30_000)
+    shot(page, screenshots, "example-opened", "the SD 1.5 example as it opens")
+    view = page.evaluate("""() => {
+        const canvas = window.app.canvas, bounds = canvas.canvas.getBoundingClientRect();
+        const onScreen = (node) => {
+            const left = bounds.left + (node.pos[0] + canvas.ds.offset[0]) * canvas.ds.scale;
+            const top = bounds.top + (node.pos[1] + canvas.ds.offset[1]) * canvas.ds.scale;
+            return left >= bounds.left - 1 && left < bounds.right && top >= bounds.top - 1 && top < bounds.bottom;
+        };
+        const train = window.app.graph.getNodeById(4), panel = train.loraLabPanel;
+        const panelWidget = train.widgets.find((w) => w.name === 'lora_lab_panel');
+        const rect = panel.root.getBoundingClientRect();
+        return { scale: canvas.ds.scale, shown: [2, 3, 4].map((id) => onScreen(window.app.graph.getNodeById(id))),
+                 panelTop: panelWidget.y, nodeHeight: train.size[1], plan: panel.plan.textContent,
+                 panelInView: rect.top >= bounds.top && rect.bottom <= window.innerHeight + 1,
+                 visible: train.widgets.filter((w) => train.isWidgetVisible(w) && w.serialize !== false).length,
+                 values: train.widgets.filter((w) => w.serialize !== false).map((w) => w.value) };
+    }""")
+    print(f"opens at {view['scale']:.0%}; Train LoRA's panel starts {view['panelTop']:.0f} px below the node's top "
+          f"({view['nodeHeight']:.0f} px node), {view['visible']} widgets in view; plan: {view['plan']}")
+    assert view["scale"] >= 0.8 and all(view["shown"]) and view["panelInView"]
+    assert view["panelTop"] <= 400 and view["visible"] <= 10
+    assert "from the" in view["plan"] and "1e-4" in view["plan"] and "px" in view["plan"]
+    page.locator(".lora-lab-more").first.click()
+    unfolded = page.evaluate("() => { const n = window.app.graph.getNodeById(4); return [n.widgets.filter((w) => "
+                             "n.isWidgetVisible(w) && w.serialize !== false).length, n.widgets.filter((w) => "
+                             "w.serialize !== false).map((w) => w.value)]; }")
+    shot(page, screenshots, "train-lora-unfolded", "Train LoRA with all its settings shown")
+    assert unfolded[0] == len(view["values"]) and unfolded[1] == view["values"]  # the same values, all shown
 
 
 def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser, screenshots):
@@ -304,15 +342,19 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
     assert stopped["messageRect"]["bottom"] <= stopped["node"]["bottom"] + 1
     # Resume and finish: the grid and the loss curve are shown, nothing covers them.
     set_widgets(page, 4, {"resume": "latest"})
+    page.evaluate("() => { window.loraLabPhases = []; (window.app.api ?? window.comfyAPI?.api?.api)"
+                  ".addEventListener('lora_lab.phase', ({ detail }) => window.loraLabPhases.push(detail.phase)); }")
     page.evaluate("() => window.app.queuePrompt(0, 1)")
     finished = wait_status(page, ("finished", "failed"))
     assert finished["status"] == "finished", finished["message"]
-    page.wait_for_function("() => [4, 5, 12].every((id) => window.app.nodeOutputs?.[String(id)])", timeout=300_000)
+    page.wait_for_function("() => [5, 12].every((id) => window.app.nodeOutputs?.[String(id)])", timeout=300_000)
     fit_view(page)  # the canvas loads a node's pictures when it first draws the node on screen
-    page.wait_for_function("() => [4, 5, 12].every((id) => (window.app.graph.getNodeById(id).imgs ?? [])"
-                           ".some((img) => img.naturalWidth > 0))", timeout=60_000)
-    shot(page, screenshots, "finished", "after the run: panel finished, loss curve under it, grid on Sample "
-                                        "Checkpoint, the image on Save Image")
+    page.wait_for_function("() => (window.app.graph.getNodeById(12).imgs ?? []).some((img) => img.naturalWidth > 0)"
+                           " && [...document.querySelectorAll('.lora-lab-grid-cell')].length > 0 && [...document"
+                           ".querySelectorAll('.lora-lab-grid-cell')].every((img) => img.naturalWidth > 0)",
+                           timeout=60_000)
+    shot(page, screenshots, "finished", "after the run: panel finished, the grid on Sample Checkpoint, what Apply "
+                                        "LoRA Stack applied, the image on Save Image")
     facts = node_facts(page)
     assert not overlaps(facts)
     texts = page.evaluate("() => [2, 3].map((id) => window.app.graph.getNodeById(id).loraLabText.textContent)"
@@ -323,10 +365,34 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
     # Every checkpoint of the run, the one saved at Cancel too, at strength 1; strength 0 once.
     saved = server.get("/lora_lab/run?name=browser_run")["run"]["checkpoints"]
     assert len(saved) >= 2 and texts[2].startswith(f"All {1 + len(saved)} cells sampled")
+    applied = page.evaluate("() => window.app.graph.getNodeById(6).loraLabText.textContent")
+    assert "browser_run" in applied and "recommended" in applied and "model 0.70, clip 0.70" in applied, applied
+    phases = page.evaluate("() => window.loraLabPhases")
+    assert "saving" in phases, phases  # the panel said "saving…" between steps
+    # The grid on the node, at the zoom the example opens at: cells and labels people can read.
     zoom = json.loads(example_path(TRAIN_AND_TEST).read_text())["extra"]["ds"]["scale"]
-    cell = grid_cell_on_screen(page, 5, zoom)
-    print(f"a grid cell is {cell:.0f} px on screen at the example's zoom ({zoom:.0%})")
-    assert cell >= 128
+    fit_view(page, zoom, node_ids=[5])
+    grid = page.evaluate("""() => {
+        const cells = [...document.querySelectorAll('.lora-lab-grid-cell')].map((c) => c.getBoundingClientRect());
+        const labels = [...document.querySelectorAll('.lora-lab-grid-label')];
+        const scale = window.app.canvas.ds.scale;
+        const font = (el) => parseFloat(getComputedStyle(el).fontSize) * el.getBoundingClientRect().height
+                             / el.offsetHeight;
+        return { cells: cells.length, smallest: Math.min(...cells.map((c) => Math.min(c.width, c.height))),
+                 label: Math.min(...labels.map(font)), clipped: labels.filter((l) => l.scrollWidth > l.clientWidth + 1
+                 || l.scrollHeight > l.clientHeight + 1).length, scale };
+    }""")
+    shot(page, screenshots, "grid-on-node", f"Sample Checkpoint's grid at the example's zoom ({zoom:.0%})")
+    print(f"grid on the node at {zoom:.0%}: {grid['cells']} cells, smallest {grid['smallest']:.0f} px, labels "
+          f"{grid['label']:.1f} px on screen")
+    assert grid["cells"] == 2 * len(saved)  # a row per checkpoint, strengths 0 and 1
+    assert grid["smallest"] >= 128 and grid["label"] >= 11 and grid["clipped"] == 0
+    page.locator(".lora-lab-grid-cell").first.click()
+    page.wait_for_selector(".lora-lab-full-size img", timeout=10_000)
+    full = page.evaluate("() => document.querySelector('.lora-lab-full-size img').getBoundingClientRect().width")
+    shot(page, screenshots, "grid-cell-full-size", "a grid cell opened full size")
+    page.keyboard.press("Escape")
+    assert full > grid["smallest"] and page.locator(".lora-lab-full-size").count() == 0
     assert not errors.ours()
 
 
@@ -381,7 +447,7 @@ def test_a_train_node_in_a_subgraph_gets_its_panel(page, server, screenshots):
     page.wait_for_function("""(id) => {
         const [outer, inner] = id.split(':').map(Number);
         const node = window.app.graph.getNodeById(outer)?.subgraph?.getNodeById(inner);
-        return node?.loraLabPanel?.status.textContent === 'finished';
+        return node?.loraLabPanel?.status.dataset.status === 'finished';
     }""", arg=execution_id, timeout=600_000)
     page.evaluate("""(outer) => { window.app.canvas.setGraph(window.app.graph.getNodeById(outer).subgraph); }""", made)
     fit_view(page)
@@ -400,7 +466,7 @@ def test_a_background_run_shows_after_a_reload_and_its_stop_button_saves(page, s
     following_the_job = ("() => { const p = window.app.graph.getNodeById(4).loraLabPanel;"
                          " return p.numbers.textContent.startsWith('browser_background ')"
                          " && Number(p.chart.dataset.last) >= 3 && p.stop.style.display !== 'none'"
-                         " && ['training', 'paused'].includes(p.status.textContent); }")
+                         " && ['training', 'paused'].includes(p.status.dataset.status); }")
     page.wait_for_function(following_the_job, timeout=300_000)
     page.reload()
     page.wait_for_function("() => window.app?.graph?.getNodeById(4)?.loraLabPanel", timeout=120_000)

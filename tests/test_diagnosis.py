@@ -111,3 +111,14 @@ def test_short_runs_and_the_advice_text():
     assert "Too few steps" in diagnose_loss([0.1] * 5)
     assert "increase the learning rate" in diagnose_loss(noisy(flat(random.Random(1)), 400, random.Random(2), 0.8))
     assert "reduce it" in diagnose_loss(noisy(oscillating(random.Random(4)), 600, random.Random(5), 0.8))
+
+
+def test_a_run_stopped_early_is_not_called_flat():
+    """61 steps of 250 after a Cancel: too early to say the learning is too slow."""
+    from lora_lab.trainer.diagnosis import diagnose
+
+    flat = [0.05 if step % 2 else 0.15 for step in range(61)]  # noisy, and no fall at all
+    assert diagnose(flat).pattern == "flat"
+    early = diagnose(flat, planned=250)
+    assert early.pattern == "too_short" and "61 of 250 steps" in early.evidence
+    assert diagnose(flat, planned=61).pattern == "flat"  # the run's end: judged

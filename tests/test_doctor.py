@@ -152,3 +152,27 @@ def test_the_doctor_never_writes(labelled):
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     examine(scan_folder(folder), "flux", "character", "xyz_thing")
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_the_worst_images_come_first_and_none_is_hidden(tmp_path):
+    """Ten flagged images: the sheet shows the worst (a far too small and a very dark one) and says
+    how many more there are; the report lists every flagged file; 40 px is not lumped with 96 px."""
+    rng = random.Random(5)
+    for index in range(9):  # small but not tiny: all flagged for resolution
+        photo_like(rng, (96, 96)).save(tmp_path / f"a{index}_small.png")
+    photo_like(rng, (40, 40)).save(tmp_path / "z_tiny.png")
+    dark = photo_like(rng, (600, 600))
+    Image.fromarray((np.asarray(dark, np.float32) * 0.15).astype(np.uint8)).save(tmp_path / "z_dark.png")
+    for path in tmp_path.glob("*.png"):
+        path.with_suffix(".txt").write_text("xyz_thing, a picture")
+    dataset = scan_folder(tmp_path)
+    report = examine(dataset, "sd15", "object", "xyz_thing")
+    assert report.worst_first()[:2] == ["z_tiny.png", "z_dark.png"]
+    unusable, tiny = report.of("unusable"), report.of("tiny")
+    assert unusable[0].images == ("z_tiny.png",) and "z_tiny.png (40 px)" in unusable[0].message
+    assert len(tiny[0].images) == 9 and "z_tiny.png" not in tiny[0].images and "(96 px)" in tiny[0].message
+    text = report.text()
+    for name in (*(f"a{index}_small.png" for index in range(9)), "z_tiny.png", "z_dark.png"):
+        assert f"  {name}: " in text, name  # every flagged file, one a line
+    sheet = flagged_sheet(dataset, report)
+    assert sheet is not None and sheet.size == (4 * 160, 2 * (160 + 3 * 16 + 8))  # 7 shown and "+4 more"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from lora_lab.trainer import export
@@ -132,3 +134,23 @@ def test_shared_metadata_names_no_local_folders(make_config, fresh_model, tmp_pa
     assert (saved["data"]["dataset"], saved["model"]["base_model"], saved["data"]["cache_dir"]) == (
         "my_set", "tiny-sd15", "cache")
     assert metadata["ss_sd_model_name"] == "tiny-sd15"
+
+
+def test_the_story_reads_as_english_and_a_cancelled_checkpoint_has_a_picture():
+    from lora_lab.trainer.config import build_config, with_preset_values
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.loop import SampleSheet
+    from lora_lab.trainer.metadata import CheckpointStory, RunFacts, story
+    from lora_lab.trainer.watch import RunWatch
+    from PIL import Image
+
+    facts = RunFacts(get_family("sd15"), "m", 512, 250, 10, ("xyz",), {}, "f", "epsilon", 0.0)
+    for preset, article in (("object", "An object"), ("style", "A style"), ("none", "A LoRA")):
+        config = with_preset_values(build_config({"preset": preset}))
+        assert story(config, facts, 100, CheckpointStory())["modelspec.description"].startswith(article)
+    # Cancel at step 61: no sample of its own, so the newest one before it is its thumbnail.
+    watch = RunWatch(Path("."), "run", 250, None, None, 0, None, -1)
+    assert watch.thumbnail_at(61) is None
+    picture = Image.new("RGB", (8, 8), "red")
+    watch.latest_sheet = SampleSheet(50, Path("x.png"), [picture])
+    assert watch.thumbnail_at(61) is picture and watch.thumbnail_at(40) is None

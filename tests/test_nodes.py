@@ -28,7 +28,7 @@ EXPECTED_INPUTS = {
     "LoraLabApplyLoraStack": ["model", "clip", "auto_strengths", "lora_1", "model_strength_1", "clip_strength_1",
                               "enabled_1", "lora_2", "model_strength_2", "clip_strength_2", "enabled_2", "lora_3",
                               "model_strength_3", "clip_strength_3", "enabled_3", "lora_stack", "training_run",
-                              "checkpoint"],
+                              "checkpoint", "run_strength"],
 }
 
 
@@ -223,9 +223,11 @@ def test_load_dataset_reports_and_carries_the_lora_type(nodes, stubs, monkeypatc
     output = LoadDataset.execute(folder, "character", "")
     dataset, report = output.values
     assert len(dataset.dataset.items) == 12 and report.startswith("Ready to train, with")
-    assert "12 images: a character LoRA needs at least 15" in report and "below 512 px" in report
+    assert "12 images: a character LoRA needs at least 15" in report and "far too small, under 128 px" in report
     assert report.endswith(NO_MODEL_NOTE) and dataset.family == ""
-    assert dataset.report.of("resolution") and output.ui["text"] == (report,)
+    assert dataset.report.of("tiny") and output.ui["text"] == (report,)
+    assert output.ui["lora_lab_dataset"] == [{"images": 12, "lora_type": "character", "family": "",
+                                             "trigger": "zkw_toy"}]  # for Train LoRA's plan line
     assert output.ui["images"].shape[0] == 1  # the sheet of flagged images, on the node
     assert dataset.lora_type == "character"
     config = node_config({"preset": "from dataset"}, stubs.loras, dataset.lora_type)
@@ -350,6 +352,12 @@ def test_sample_checkpoint_samples_strength_zero_once_per_prompt_and_reports_eac
     assert [data["done"] for event, data in events if event == "lora_lab.cell"] == list(range(1, 11))
     assert events[-1][1]["image"].startswith("data:image/jpeg;base64,")
     assert grid.shape[0] == 1 and grid.shape[2] > 240 + 3 * 250  # label column and three cells of 256 px
+    # On the node: the cells and their labels as text, row by row (web/lora_lab.js lays them out).
+    shown = output.ui["lora_lab_grid"][0]
+    assert shown["columns"] == ["strength 0", "strength 0.5", "strength 1"]
+    assert [row["label"] for row in shown["rows"]] == ["step 5\nzkw, a", "step 5\nzkw, b", "step 10\nzkw, a",
+                                                       "step 10\nzkw, b"]
+    assert all(len(row["cells"]) == 3 for row in shown["rows"])
 
 
 def test_the_run_routes_stay_in_their_folder_and_answer_briefly(nodes, make_config, fresh_model, tmp_path):

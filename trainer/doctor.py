@@ -47,6 +47,12 @@ DUPLICATE_BITS = 6
 ALIKE_BITS, ALIKE_SHARE = 12, 0.5
 MEASURE_SIDE = 256
 SEVERITIES = ("stop", "warning", "note")
+# Images far below the wanted size get findings of their own, so a 40 px picture is not one of many
+# "below 512 px": under an eighth of it (64 px) nothing can be learnt, under a quarter it is blocks.
+UNUSABLE_SHARE, TINY_SHARE = 0.125, 0.25
+# How bad a failed check is for the picture it names: the sheet of flagged images shows the worst first.
+CHECK_WEIGHT = {"unreadable": 7, "unusable": 7, "exposure": 6, "tiny": 5, "blur": 4, "duplicates": 3, "aspect": 2,
+                "resolution": 2, "captions": 2, "trigger": 1, "style": 1, "variety": 0}
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,12 @@ class DoctorReport:
                     found.setdefault(name, []).append(finding.check)
         return found
 
+    def worst_first(self) -> list[str]:
+        """The flagged images, the worst first: by their worst check, then by how many they failed."""
+        flagged = self.flagged()
+        return sorted(flagged, key=lambda name: (-max(CHECK_WEIGHT.get(c, 1) for c in flagged[name]),
+                                                 -len(flagged[name])))
+
     def text(self) -> str:
         stops, warnings = (sum(f.severity == s for f in self.findings) for s in ("stop", "warning"))
         if stops:
@@ -89,7 +101,10 @@ class DoctorReport:
             head = "Ready to train."
         order = sorted(self.findings, key=lambda f: SEVERITIES.index(f.severity))
         marks = {"stop": "✖", "warning": "!", "note": "·"}
-        return "\n".join([head, *(f"{marks[f.severity]} {f.message}" for f in order)])
+        flagged = self.flagged()
+        listing = [f"Flagged images ({len(flagged)}, worst first):",
+                   *(f"  {name}: {', '.join(flagged[name])}" for name in self.worst_first())] if flagged else []
+        return "\n".join([head, *(f"{marks[f.severity]} {f.message}" for f in order), *listing])
 
 
 def _names(names: list[str], limit: int = 4) -> str:
@@ -228,7 +243,19 @@ def _count(report: DoctorReport, lora_type: str) -> None:
 def _pictures(report: DoctorReport, measured: dict[str, Measurements], training_size: int) -> None:
     add = report.findings.append
     wanted = min(MIN_RESOLUTION, training_size)
-    small = [n for n, m in measured.items() if min(m.size) < wanted]
+    sized = sorted(measured.items(), key=lambda item: min(item[1].size))  # the smallest first
+    unusable_below, tiny_below = round(UNUSABLE_SHARE * wanted), round(TINY_SHARE * wanted)
+    for check, low, high, what in (
+            ("unusable", 0, unusable_below, "too small to learn from"),
+            ("tiny", unusable_below, tiny_below, "far too small")):
+        names = [n for n, m in sized if low <= min(m.size) < high]
+        if names:
+            shown = [f"{n} ({min(measured[n].size)} px)" for n in names]
+            add(Finding(check, "warning", f"{len(names)} image(s) {what}, under {high} px on the short side "
+                        f"({_names(shown)}): blown up over {wanted // high}x, they teach blur and blocks. Replace "
+                        f"them with larger versions or remove them ({training_size} is this model's size).",
+                        tuple(names)))
+    small = [n for n, m in sized if tiny_below <= min(m.size) < wanted]
     if small:
         add(Finding("resolution", "warning", f"{len(small)} image(s) below {wanted} px on the short side "
                     f"({_names(small)}): they are upscaled in training and look soft. Use {wanted} px or more "
@@ -335,21 +362,31 @@ def _captions(report: DoctorReport, items: list[ImageItem], family: str, trigger
 
 def flagged_sheet(dataset: Dataset, report: DoctorReport, columns: int = 4, side: int = 160,
                   limit: int = 8) -> Image.Image | None:
-    """Thumbnails of the first `limit` flagged images, each labelled with its name and what it
-    failed. Two rows at most, so that on a node the labels stay large enough to read; the text
-    report names every flagged image."""
+    """Thumbnails of the worst `limit` flagged images (the last cell says how many more there are),
+    each labelled with its name and what it failed. Two rows at most, so that on a node the labels
+    stay large enough to read; the text report lists every flagged image."""
     from .sampling import wrap_text
 
     flagged = report.flagged()
-    chosen = [i for i in dataset.items if item_name(i) in flagged][:limit]
+    by_name = {item_name(i): i for i in dataset.items}
+    worst = [name for name in report.worst_first() if name in by_name]
+    chosen = [by_name[name] for name in worst[:limit - 1 if len(worst) > limit else limit]]
+    more = len(worst) - len(chosen)
     if not chosen:
         return None
     font = ImageFont.load_default(size=13)
     label_lines, line = 3, 16
     cell_height = side + label_lines * line + 8
-    rows = (len(chosen) + columns - 1) // columns
+    cells = len(chosen) + bool(more)
+    rows = (cells + columns - 1) // columns
     sheet = Image.new("RGB", (columns * side, rows * cell_height), "white")
     draw = ImageDraw.Draw(sheet)
+    if more:  # the last cell says how many are not shown
+        x, y = len(chosen) % columns * side, len(chosen) // columns * cell_height
+        big = ImageFont.load_default(size=28)
+        draw.text((x + side // 2, y + side // 2), f"+{more} more", fill="black", font=big, anchor="mm")
+        for number, part in enumerate(wrap_text("all of them are listed in the report", font, side - 8)[:2]):
+            draw.text((x + 4, y + side + number * line), part, fill="black", font=font)
     for index, item in enumerate(chosen):
         x, y = index % columns * side, index // columns * cell_height
         picture = item.image if item.image is not None else load_image(item.path)

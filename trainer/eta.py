@@ -1,11 +1,12 @@
 """How long a run still takes, counting everything it will do: the steps left, and the checkpoints,
 validation passes and sample sheets still to come on their schedules.
 
-Each kind of work is timed as it happens; one not yet seen is estimated from the step time (a
-validation pass runs the denoiser forward only on the held-out batches, about a third of a training
-step's cost each; a sample sheet runs `sample_steps` forward passes per prompt, twice with
-classifier-free guidance, plus a decode). So the time left at step 1 already holds the first save
-and sample sheet, not the steps alone.
+Each kind of work is timed as it happens; one not yet seen is estimated from the step time: a
+forward pass without backward costs about a third of a training step at the same batch size, a
+validation pass is one per held-out batch, a sample sheet `sample_steps` for every prompt (twice
+with classifier-free guidance). So the time left at step 1 already holds the first save and sample
+sheet, not the steps alone. The first step, which also warms up, is not taken as the step time
+once a second one is known.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class Schedule:
     validation_every: int = 0  # 0: no validation
     sample_every: int = -1  # -1: no samples; 0: at checkpoints only
     validation_batches: int = 0  # held-out batches per validation pass
-    sample_passes: int = 0  # denoiser forward passes per sample sheet (prompts x steps x guidance)
+    sample_passes: float = 0.0  # forward passes per sample sheet, in training batches (see sample_passes)
 
     def count(self, every: int, first: int) -> int:
         """Steps from `first` to the end at which work done every `every` steps happens, or at
@@ -48,11 +49,18 @@ def _multiples(every: int, first: int, last: int) -> int:
 @dataclass
 class RunClock:
     schedule: Schedule
-    step_seconds: float | None = None  # smoothed
+    step_seconds: float | None = None  # the mean step time so far (the first step left out once others exist)
     timed: dict[str, float] = field(default_factory=dict)  # "saving", "validating", "sampling": last duration
+    steps_timed: int = 0
+    _total: float = 0.0
 
     def step_done(self, seconds: float) -> None:
-        self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
+        # A mean over the run, not over the last few steps: a step's time swings by half on a busy
+        # machine, and the run's remaining steps are many.
+        self.steps_timed += 1
+        if self.steps_timed > 1:
+            self._total += seconds
+        self.step_seconds = seconds if self.steps_timed == 1 else self._total / (self.steps_timed - 1)
 
     def work_done(self, kind: str, seconds: float) -> None:
         self.timed[kind] = seconds
@@ -81,8 +89,9 @@ class RunClock:
         return seconds
 
 
-def sample_passes(prompts: int, sample_steps: int, guided: bool) -> int:
-    return prompts * sample_steps * (2 if guided else 1)
+def sample_passes(prompts: int, sample_steps: int, guided: bool, batch_size: int) -> float:
+    """A sample sheet's denoiser work in forward passes at the training batch size."""
+    return sample_steps * prompts * (2 if guided else 1) / max(1, batch_size)
 
 
 def batches(images: int, batch_size: int) -> int:

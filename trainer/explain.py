@@ -12,7 +12,7 @@ from typing import Any
 from .config import STEP_RANGES, STEPS_PER_IMAGE, auto_steps, build_config, with_preset_values
 from .data import validation_count
 from .errors import LoraLabError
-from .families import get_family
+from .families import all_families, get_family
 
 
 def plan_line(settings: dict[str, Any], family: str, image_count: int | None) -> str:
@@ -46,8 +46,9 @@ def plan_line(settings: dict[str, Any], family: str, image_count: int | None) ->
     parts.append(f"alpha {alpha:g}" + (" (= rank)" if not config.lora.alpha else ""))
     title = get_family(family).title if family else "the model"
     resolution = config.data.resolution or (get_family(family).default_resolution if family else 0)
+    own = ", ".join(f"{f.default_resolution} px for {f.title}" for f in all_families())
     parts.append(f"{resolution} px" + ("" if config.data.resolution else f" ({title}'s own)") if resolution
-                 else "the model's own resolution")
+                 else f"the model's own resolution ({own})")
     if steps:
         every = config.output.save_every or max(1, math.ceil(steps / 4))
         parts.append(f"a checkpoint every {every:,} steps" + ("" if config.output.save_every else " (4 in all)"))

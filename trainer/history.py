@@ -14,6 +14,7 @@ opened in a second browser, reads the whole curve from here (nodes/routes.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .diagnosis import Diagnosis
+from .eta import RunClock, Schedule
 from .files import atomic_write_text
 from .loop import Checkpoint, SampleSheet, StepReport, TrainingEvents
 from .parallel import processes
@@ -61,7 +63,13 @@ class RunJournal(TrainingEvents):
             "best": None}
         self._written_at = 0.0
         self.writes = processes().main  # with several training processes, the main one alone writes
+        self.clock: RunClock | None = None  # the time left (set once the run's schedule is known)
+        self._phase: tuple[str, float] | None = None  # work between steps under way, and since when
         self.flush(force=True)
+
+    def plan(self, schedule: Schedule) -> None:
+        """What the run will do between its steps, so the time left counts it."""
+        self.clock = RunClock(schedule)
 
     # --- the loop's events -------------------------------------------------------------------
     def on_start(self, first_step: int, total_steps: int, checkpoints: list[Checkpoint]) -> None:
@@ -69,23 +77,41 @@ class RunJournal(TrainingEvents):
 
     def on_step(self, report: StepReport) -> None:
         self.losses.append((report.step, report.loss, report.learning_rate))
+        if self.clock is not None:
+            self.clock.step_done(report.seconds_per_step)
+            report = dataclasses.replace(report, eta_seconds=self.clock.remaining(report.step))
         speed = self.state["seconds_per_step"]  # smoothed, so one slow step does not swing the ETA
         self.state.update(step=report.step, seconds_per_step=report.seconds_per_step if speed is None
-                          else 0.8 * speed + 0.2 * report.seconds_per_step)
+                          else 0.8 * speed + 0.2 * report.seconds_per_step, eta_seconds=report.eta_seconds,
+                          phase=None)
         self.flush()
         self.inner.on_step(report)
 
+    def on_phase(self, phase: str) -> None:
+        self._phase = (phase, time.monotonic())
+        self.state["phase"] = phase
+        self.flush()
+        self.inner.on_phase(phase)
+
+    def _phase_done(self, phase: str) -> None:
+        if self._phase and self._phase[0] == phase and self.clock is not None:
+            self.clock.work_done(phase, time.monotonic() - self._phase[1])
+        self._phase, self.state["phase"] = None, None
+
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self._phase_done("saving")
         self.state["checkpoints"].append(checkpoint_row(checkpoint))
         self.flush(force=True)
         self.inner.on_checkpoint(checkpoint)
 
     def on_validation(self, step: int, loss: float) -> None:
+        self._phase_done("validating")
         self.state["validation"].append([step, loss])
         self.flush(force=True)
         self.inner.on_validation(step, loss)
 
     def on_samples(self, sheet: SampleSheet) -> None:
+        self._phase_done("sampling")
         self.state["samples"].append({"step": sheet.step, "file": sheet.path.name})
         self.flush(force=True)
         self.inner.on_samples(sheet)

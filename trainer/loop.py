@@ -44,6 +44,7 @@ class StepReport:
     loss: float
     learning_rate: float
     seconds_per_step: float
+    eta_seconds: float | None = None  # the whole run's time left, saves and samples included (trainer/eta.py)
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,10 @@ class TrainingEvents:
 
     def on_checkpoint(self, checkpoint: Checkpoint) -> None:
         pass
+
+    def on_phase(self, phase: str) -> None:
+        """Work between steps begins: "validating", "sampling" or "saving" (its end is the matching
+        on_validation, on_samples or on_checkpoint)."""
 
     def on_validation(self, step: int, loss: float) -> None:
         pass

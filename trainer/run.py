@@ -26,6 +26,7 @@ from .data import Dataset, scan_folder, split_validation, validation_count
 from .diagnosis import Diagnosis
 from .doctor import repeated_prompts
 from .errors import LoraLabError
+from .eta import Schedule, batches, sample_passes
 from .examples import TrainingSet
 from .export import SAVE_DTYPES, lora_state_dict, named_layers, save_lora
 from .families import detect_source_family, get_family
@@ -311,7 +312,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     return result
 
 
-def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, dataset: Dataset, held_out: Dataset,
+def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, dataset: Dataset, held_out: Dataset,
            run_dir: Path, resume: RunState | None, history: list[dict], listing: list[list],
            started: float) -> TrainingResult:
     train = config.train
@@ -334,9 +335,17 @@ def _train(config: TrainingConfig, events: TrainingEvents, model: LoadedModel, d
     watch = RunWatch(run_dir, name, train.steps, events, prepared.validation, train.validation_every,
                      prepared.sampler, config.sample.sample_every, resume.validation if resume else (),
                      resume.samples if resume else ())
+    # What the run does between steps, so its time left counts saves, validation and samples.
+    events.plan(Schedule(train.steps, config.output.save_every, watch.validation_every if prepared.validation else 0,
+                         config.sample.sample_every if prepared.sampler else -1,
+                         batches(len(held_out.items), train.batch_size),
+                         sample_passes(len(config.sample.prompts), config.sample.sample_steps,
+                                       model.family.uses_classifier_free_guidance(model), train.batch_size)
+                         if prepared.sampler else 0))
 
     def save(step: int, final: bool, state: RunState) -> Path:
         """The LoRA file, then its resume file: a resume file never exists without its LoRA."""
+        events.on_phase("saving")
         path = run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
         tensors = lora_state_dict(model, config.alpha, SAVE_DTYPES["fp16"])
         story = CheckpointStory(diagnose_run(state.losses, watch.validation, train.steps), watch.validation_at(step),

@@ -38,10 +38,12 @@ class RunWatch:
 
     def __call__(self, step: int, checkpoint_due: bool) -> None:
         if self.measure and (checkpoint_due or step % self.validation_every == 0):
+            self.events.on_phase("validating")
             loss = self.measure()
             self.validation.append((step, loss))
             self.events.on_validation(step, loss)
         if self.sampler and (checkpoint_due or (self.sample_every > 0 and step % self.sample_every == 0)):
+            self.events.on_phase("sampling")
             images = self.sampler.sample()
             path = self.run_dir / f"{self.name}-step{step:06d}-samples.png"
             atomic_save_image(path, labelled_grid([(f"step {step}", images)], self.sampler.prompts))
@@ -53,9 +55,10 @@ class RunWatch:
         return next((loss for at, loss in reversed(self.validation) if at == step), None)
 
     def thumbnail_at(self, step: int):
-        """The first sample image made at `step`, for the checkpoint's metadata (None if none)."""
+        """The first sample image made at `step`, or the newest before it (a checkpoint saved at
+        Cancel has none of its own), for the checkpoint's metadata; None when nothing was sampled."""
         sheet = self.latest_sheet
-        return sheet.images[0] if sheet is not None and sheet.step == step and sheet.images else None
+        return sheet.images[0] if sheet is not None and sheet.step <= step and sheet.images else None
 
 
 def diagnose_run(losses: Sequence[tuple[int, float, float]], validation: Sequence[tuple[int, float]],

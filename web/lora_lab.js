@@ -1,24 +1,31 @@
 // LoRA Lab frontend.
-// - Train LoRA: a training panel (a DOM widget that reserves its own height, so it never paints over
-//   other widgets): status, step / total, s/step, ETA, the loss curve (per step and smoothed) with the
-//   validation loss, the learning rate and checkpoint markers, the newest samples, and the run's
-//   message (how to resume after a Cancel; at the end the diagnosis and the checkpoint to use).
-//   Live from websocket events; the whole history comes from the server's /lora_lab/run route, so a
-//   reloaded page or a second browser shows the same curve. A background run (Train LoRA's
-//   `background` on) shows a Stop button while it trains (POST /lora_lab/jobs/stop; it saves).
-// - Sample Checkpoint: the cell being sampled (k of n, with its picture) while the grid is made.
-// - Load Dataset and Caption: their report and captions as readable text on the node.
+// - Train LoRA: the settings the guide calls essential stay in view and the rest fold away ("More
+//   settings"); a training panel (a DOM widget that reserves its own height, so it never paints over
+//   other widgets) right under them: status (with "saving", "sampling", "validating" between steps),
+//   step / total, s/step, the time left counting saves and samples, the plan line (what every
+//   setting left at 0 becomes, before Queue), the loss curve (per step and smoothed) with the
+//   validation loss, learning rate and checkpoints, the newest samples (only when there are some), and
+//   the run's message (how to resume after a Cancel; at the end the diagnosis and the checkpoint to
+//   use). Live from websocket events; the whole history comes from the server's /lora_lab/run route,
+//   so a reloaded page or a second browser shows the same curve. A background run shows a Stop button.
+// - Sample Checkpoint: the cell being sampled (k of n, with its picture), then the grid as cells with
+//   text labels sized to read on the node; a click opens a cell full size.
+// - Load Dataset, Caption and Apply LoRA Stack: their report, captions and what was applied as text.
+// - Workflows saved by older versions load with every value in its widget (widget_history.json).
 // Works for nodes inside subgraphs (execution ids like "5:3"), in the classic canvas and in Nodes 2.0.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_NODE = "LoraLabTrainLora";
 const SAMPLE_NODE = "LoraLabSampleCheckpoint";
-const TEXT_NODES = { LoraLabLoadDataset: "Run the workflow to see how this dataset measures up to the guide.",
-                     LoraLabCaption: "Run the workflow to see every caption." };
+const DATASET_NODE = "LoraLabLoadDataset";
+const TEXT_NODES = { LoraLabLoadDataset: "Queue to see how this dataset measures up to the guide (this node alone "
+                                         + "is enough: it is an output node).",
+                     LoraLabCaption: "Run the workflow to see every caption.",
+                     LoraLabApplyLoraStack: "Queue to see which LoRAs are applied, at which strengths." };
 // The doctor's report is a few findings of two or three lines each: room for a typical one unscrolled.
-const TEXT_HEIGHTS = { LoraLabLoadDataset: 200, LoraLabCaption: 150 };
-const PANEL_HEIGHT = 420;
+const TEXT_HEIGHTS = { LoraLabLoadDataset: 200, LoraLabCaption: 150, LoraLabApplyLoraStack: 96 };
+const PANEL_HEIGHT = 330; // without samples
 const SAMPLE_HEIGHT = 110;
 const MULTILINE_HEIGHT = 96;
 const CELL_HEIGHT = 104;
@@ -115,7 +122,7 @@ function allNodes(graph = rootGraph(), found = []) {
 // --- run state ---------------------------------------------------------------------------------
 function freshRun(name) {
   return { name, status: "training", message: "", step: 0, total: 0, secondsPerStep: null, losses: [],
-           checkpoints: [], validation: [], sample: null, best: null, background: false };
+           checkpoints: [], validation: [], sample: null, best: null, background: false, phase: null, eta: null };
 }
 
 const ACTIVE_JOB = new Set(["starting", "training", "paused", "stopping"]);
@@ -194,7 +201,8 @@ function onRunEvent(type, detail) {
   const run = runFor(String(detail.node), detail.run);
   if (type === "progress") {
     addLoss(run, detail.step, detail.loss, detail.lr);
-    Object.assign(run, { step: detail.step, total: detail.total, status: "training", message: "" });
+    Object.assign(run, { step: detail.step, total: detail.total, status: "training", message: "", phase: null,
+                         eta: detail.eta ?? null });
     run.secondsPerStep = run.secondsPerStep == null ? detail.seconds_per_step
       : 0.8 * run.secondsPerStep + 0.2 * detail.seconds_per_step;
   } else if (type === "checkpoint") {
@@ -203,6 +211,8 @@ function onRunEvent(type, detail) {
     run.validation = mergePoints(run.validation, [[detail.step, detail.loss]]);
   } else if (type === "sample") {
     run.sample = detail.image;
+  } else if (type === "phase") {
+    run.phase = detail.phase;
   } else if (type === "start") {
     Object.assign(run, { step: detail.first_step - 1, total: detail.total, status: "training" });
     run.checkpoints = mergeCheckpoints(run.checkpoints, detail.checkpoints ?? []);
@@ -221,6 +231,7 @@ function onRunEvent(type, detail) {
 }
 
 api.addEventListener("lora_lab.start", ({ detail }) => onRunEvent("start", detail));
+api.addEventListener("lora_lab.phase", ({ detail }) => onRunEvent("phase", detail));
 api.addEventListener("lora_lab.progress", ({ detail }) => onRunEvent("progress", detail));
 api.addEventListener("lora_lab.checkpoint", ({ detail }) => onRunEvent("checkpoint", detail));
 api.addEventListener("lora_lab.status", ({ detail }) => onRunEvent("status", detail));
@@ -258,7 +269,7 @@ function element(tag, style, parent) {
 
 function makePanel() {
   const root = element("div", { display: "flex", flexDirection: "column", gap: "4px", boxSizing: "border-box",
-                                height: `${PANEL_HEIGHT - 8}px`, padding: "6px 8px", overflow: "hidden",
+                                height: "100%", padding: "6px 8px", overflow: "hidden",
                                 font: "12px sans-serif", color: "var(--input-text, #ddd)",
                                 background: "var(--comfy-input-bg, #222)", borderRadius: "6px" });
   root.className = "lora-lab-panel";
@@ -268,21 +279,28 @@ function makePanel() {
   status.className = "lora-lab-status";
   const numbers = element("span", { whiteSpace: "normal", flex: "1 1 auto" }, header);
   numbers.className = "lora-lab-numbers";
-  const stop = element("button", { display: "none", padding: "1px 10px", cursor: "pointer", font: "12px sans-serif" },
-                       header);
-  stop.className = "lora-lab-stop";
-  stop.textContent = "Stop";
-  stop.title = "Stop this background run; it saves a checkpoint that resume = latest continues.";
+  const button = (text, title, className) => {
+    const made = element("button", { padding: "1px 10px", cursor: "pointer", font: "12px sans-serif" }, header);
+    Object.assign(made, { textContent: text, title, className });
+    return made;
+  };
+  const more = button("More settings", "Show or hide the settings the guide does not call essential (they keep " +
+                      "their values either way).", "lora-lab-more");
+  const stop = button("Stop", "Stop this background run; it saves a checkpoint that resume = latest continues.",
+                      "lora-lab-stop");
+  stop.style.display = "none";
+  const plan = element("div", { whiteSpace: "normal", color: "var(--descrip-text, #aaa)", flex: "0 0 auto" }, root);
+  plan.className = "lora-lab-plan";
   const chart = element("canvas", { width: "100%", height: "170px", flex: "0 0 170px" }, root);
   chart.className = "lora-lab-chart";
   const sample = element("img", { height: `${SAMPLE_HEIGHT}px`, flex: `0 0 ${SAMPLE_HEIGHT}px`, objectFit: "contain",
-                                  objectPosition: "left", visibility: "hidden", imageRendering: "pixelated" }, root);
+                                  objectPosition: "left", display: "none", imageRendering: "pixelated" }, root);
   sample.className = "lora-lab-sample";
   sample.alt = "samples at strength 1";
   const message = element("div", { whiteSpace: "normal", overflowWrap: "anywhere", overflowY: "auto",
                                    flex: "1 1 auto", minHeight: "0" }, root);
   message.className = "lora-lab-message";
-  return { root, status, numbers, stop, chart, sample, message };
+  return { root, status, numbers, more, stop, plan, chart, sample, message };
 }
 
 function duration(seconds) {
@@ -292,31 +310,52 @@ function duration(seconds) {
   return `${(seconds / 3600).toFixed(1)} h`;
 }
 
+const PHASES = { saving: "saving…", sampling: "sampling…", validating: "validating…" };
+
+function panelHeight(node) {
+  return PANEL_HEIGHT + (node.loraLabPanel?.hasSample ? SAMPLE_HEIGHT + 4 : 0);
+}
+
+// The node's height follows what it shows: the folded settings and the samples come and go.
+function fitNode(node) {
+  if (!node.graph) return;
+  const height = node.computeSize()[1] + 6;  // a little room under the last widget, as the frontend leaves
+  if (Math.abs(node.size[1] - height) > 1) node.setSize([node.size[0], height]);
+  node.setDirtyCanvas?.(true, true);
+}
+
 function renderNode(node) {
   const parts = node.loraLabPanel;
   if (!parts) return;
+  const folded = foldedCount(node);
+  parts.more.textContent = node.showAdvanced ? "Fewer settings" : `More settings (${folded})`;
+  parts.more.style.display = folded ? "inline-block" : "none";
   const run = runs.get(executionIdOf(node));
+  const hadSample = parts.hasSample;
+  parts.hasSample = Boolean(run?.sample);
+  if (parts.hasSample !== hadSample) fitNode(node);
+  parts.sample.style.display = parts.hasSample ? "block" : "none";
   if (!run) {
-    parts.status.textContent = "no run yet";
+    parts.status.textContent = parts.status.dataset.status = "no run yet";
     parts.status.style.background = "#888";
     parts.numbers.textContent = "";
     parts.message.textContent = "Queue the workflow to train. Progress, the loss curve and how to continue " +
       "after a Cancel appear here.";
     drawChart(parts.chart, null);
-    parts.sample.style.visibility = "hidden";
     parts.stop.style.display = "none";
     return;
   }
   parts.stop.style.display = run.background && ACTIVE_JOB.has(run.status) ? "inline-block" : "none";
   parts.stop.disabled = run.status === "stopping";
   if (run.sample && parts.sample.src !== run.sample) parts.sample.src = run.sample;
-  parts.sample.style.visibility = run.sample ? "visible" : "hidden";
-  parts.status.textContent = run.status;
+  const training = run.status === "training";
+  parts.status.textContent = training && run.phase ? PHASES[run.phase] ?? run.phase : run.status;
+  parts.status.dataset.status = run.status;  // the state behind the words shown (for tests and styles)
   parts.status.style.background = STATUS_COLOURS[run.status] ?? "#888";
   const last = run.losses.at(-1);
   const speed = run.secondsPerStep ? ` · ${run.secondsPerStep.toFixed(2)} s/step` : "";
-  const eta = run.status === "training" && run.secondsPerStep && run.total
-    ? ` · ETA ${duration((run.total - run.step) * run.secondsPerStep)}` : "";
+  // The time left is the server's: it counts the saves, validation and samples still to come.
+  const eta = training && run.eta != null ? ` · ${duration(run.eta)} left` : "";
   parts.numbers.textContent = `${run.name} · step ${run.step} / ${run.total || "?"}` +
     (last ? ` · loss ${last[1].toFixed(4)}` : "") + speed + eta;
   const saved = run.checkpoints.length
@@ -327,6 +366,97 @@ function renderNode(node) {
   parts.message.textContent = run.message || background + saved;
   drawChart(parts.chart, run);
   node.setDirtyCanvas?.(true, false);
+}
+
+// --- the plan line: what the settings left at 0 become, before Queue ----------------------------
+function upstreamDataset(node, seen = new Set()) {
+  // Through Caption (or any node with a dataset input) to the Load Dataset that made the dataset.
+  if (!node?.graph || seen.has(node)) return null;  // a node being removed has no graph to look in
+  seen.add(node);
+  if (node.comfyClass === DATASET_NODE) {  // what its last run measured, else what its widgets say
+    const type = node.widgets?.find((w) => w.name === "lora_type")?.value;
+    return node.properties?.lora_lab_dataset ?? (type ? { lora_type: type } : null);
+  }
+  const slot = (node.inputs ?? []).findIndex((input) => input.name === "dataset");
+  return slot < 0 ? null : upstreamDataset(node.getInputNode?.(slot), seen);
+}
+
+function widgetValues(node) {
+  return Object.fromEntries((node.widgets ?? []).filter((w) => w.serialize !== false && w.name)
+    .map((w) => [w.name, w.value]));
+}
+
+const planTimers = new Map();
+function requestPlan(node) {
+  if (!node.loraLabPanel) return;
+  clearTimeout(planTimers.get(node));
+  planTimers.set(node, setTimeout(async () => {
+    if (!node.graph) return;
+    const dataset = upstreamDataset(node) ?? {};
+    const body = { settings: JSON.stringify(widgetValues(node)), lora_type: dataset.lora_type ?? "",
+                   family: dataset.family ?? "", images: dataset.images ?? "" };
+    try {
+      const response = await api.fetchApi("/lora_lab/plan", { method: "POST", body: JSON.stringify(body),
+                                                               headers: { "Content-Type": "application/json" } });
+      const answer = await response.json();
+      node.loraLabPanel.plan.textContent = answer.plan ? `Plan: ${answer.plan}.` : "";
+      node.loraLabPanel.plan.title = dataset.images ? "" : "Queue the workflow (or just Load Dataset) once to see " +
+        "the number of steps for your images.";
+    } catch (error) {
+      console.warn("LoRA Lab: could not work out the plan", error);
+    }
+  }, 250));
+}
+
+function watchWidgets(node, changed) {
+  for (const widget of node.widgets ?? []) {
+    const callback = widget.callback;
+    widget.callback = function () {
+      const result = callback?.apply(this, arguments);
+      changed();
+      return result;
+    };
+  }
+}
+
+function requestAllPlans() {
+  for (const node of allNodes()) if (node.comfyClass === TRAIN_NODE) requestPlan(node);
+}
+
+// Folding: the node definition marks the settings to fold ("advanced"). Frontends that lay widgets
+// out by their visibility (getLayoutWidgets, 1.3x and later) fold them themselves; older ones (1.27)
+// skip drawing them but still keep their rows, so there a folded widget is also made zero height.
+function foldSettings(node, nodeData) {
+  const specs = { ...(nodeData.input?.required ?? {}), ...(nodeData.input?.optional ?? {}) };
+  for (const widget of node.widgets ?? []) {
+    if (specs[widget.name]?.[1]?.advanced) widget.loraLabFolded = true;
+  }
+  applyFolding(node);
+}
+
+function applyFolding(node) {
+  const native = typeof node.getLayoutWidgets === "function";
+  const shown = Boolean(node.showAdvanced);
+  for (const widget of node.widgets ?? []) {
+    if (!widget.loraLabFolded) continue;
+    widget.advanced = true;
+    if (native) continue;
+    if (!("loraLabComputeSize" in widget)) widget.loraLabComputeSize = widget.computeSize;
+    widget.hidden = !shown;
+    widget.computeSize = shown ? widget.loraLabComputeSize : () => [0, -4];
+  }
+}
+
+function foldedCount(node) {
+  return (node.widgets ?? []).filter((widget) => widget.loraLabFolded).length;
+}
+
+function toggleSettings(node) {
+  node.showAdvanced = !node.showAdvanced;
+  applyFolding(node);
+  fitNode(node);
+  renderNode(node);
+  saveWorkflowState();
 }
 
 function movingAverage(values, window) {
@@ -422,11 +552,12 @@ function addPanel(node) {
   if (node.loraLabPanel) return;
   const parts = makePanel();
   const widget = node.addDOMWidget("lora_lab_panel", "lora_lab_panel", parts.root, {
-    serialize: false, hideOnZoom: false, getMinHeight: () => PANEL_HEIGHT, getMaxHeight: () => PANEL_HEIGHT,
+    serialize: false, hideOnZoom: false, getMinHeight: () => panelHeight(node), getMaxHeight: () => panelHeight(node),
   });
   widget.serialize = false; // not part of the workflow's widget values: they are positional
   node.loraLabPanel = parts;
   parts.stop.addEventListener("click", (event) => { event.stopPropagation(); stopJob(node); });
+  parts.more.addEventListener("click", (event) => { event.stopPropagation(); toggleSettings(node); });
   new ResizeObserver(() => renderNode(node)).observe(parts.root);
   renderNode(node);
 }
@@ -456,11 +587,103 @@ api.addEventListener("lora_lab.cell", ({ detail }) => {
   cells.image.src = detail.image;
   cells.image.style.display = "block";
   cells.text.textContent = detail.done === detail.total
-    ? `All ${detail.total} cells sampled; the grid is below. Last: ${detail.label}`
+    ? `All ${detail.total} cells sampled; the grid is below (click a cell to see it full size). Last: ${detail.label}`
     : `Cell ${detail.done} of ${detail.total}: ${detail.label}`;
 });
 
-// --- text on Load Dataset and Caption ----------------------------------------------------------
+// --- Sample Checkpoint: the grid, as cells with text labels ------------------------------------
+// The grid picture (the node's grid output) shrunk into a node has labels too small to read; here the
+// cells are laid out at the node's width and the labels are text, so both read at the zoom a user
+// works at. A click on a cell opens it full size.
+const GRID_LABEL_WIDTH = 150;
+const GRID_GAP = 4;
+const GRID_FONT = 15;
+
+function gridCell(node) {
+  const grid = node.loraLabGrid?.data;
+  if (!grid) return 0;
+  const room = node.size[0] - 20 - GRID_LABEL_WIDTH - GRID_GAP * grid.columns.length;
+  return Math.max(48, Math.floor(room / grid.columns.length));
+}
+
+function gridHeight(node) {
+  const grid = node.loraLabGrid?.data;
+  if (!grid) return 0;
+  return 12 + 2 * GRID_FONT + grid.rows.length * (gridCell(node) + GRID_GAP);
+}
+
+function viewUrl(ref) {
+  const query = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type ?? "temp" });
+  return api.apiURL(`/view?${query}`);
+}
+
+function openFullSize(src, caption) {
+  const overlay = element("div", { position: "fixed", inset: "0", zIndex: "10000", background: "rgba(0,0,0,0.85)",
+                                   display: "flex", flexDirection: "column", alignItems: "center",
+                                   justifyContent: "center", gap: "8px", cursor: "zoom-out",
+                                   font: "15px sans-serif", color: "#eee" }, document.body);
+  overlay.className = "lora-lab-full-size";
+  // As large as the screen allows (a 512 px sample is shown whole, a small one enlarged).
+  const picture = element("img", { width: "92vw", height: "86vh", objectFit: "contain" }, overlay);
+  picture.src = src;
+  element("div", { whiteSpace: "pre-wrap", textAlign: "center" }, overlay).textContent = caption;
+  const close = () => { overlay.remove(); document.removeEventListener("keydown", onKey); };
+  const onKey = (event) => { if (event.key === "Escape") close(); };
+  overlay.addEventListener("click", close);
+  document.addEventListener("keydown", onKey);
+}
+
+function renderGrid(node) {
+  const view = node.loraLabGrid;
+  const grid = view?.data;
+  if (!grid) return;
+  const cell = gridCell(node);
+  view.root.replaceChildren();
+  view.root.style.display = "grid";
+  view.root.style.gridTemplateColumns = `${GRID_LABEL_WIDTH}px repeat(${grid.columns.length}, ${cell}px)`;
+  const label = (text, style = {}) => {
+    const made = element("div", { whiteSpace: "pre-wrap", overflowWrap: "anywhere", font: `${GRID_FONT}px sans-serif`,
+                                  ...style }, view.root);
+    made.textContent = text;
+    return made;
+  };
+  label("");
+  for (const column of grid.columns) label(column, { textAlign: "center", alignSelf: "end" });
+  for (const row of grid.rows) {
+    label(row.label, { alignSelf: "center" }).className = "lora-lab-grid-label";
+    row.cells.forEach((ref, index) => {
+      const image = element("img", { width: `${cell}px`, height: `${cell}px`, objectFit: "contain",
+                                     cursor: "zoom-in", background: "#111" }, view.root);
+      image.className = "lora-lab-grid-cell";
+      image.src = viewUrl(ref);
+      const caption = `${row.label.replace(/\n/g, " · ")} · ${grid.columns[index]}`;
+      image.title = caption;
+      image.addEventListener("click", (event) => { event.stopPropagation(); openFullSize(image.src, caption); });
+    });
+  }
+  fitNode(node);
+}
+
+function addGridView(node) {
+  if (node.loraLabGrid) return;
+  const root = element("div", { display: "none", gap: `${GRID_GAP}px`, boxSizing: "border-box", padding: "4px",
+                                color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)",
+                                borderRadius: "6px", overflow: "hidden", alignItems: "center" });
+  root.className = "lora-lab-grid";
+  const widget = node.addDOMWidget("lora_lab_grid", "lora_lab_grid", root, {
+    serialize: false, hideOnZoom: false, getMinHeight: () => gridHeight(node), getMaxHeight: () => gridHeight(node),
+  });
+  widget.serialize = false;
+  node.loraLabGrid = { root, data: null, width: 0 };
+  new ResizeObserver(() => {  // a wider node, larger cells
+    if (node.loraLabGrid.data && Math.abs(node.loraLabGrid.width - node.size[0]) > 2) {
+      node.loraLabGrid.width = node.size[0];
+      renderGrid(node);
+    }
+  }).observe(root);
+}
+
+// --- text on Load Dataset, Caption and Apply LoRA Stack ---------------------------------------
 function addTextPanel(node, placeholder, height) {
   if (node.loraLabText) return;
   const box = element("div", { boxSizing: "border-box", height: `${height - 8}px`, overflowY: "auto",
@@ -515,26 +738,57 @@ app.registerExtension({
       const layouts = widgetHistory[nodeData.name]?.layouts;
       if (layouts) this.properties = { ...(this.properties ?? {}), lora_lab_layout: layouts.length };
       capTextBoxes(this);
-      if (nodeData.name === TRAIN_NODE) addPanel(this);
-      else if (nodeData.name === SAMPLE_NODE) addCellView(this);
-      else if (placeholder !== undefined) addTextPanel(this, placeholder, TEXT_HEIGHTS[nodeData.name]);
+      if (nodeData.name === TRAIN_NODE) {
+        foldSettings(this, nodeData);
+        addPanel(this);
+        watchWidgets(this, () => requestPlan(this));
+        fitNode(this);
+        requestPlan(this);
+      } else if (nodeData.name === SAMPLE_NODE) {
+        addCellView(this);
+        addGridView(this);
+      } else if (placeholder !== undefined) {
+        addTextPanel(this, placeholder, TEXT_HEIGHTS[nodeData.name]);
+      }
+      if (nodeData.name === DATASET_NODE) watchWidgets(this, requestAllPlans);  // its LoRA type sets the preset
       return result;
     };
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       if (message?.images?.length) makeRoomForImages(this);
+      // Kept with the workflow, so what the node shows is still there after a reload or when it is cached.
+      if (message?.lora_lab_dataset?.length) {
+        this.properties.lora_lab_dataset = message.lora_lab_dataset[0];
+        requestAllPlans();
+      }
+      if (message?.lora_lab_grid?.length && this.loraLabGrid) {
+        this.loraLabGrid.data = this.properties.lora_lab_grid = message.lora_lab_grid[0];
+        renderGrid(this);
+      }
       const text = message?.text;
-      if (!this.loraLabText || !text) return;
-      this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
-      // Kept with the workflow, so the report is still there after a reload or when the node is cached.
-      this.properties.lora_lab_text = this.loraLabText.textContent;
+      if (this.loraLabText && text) {
+        this.loraLabText.textContent = Array.isArray(text) ? text.join("\n") : text;
+        this.properties.lora_lab_text = this.loraLabText.textContent;
+      }
       saveWorkflowState();
+    };
+    const onAdded = nodeType.prototype.onAdded;
+    nodeType.prototype.onAdded = function () {
+      const result = onAdded?.apply(this, arguments);
+      // Added to a graph, the frontend sizes the node for every widget: the folded ones take no room.
+      if (this.loraLabPanel) setTimeout(() => fitNode(this), 0);
+      return result;
     };
     const onConfigure = nodeType.prototype.onConfigure;
     nodeType.prototype.onConfigure = function () {
       const result = onConfigure?.apply(this, arguments);
       if (this.loraLabText && this.properties?.lora_lab_text) this.loraLabText.textContent = this.properties.lora_lab_text;
+      if (this.loraLabGrid && this.properties?.lora_lab_grid) {
+        this.loraLabGrid.data = this.properties.lora_lab_grid;
+        setTimeout(() => renderGrid(this), 0);
+      }
+      if (this.loraLabPanel) setTimeout(() => { applyFolding(this); fitNode(this); renderNode(this); requestPlan(this); }, 0);
       return result;
     };
   },
