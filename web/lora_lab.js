@@ -423,9 +423,10 @@ function requestAllPlans() {
   for (const node of allNodes()) if (node.comfyClass === TRAIN_NODE) requestPlan(node);
 }
 
-// Folding: the node definition marks the settings to fold ("advanced"). Frontends that lay widgets
-// out by their visibility (getLayoutWidgets, 1.3x and later) fold them themselves; older ones (1.27)
-// skip drawing them but still keep their rows, so there a folded widget is also made zero height.
+// Folding: the node definition marks the settings to fold ("advanced"). Frontends that give widgets
+// visibility tiers (isWidgetRowVisible, 1.5x) fold them themselves; older ones skip drawing advanced
+// widgets but keep their rows, so there a folded widget is hidden (1.4x lays hidden ones out of the
+// way) and, where even hidden widgets keep their rows (1.27), made zero height as well.
 function foldSettings(node, nodeData) {
   const specs = { ...(nodeData.input?.required ?? {}), ...(nodeData.input?.optional ?? {}) };
   for (const widget of node.widgets ?? []) {
@@ -435,14 +436,18 @@ function foldSettings(node, nodeData) {
 }
 
 function applyFolding(node) {
-  const native = typeof node.getLayoutWidgets === "function";
   const shown = Boolean(node.showAdvanced);
   for (const widget of node.widgets ?? []) {
     if (!widget.loraLabFolded) continue;
     widget.advanced = true;
-    if (native) continue;
+    // Nodes 2.0 folds advanced widgets itself; the canvas of every release still lays them out.
+    if (window.LiteGraph?.vueNodesMode) {
+      if (widget.loraLabHidden) widget.hidden = widget.loraLabHidden = false;
+      continue;
+    }
+    widget.hidden = widget.loraLabHidden = !shown;
+    if (typeof node.getLayoutWidgets === "function") continue;
     if (!("loraLabComputeSize" in widget)) widget.loraLabComputeSize = widget.computeSize;
-    widget.hidden = !shown;
     widget.computeSize = shown ? widget.loraLabComputeSize : () => [0, -4];
   }
 }
