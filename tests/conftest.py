@@ -6,15 +6,20 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from lora_lab.trainer import embedded
+from lora_lab.trainer import embedded, precision
 from lora_lab.trainer.cli import DEMO_SETTINGS
 from lora_lab.trainer.config import build_config
 from lora_lab.trainer.run import TrainingResult, load_base_model, train_lora
+
+# `auto` stays fp32 on every CPU the suite runs on (tests/test_precision.py covers bf16 on the CPU),
+# so its figures do not depend on whether the runner's processor has bf16 units.
+os.environ.setdefault(precision.AUTO_CPU_BF16, "off")
 
 # The settings of the concept test: the CLI demo's.
 CONCEPT_SETTINGS = {**DEMO_SETTINGS, "name": "concept"}
@@ -24,6 +29,14 @@ CONCEPT_SETTINGS = {**DEMO_SETTINGS, "name": "concept"}
 def _quiet_libraries():
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """This CPU treated as one with bf16 units: torch emulates bf16 where it has none, with the same
+    numbers, so the bf16 path is tested on any runner (only its speed differs)."""
+    precision.cpu_has_bf16.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
 
 
 @pytest.fixture

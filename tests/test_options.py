@@ -34,7 +34,9 @@ QUICK = {"steps": 3, "rank": 4, "batch_size": 2, "learning_rate": 1e-3, "save_ev
     {"cache": False, "bucketing": False},
     {"preset": "style"},
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
-def test_option_trains(make_config, fresh_model, options):
+def test_option_trains(make_config, fresh_model, options, request):
+    if options.get("mixed_precision") == "bf16":
+        request.getfixturevalue("cpu_bf16")
     config = make_config(**{**QUICK, **options})
     result = train_lora(config, model=fresh_model)
     assert len(result.losses) == 3 and all(math.isfinite(loss) for _, loss, _ in result.losses)

@@ -204,7 +204,7 @@ def check_metadata(result, names: list[str], settings: dict[str, Any]) -> None:
         assert saved[name] == wanted, name
 
 
-def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_path):
+def test_a_run_trains_with_what_was_set(traced, make_config, fresh_model, tmp_path, cpu_bf16):
     settings = {"preset": "style", "rank": 4, "alpha": 2.0, "targets": "to_q,to_v", "train_text_encoder": True,
                 "text_encoder_lr": 2e-5, "learning_rate": 0.005, "lr_scheduler": "cosine", "warmup_steps": 1,
                 "weight_decay": 0.05, "max_grad_norm": 0.5, "steps": 4, "batch_size": 2, "gradient_accumulation": 2,
@@ -365,7 +365,7 @@ def test_gradient_checkpointing_recomputes_blocks(make_config, base_model):
     assert blocks == 12 and counts[True][0] >= blocks + 4
 
 
-def test_bf16_mixed_precision_computes_in_bf16(make_config, fresh_model):
+def test_bf16_mixed_precision_computes_in_bf16(make_config, fresh_model, cpu_bf16):
     dtypes = set()
     for module in fresh_model.denoiser.modules():
         if isinstance(module, torch.nn.Linear):

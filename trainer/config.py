@@ -132,7 +132,9 @@ class TrainSettings(_Section):
     fp8_base: bool = setting(False, "Hold the frozen base model's linear layers in 8-bit float (half the memory of "
                              "bf16; the LoRA and all computation keep their precision). For FLUX on smaller GPUs.")
     mixed_precision: str = setting("auto", "Compute precision: auto = bf16 on a GPU that supports it, fp16 on "
-                                   "other GPUs, fp32 on CPU.", choices=("auto", "no", "fp16", "bf16"))
+                                   "other GPUs; on a CPU bf16 where the processor has bf16 units and it measures "
+                                   "faster, else fp32. The LoRA and optimizer stay fp32.",
+                                   choices=("auto", "no", "fp16", "bf16"))
     min_snr_gamma: float = setting(0.0, "Min-SNR loss weighting gamma (5 is common; 0 = off).", low=0, high=100.0)
     noise_offset: float = setting(0.0, "Noise offset (0.05-0.1 helps very dark/bright images; 0 = off).",
                                   low=0, high=1.0)

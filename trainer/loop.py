@@ -32,6 +32,7 @@ from .families.base import LoadedModel
 from .lora import lora_parameters, named_lora_parameters
 from .objectives import noise_batch, weighted_mse
 from .parallel import processes
+from .precision import autocast_for, resolve_precision
 from .resume import RunState, capture_rng, restore_rng
 
 log = logging.getLogger(__name__)
@@ -151,24 +152,6 @@ def lr_factor(config: TrainingConfig, total_steps: int) -> Callable[[int], float
     return factor
 
 
-def resolve_precision(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype: fp32 on CPU unless asked otherwise; bf16 where a GPU supports it."""
-    if mixed_precision == "no":
-        return torch.float32
-    if mixed_precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
-
-
-def autocast_for(device: torch.device, compute_dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """Mixed precision as the run computes: autocast to `compute_dtype`, or nothing for fp32."""
-    if compute_dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=compute_dtype)
-
-
 OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint is kept and the run can be "
                         "resumed. To fit: turn on gradient_checkpointing, lower batch_size (raise "
                         "gradient_accumulation to keep the effective batch), lower resolution or rank, or close "
@@ -202,6 +185,24 @@ def parked(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimize
         restore_rng(rng, generator)
 
 
+def backward_micro_batch(model: LoadedModel, examples: TrainingSet, indices: list[int], number: int,
+                         config: TrainingConfig, compute_dtype: torch.dtype, generator: torch.Generator,
+                         scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One micro-batch's forward and backward pass; returns its (scaled-down) loss. Its own function
+    so that the batch, the prediction and the graph are gone when it returns: a paused run leaves no
+    tensor of its last step on the device."""
+    train = config.train
+    latents, conditioning = examples.batch(indices, compute_dtype, number)
+    noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type,
+                         seed_noise(generator, train.seed, number), train.noise_offset, train.min_snr_gamma,
+                         train.flow_shift)
+    with autocast_for(latents.device, compute_dtype):
+        prediction = model.family.predict(model, noised.noisy.to(compute_dtype), noised.timesteps, conditioning)
+    loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation
+    scaler.scale(loss).backward()
+    return loss.detach().float()
+
+
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
              resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None,
@@ -213,7 +214,6 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
     train = config.train
     device = model.device
     compute_dtype = resolve_precision(train.mixed_precision, device)
-    autocast = autocast_for(device, compute_dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
     if train.gradient_checkpointing:
         model.denoiser.enable_gradient_checkpointing()
@@ -257,17 +257,9 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             step_loss = torch.zeros((), device=device)  # read once per step: no host sync per micro-batch
             for micro in range(train.gradient_accumulation):
                 number = batch_number + micro * group.world + group.rank  # see parallel.py
-                latents, conditioning = examples.batch(order.batch(number), compute_dtype, number)
-                noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type,
-                                     seed_noise(generator, train.seed, number), train.noise_offset,
-                                     train.min_snr_gamma, train.flow_shift)
                 with group.accumulating(denoiser, last=micro == train.gradient_accumulation - 1):
-                    with autocast:
-                        prediction = model.family.predict(trained, noised.noisy.to(compute_dtype), noised.timesteps,
-                                                          conditioning)
-                    loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation
-                    scaler.scale(loss).backward()
-                step_loss += loss.detach().float()
+                    step_loss += backward_micro_batch(trained, examples, order.batch(number), number, config,
+                                                      compute_dtype, generator, scaler)
             batch_number += train.gradient_accumulation * group.world
             step_loss = group.mean(step_loss.item())
             if not math.isfinite(step_loss):
@@ -303,12 +295,19 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
                 log.info("Stopped at step %d of %d; checkpoint saved.", step, total_steps)
                 break
     except torch.OutOfMemoryError:
-        optimizer.zero_grad(set_to_none=True)
-        raise LoraLabError(OUT_OF_MEMORY_ADVICE.format(step=step)) from None
+        out_of_memory = True  # raised below, outside this block: see there
+    else:
+        out_of_memory = False
     finally:
         model.denoiser.eval()
         if train.gradient_checkpointing:
             model.denoiser.disable_gradient_checkpointing()
+    if out_of_memory:
+        # The out-of-memory error's traceback holds the failed step's activations; raised from
+        # here, the advice carries no reference to it, so the memory is free for whatever runs next
+        # (ComfyUI keeps the error it shows).
+        optimizer.zero_grad(set_to_none=True)
+        raise LoraLabError(OUT_OF_MEMORY_ADVICE.format(step=step))
     result.seconds = time.perf_counter() - started
     return result
 

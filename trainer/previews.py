@@ -21,8 +21,8 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from .families.base import LoadedModel
-from .loop import autocast_for
 from .objectives import flux_shift
+from .precision import autocast_for
 
 
 @contextlib.contextmanager

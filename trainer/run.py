@@ -33,10 +33,11 @@ from .families import detect_source_family, get_family
 from .families.base import FamilyEncoders, LoadedModel
 from .fp8 import quantize_linear_layers
 from .history import RunJournal
-from .loop import Checkpoint, TrainingEvents, resolve_precision, run_loop
+from .loop import Checkpoint, TrainingEvents, run_loop
 from .lora import add_lora
 from .metadata import CheckpointStory, RunFacts, build_metadata, new_session_id
 from .parallel import check_parallel_settings, processes
+from .precision import resolve_precision
 from .previews import PreviewSampler
 from .resume import (
     SUFFIX,

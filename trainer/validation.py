@@ -12,8 +12,8 @@ import torch
 
 from .examples import TrainingSet
 from .families.base import LoadedModel
-from .loop import autocast_for
 from .objectives import apply_noise, fixed_timesteps
+from .precision import autocast_for
 from .previews import evaluating
 
 TIMESTEPS_PER_IMAGE = 8
