@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, example_path  # noqa: E402
-from frontend_rules import ui_to_api  # noqa: E402
+from frontend_rules import FRONTEND_ONLY_NODES, ui_to_api  # noqa: E402
 
 CHECKPOINT = "random_sd15.safetensors"
 
@@ -71,7 +71,7 @@ def test_examples_load_with_no_missing_node_types(server):
     assert shipped == sorted(example_path(example) for example in EXAMPLES)
     for path in shipped:
         workflow = json.loads(path.read_text())
-        missing = {node["type"] for node in workflow["nodes"]} - set(object_info) - {"Note"}
+        missing = {node["type"] for node in workflow["nodes"]} - set(object_info) - set(FRONTEND_ONLY_NODES)
         assert not missing, f"{path.name}: {missing}"
         ui_to_api(workflow, object_info)  # every widget value lines up with its widget, control slots included
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
