@@ -66,6 +66,13 @@ def resume_choices(output_dir: Path) -> list[str]:
     return [NEW_RUN, LATEST, *(f"{path.parent.name}/{path.name}" for path in found)]
 
 
+def settings_input(name: str) -> io.Input:
+    """The widget of one trainer setting, folded away unless the guide calls it essential."""
+    widget = (resume_widget() if name == "resume" else
+              setting_widget(name, optional=name in LATER_INPUTS, **WIDGET_OPTIONS.get(name, {})))
+    return widget if name in ESSENTIAL else comfy.folded(widget)
+
+
 def node_settings(values: dict, lora_type: str = "none") -> dict:
     """The trainer settings of the node's widgets (those it knows), the preset "from dataset" being
     the dataset's LoRA type (Load Dataset); `background` is how the node runs, not a setting."""
@@ -129,10 +136,7 @@ class TrainLora(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="Encodes the captions (once, before training)."),
                 io.Vae.Input("vae", tooltip="Encodes the images (once, before training)."),
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
-                *(widget if name in ESSENTIAL else comfy.folded(widget) for name, widget in (
-                    (name, resume_widget() if name == "resume" else
-                     setting_widget(name, optional=name in LATER_INPUTS, **WIDGET_OPTIONS.get(name, {})))
-                    for name in SETTINGS)),
+                *(settings_input(name) for name in SETTINGS),
                 io.Boolean.Input("background", default=False, optional=True, tooltip=BACKGROUND_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "

@@ -30,10 +30,12 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -257,15 +259,11 @@ def timing_case(family: str, resolution: int, variant: str, device: Device, work
         dtype = run.resolve_precision(config.train.mixed_precision, device.device)
         row.update(status="ok", precision=precision_name(dtype), s_per_step=seconds,
                    minutes_per_1000=seconds * 1000 / 60, peak_allocated=allocated, peak_reserved=reserved,
-                   estimate=estimate.total, losses_finite=all(map(_finite, events.losses)))
+                   estimate=estimate.total, losses_finite=all(map(math.isfinite, events.losses)))
         return row
     finally:
         del model, prepared
         device.free()
-
-
-def _finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
 
 
 def overfit_check(device: Device, work: Path, tiny_models: TinyModels) -> dict:
@@ -280,7 +278,7 @@ def overfit_check(device: Device, work: Path, tiny_models: TinyModels) -> dict:
     first, last = statistics.mean(events.losses[:fifth]), statistics.mean(events.losses[-fifth:])
     del model, prepared
     device.free()
-    return {"steps": steps, "first": first, "last": last, "finite": all(map(_finite, events.losses)),
+    return {"steps": steps, "first": first, "last": last, "finite": all(map(math.isfinite, events.losses)),
             "falling": last < first}
 
 
@@ -325,29 +323,28 @@ def pause_check(device: Device, work: Path, tiny_models: TinyModels) -> dict:
     device.free()
     if not device.cuda:
         return {"status": "n/a on the CPU (a pause leaves everything where it is: host memory)"}
-    resolution, steps = 512, 4
-    dataset = one_image_dataset(work / f"data-{resolution}", resolution)
-    config = build_config(settings_for("sd15", resolution, steps, device.device, work, name="pause"))
-    model = build_model("sd15", device.device, run.resolve_precision("bf16", device.device), tiny_models)
-    config = run.resolve_config(config, dataset, model)
-    base_weights = {id(t) for t in (*model.denoiser.parameters(), *model.denoiser.buffers())}
-    base = device.allocated()
-    prepared = run.prepare_training(model, dataset, Dataset([]), config, ())
+    steps = 4
+    model, config, prepared, _ = prepared_run("sd15", 512, steps, device, work, tiny_models, name="pause")
+    trained = {id(p) for p in lora_parameters(model)}
+    base_weights = [t for t in (*model.denoiser.parameters(), *model.denoiser.buffers()) if id(t) not in trained]
+    base, base_ids = sum(t.numel() * t.element_size() for t in base_weights), {id(t) for t in base_weights}
     seen: dict[str, int] = {}
 
     def during_pause() -> None:
         gc.collect()
         seen["allocated"] = device.allocated() - base
-        seen["tensors"] = sum(t.numel() * t.element_size() for t in gc.get_objects()
-                              if isinstance(t, torch.Tensor) and t.is_cuda and id(t) not in base_weights)
+        with warnings.catch_warnings():  # looking at every object touches deprecated torch names
+            warnings.simplefilter("ignore")
+            seen["tensors"] = sum(t.numel() * t.element_size() for t in gc.get_objects()
+                                  if isinstance(t, torch.Tensor) and t.is_cuda and id(t) not in base_ids)
 
     events = Recorder(pause_at=3, on_pause=during_pause)
     run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events)
-    trained = sum(p.numel() * p.element_size() for p in lora_parameters(model))
+    lora_bytes = sum(p.numel() * p.element_size() for p in lora_parameters(model))
     del model, prepared
     device.free()
     return {"status": "ok", "training_tensors_on_device": seen["tensors"], "allocated_beyond_base": seen["allocated"],
-            "lora_bytes": trained, "clear": seen["tensors"] == 0}
+            "lora_bytes": lora_bytes, "clear": seen["tensors"] == 0}
 
 
 # --- the report -----------------------------------------------------------------------------
