@@ -9,6 +9,12 @@ random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the sh
                                         [--cases plain,no_cache,checkpointing,text_encoder,fp8_base]
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
+
+    python scripts/benchmark_trainer.py --real-size flux
+
+prints instead the trainer's own memory estimate (budget.py, on the meta device: no weights, no
+arithmetic, seconds on any machine) for full-size FLUX.1-dev on a GPU: 512 and 1024 px, bf16 and
+fp8 base, with and without gradient checkpointing, batch 1, rank 16 and 32.
 """
 
 from __future__ import annotations
@@ -135,6 +141,58 @@ def run_case(settings: dict) -> dict:
     return {**measured, "s_per_step": statistics.median(times), "peak": measured["peak_live"] + measured["lora_bytes"]}
 
 
+def real_size_flux() -> None:
+    """The memory table of full-size FLUX.1-dev from the trainer's estimate (see the module docstring)."""
+    import itertools
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+    from lora_lab.trainer import budget
+    from lora_lab.trainer.config import build_config
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from lora_lab.trainer.lora import add_lora, lora_parameters
+
+    family = get_family("flux")
+    with torch.device("meta"):
+        shipped = FluxTransformer2DModel.load_config(CONFIGS / "flux" / "transformer")  # FLUX.1-dev's own
+        denoiser = FluxTransformer2DModel.from_config(shipped)
+    linear = sum(m.weight.numel() for m in denoiser.modules() if type(m) is torch.nn.Linear)
+    rows_of_linear = sum(m.weight.shape[0] for m in denoiser.modules() if type(m) is torch.nn.Linear)
+    everything = sum(p.numel() for p in denoiser.parameters())
+    # bf16 weights; fp8: one byte per linear weight plus its per-row fp32 scale, the rest in bf16.
+    base = {"bf16": 2 * everything, "fp8": linear + 4 * rows_of_linear + 2 * (everything - linear)}
+    gib = 2**30
+    print(f"FLUX.1-dev transformer: {everything / 1e9:.2f} B parameters, {linear / everything:.1%} in linear layers; "
+          "text encoders not counted (their encodings are cached before training, and ComfyUI offloads them).")
+    print("GiB on a CUDA GPU, batch 1, AdamW (8-bit AdamW: optimizer column / 4), runtime 0.59 GiB included")
+    print(f"{'px':>5}{'base':>6}{'checkpointing':>15}{'rank':>6}{'base GiB':>10}{'LoRA':>7}{'optimizer':>11}"
+          f"{'step':>7}{'total':>8}")
+    for resolution, dtype, checkpointing, rank in itertools.product((512, 1024), ("bf16", "fp8"), (False, True),
+                                                                    (16, 32)):
+        config = build_config({"family": "flux", "rank": rank, "resolution": resolution, "batch_size": 1,
+                               "gradient_checkpointing": checkpointing, "fp8_base": dtype == "fp8"})
+        with torch.device("meta"):
+            model = LoadedModel(family=family, denoiser=FluxTransformer2DModel.from_config(denoiser.config),
+                                encoders=Encoders(), noise_scheduler=None, prediction_type="flow",
+                                identity=ModelIdentity("FLUX.1-dev", "meta"), resolution=1024, guidance=3.5)
+        add_lora(model, rank, config.alpha, config.lora.targets, train_text_encoder=False)
+        lora = lora_parameters(model)
+        side = resolution // 8
+        latents = torch.empty((1, 16, side, side), device="meta")
+        conditioning = {"prompt_embeds": torch.empty((1, 512, 4096), dtype=torch.bfloat16, device="meta"),
+                        "pooled_projections": torch.empty((1, 768), dtype=torch.bfloat16, device="meta")}
+        step = budget.measure_step(model, config, latents, conditioning, torch.bfloat16)
+        estimate = budget.MemoryEstimate(
+            base=base[dtype], adapters=sum(p.numel() for p in lora) * 4,
+            optimizer=sum(p.numel() for p in lora) * budget.OPTIMIZER_BYTES_PER_PARAMETER["adamw"],
+            step=step, overhead=budget.CUDA_OVERHEAD)
+        print(f"{resolution:>5}{dtype:>6}{'on' if checkpointing else 'off':>15}{rank:>6}{estimate.base / gib:>10.2f}"
+              f"{estimate.adapters / gib:>7.2f}{estimate.optimizer / gib:>11.2f}{step / gib:>7.2f}"
+              f"{estimate.total / gib:>8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -142,7 +200,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,reduced")
     parser.add_argument("--cases", default="plain,checkpointing,fp8_base")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--real-size", choices=["flux"], help="print the full-size memory table instead")
     args = parser.parse_args()
+    if args.real_size:
+        real_size_flux()
+        return
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))
         return

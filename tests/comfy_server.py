@@ -4,8 +4,10 @@ at test time (no download), each as small as ComfyUI's model detection allows:
 - SD 1.5: a 1-level 320-channel UNet with 768-wide cross-attention, full-size CLIP-L and VAE;
 - SDXL: a 3-level 320-channel UNet with SDXL's conditioning (detected as Segmind Vega, an SDXL
   variant), full-size CLIP-L, OpenCLIP-G and VAE, in the original single-file layout;
-- FLUX: a full-width transformer with one double and one single block (ComfyUI fixes the width
-  at 3072), as a diffusers-layout diffusion-model file.
+- FLUX: a full-width transformer with one double and one single block (ComfyUI 0.3.64 fixes the
+  width at 3072), as a diffusers-layout diffusion-model file; for the FLUX tier also CLIP-L, the
+  full-size T5-XXL in fp8 (ComfyUI's FLUX text encoder takes no smaller T5: it fixes the width at
+  4096 and the transformer's text input with it) and the FLUX VAE, as separate files.
 """
 
 from __future__ import annotations
@@ -89,6 +91,85 @@ def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
     tensors = lora_state_dict(model, alpha=8.0)
     save_lora(lora_path, tensors, {})
     return len(tensors) // 3
+
+
+def build_flux_transformer(path: Path) -> None:
+    """A 1+1-block full-width FLUX transformer in bf16, diffusers layout (about 1 GB)."""
+    from diffusers import FluxTransformer2DModel
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    config = FluxTransformer2DModel.load_config(CONFIGS / "flux" / "transformer")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config({**config, "num_layers": 1, "num_single_layers": 1})
+    state = {k: (torch.randn(v.shape) * 0.02).to(torch.bfloat16) for k, v in transformer.state_dict().items()}
+    save_file(state, str(path))
+
+
+def build_t5xxl_fp8(path: Path) -> None:
+    """T5-XXL v1.1's encoder at full size (24 blocks, 4096 wide, 4.8 GB) with random weights in
+    float8_e4m3fn, the layout of ComfyUI's t5xxl_fp8_e4m3fn.safetensors: built block by block
+    into one file in about 80 s here."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    width, feed_forward, heads, blocks, vocabulary = 4096, 10240, 64, 24, 32128
+
+    def random(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * std).to(torch.float8_e4m3fn)
+
+    def ones() -> torch.Tensor:
+        return torch.ones(width, dtype=torch.float8_e4m3fn)
+
+    tensors = {"shared.weight": random(vocabulary, width, std=1.0), "encoder.final_layer_norm.weight": ones(),
+               "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight": random(32, heads, std=0.1)}
+    for block in range(blocks):
+        prefix = f"encoder.block.{block}.layer."
+        tensors.update({prefix + f"0.SelfAttention.{name}.weight": random(width, width) for name in "qkvo"})
+        tensors.update({prefix + "0.layer_norm.weight": ones(), prefix + "1.layer_norm.weight": ones(),
+                        prefix + "1.DenseReluDense.wi_0.weight": random(feed_forward, width),
+                        prefix + "1.DenseReluDense.wi_1.weight": random(feed_forward, width),
+                        prefix + "1.DenseReluDense.wo.weight": random(width, feed_forward)})
+    save_file(tensors, str(path))
+
+
+def build_flux_clip_l_and_vae(clip_path: Path, vae_path: Path) -> None:
+    """Full-size CLIP-L (fp16, transformers layout) and the FLUX VAE (16 latent channels, the
+    original layout), random."""
+    from diffusers import AutoencoderKL
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .ldm_layout import vae_key
+
+    torch.manual_seed(0)
+    clip_l = CLIPTextModel(CLIPTextConfig.from_pretrained(CONFIGS / "sd15" / "text_encoder")).half()
+    save_file({(k if k.startswith("text_model.") else "text_model." + k): v.contiguous()
+               for k, v in clip_l.state_dict().items()}, str(clip_path))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(CONFIGS / "flux" / "vae"))
+    levels = len(vae.config.block_out_channels)
+    tensors = {}
+    for key, value in vae.state_dict().items():
+        name = vae_key(key, levels)
+        tensors[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
+    save_file({k: v.half().contiguous() for k, v in tensors.items()}, str(vae_path))
+
+
+def build_flux_files(folder: Path) -> dict[str, Path]:
+    """The four files of a FLUX.1 install, built into `folder` unless already there (a folder kept
+    between sessions, LORA_LAB_FLUX_MODELS, saves the T5's build): {role: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"transformer": folder / "flux_1x1.safetensors", "t5": folder / "t5xxl_fp8_e4m3fn.safetensors",
+             "clip_l": folder / "clip_l.safetensors", "vae": folder / "ae.safetensors"}
+    builders = {"transformer": lambda: build_flux_transformer(files["transformer"]),
+                "t5": lambda: build_t5xxl_fp8(files["t5"]),
+                "clip_l": lambda: build_flux_clip_l_and_vae(files["clip_l"], files["vae"])}
+    for role, build in builders.items():
+        if not files[role].exists() or (role == "clip_l" and not files["vae"].exists()):
+            build()
+    return files
 
 
 class ComfyServer:

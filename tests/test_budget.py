@@ -37,6 +37,17 @@ def test_estimate_follows_batch_checkpointing_and_rank(fresh_model, make_config)
     assert one.base > 10 * one.adapters and "GiB" in one.describe()
 
 
+def test_live_tensor_bytes_counts_a_step_not_the_frozen_weights_it_reads():
+    """A linear layer's backward keeps a view of its frozen weight: that view is the weight, not
+    memory the step adds (counted, a full-size FLUX estimate doubled its base model)."""
+    layer = torch.nn.Linear(1000, 1000).requires_grad_(False)
+    inputs = torch.randn(8, 1000, requires_grad=True)
+    counter = budget.LiveTensorBytes()
+    with counter:
+        layer(inputs).sum().backward()
+    assert inputs.numel() * 4 <= counter.peak < 0.05 * layer.weight.numel() * 4  # the output, then the gradient
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_estimate_of_a_step_is_within_15_percent_of_a_measured_step(fresh_model, make_config, checkpointing):
     """The meta-device estimate against a real step on the CPU, both counted as live tensor bytes."""

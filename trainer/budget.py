@@ -29,6 +29,7 @@ from .config import TrainingConfig, build_config
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .families.base import Encoders, LoadedModel
+from .fp8 import Float8Linear
 from .lora import add_lora, lora_parameters
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,13 @@ def measure_step(model: LoadedModel, config: TrainingConfig, latents: torch.Tens
         prediction = model.family.predict(probe, noisy, timesteps, meta)
         target = torch.empty(prediction.shape, dtype=torch.float32, device="meta")
         torch.nn.functional.mse_loss(prediction.float(), target).backward()
-    return counter.peak
+    # fp8 weights (fp8_base, or a ComfyUI model loaded in fp8) are dequantized for each product
+    # (fp8.py): two copies of the largest linear weight in the compute dtype at most, beside the
+    # step's other tensors.
+    if not (config.train.fp8_base or any(isinstance(m, Float8Linear) for m in model.denoiser.modules())):
+        return counter.peak
+    largest = max((m.weight.numel() for m in denoiser.modules() if isinstance(m, torch.nn.Linear)), default=0)
+    return counter.peak + 2 * largest * torch.empty((), dtype=compute_dtype).element_size()
 
 
 def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingConfig,
@@ -160,10 +167,13 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         output = func(*args, **(kwargs or {}))
+        # A view or an in-place result shares an input's storage: nothing new (a frozen weight's
+        # transpose in a linear layer must not count as the step's memory).
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for tensor in tree_flatten(output)[0]:
             if isinstance(tensor, torch.Tensor):  # meta tensors too: their storage knows its size
                 storage = tensor.untyped_storage()
-                if storage not in self._counted:
+                if storage._cdata not in inputs and storage not in self._counted:
                     size = storage.nbytes()
                     self._counted[storage] = size
                     self.live += size
