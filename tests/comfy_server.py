@@ -12,6 +12,7 @@ at test time (no download), each as small as ComfyUI's model detection allows:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -23,7 +24,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,6 +276,14 @@ class ComfyServer:
             raise TimeoutError("prompt did not finish")
         finally:
             ws.close()
+
+
+def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.ndarray]:
+    """A finished prompt's images from one output node, as RGB int16 arrays (for exact comparison)."""
+    outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"][node]["images"]
+    return [np.asarray(Image.open(io.BytesIO(server.get_bytes(
+        f"/view?filename={i['filename']}&subfolder={i['subfolder']}&type={i['type']}"))).convert("RGB"), np.int16)
+        for i in outputs]
 
 
 def comfy_python(comfy_dir: Path) -> str:

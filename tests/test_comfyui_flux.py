@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -26,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lora_lab.trainer import embedded
-from PIL import Image
 
-from .comfy_server import REPO, ComfyServer, build_flux_files, comfy_python
+from .comfy_server import REPO, ComfyServer, build_flux_files, comfy_python, output_images
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
@@ -82,13 +80,6 @@ def server_rss(server: ComfyServer) -> int:
     """The server's resident memory in bytes, from Linux's /proc (no psutil needed)."""
     status = Path(f"/proc/{server.process.pid}/status").read_text()
     return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
-
-
-def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.ndarray]:
-    outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"][node]["images"]
-    return [np.asarray(Image.open(io.BytesIO(server.get_bytes(
-        f"/view?filename={i['filename']}&subfolder={i['subfolder']}&type={i['type']}"))).convert("RGB"), np.int16)
-        for i in outputs]
 
 
 def test_shipped_flux_example_trains_samples_and_loads(flux_server):

@@ -9,7 +9,6 @@ loads a FLUX LoRA from LoRA Lab's exporter.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -23,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lora_lab.trainer import embedded
-from PIL import Image
 
 from .comfy_server import (
     REPO,
@@ -32,6 +30,7 @@ from .comfy_server import (
     build_sd15_checkpoint,
     build_sdxl_checkpoint,
     comfy_python,
+    output_images,
 )
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -56,13 +55,6 @@ def server(tmp_path_factory):
     print(f"server started in {time.time() - started:.0f} s")
     yield comfy
     comfy.stop()
-
-
-def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.ndarray]:
-    outputs = server.get(f"/history/{prompt_id}")[prompt_id]["outputs"][node]["images"]
-    return [np.asarray(Image.open(io.BytesIO(server.get_bytes(
-        f"/view?filename={i['filename']}&subfolder={i['subfolder']}&type={i['type']}"))).convert("RGB"), np.int16)
-        for i in outputs]
 
 
 def test_examples_load_with_no_missing_node_types(server):
