@@ -415,19 +415,43 @@ def is_guidance_distilled(model: Any) -> bool:
 
 
 def encode_text(clip: Any, text: str) -> list:
+    """What CLIPTextEncode makes of a text."""
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
-def sample_image(model: Any, clip: Any, vae: Any, prompt: str, negative: str, seed: int, steps: int, cfg: float,
+def text_encoder_changed(base: Any, patched: Any) -> bool:
+    """Whether applying a LoRA changed the text encoder. ComfyUI's patched CLIP is a clone holding
+    the base's patches plus the LoRA's text-encoder patches: none for a LoRA without text-encoder
+    keys (every FLUX LoRA LoRA Lab trains) or at clip strength 0, and then it encodes as the base."""
+    if patched is base:
+        return False
+    if not hasattr(base, "patcher") or not hasattr(patched, "patcher"):
+        return True  # not a CLIP we can look into: assume it changed
+
+    def patch_count(clip: Any) -> int:
+        return sum(len(patches) for patches in clip.patcher.patches.values())
+
+    return patch_count(patched) != patch_count(base)
+
+
+def zeroed(conditioning: list) -> list:
+    """ConditioningZeroOut's output: a FLUX.1-dev graph's negative, which sampling at cfg 1 never
+    evaluates; saves encoding a negative prompt through T5-XXL."""
+    return [[torch.zeros_like(cond), {key: torch.zeros_like(value) if key == "pooled_output" else value
+                                      for key, value in extra.items()}] for cond, extra in conditioning]
+
+
+def sample_image(model: Any, vae: Any, positive: list, negative: list | None, seed: int, steps: int, cfg: float,
                  sampler: str, scheduler: str, width: int, height: int) -> torch.Tensor:
-    """One image exactly as EmptyLatentImage → CLIPTextEncode → KSampler → VAEDecode would make it."""
+    """One image exactly as EmptyLatentImage → CLIPTextEncode → KSampler → VAEDecode would make it
+    from these encodings (for FLUX.1-dev, with FluxGuidance at `cfg` and ConditioningZeroOut's
+    negative; `negative` may then be None)."""
     latent = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
     latent = comfy.sample.fix_empty_latent_channels(model, latent)  # FLUX latents have 16 channels
     noise = comfy.sample.prepare_noise(latent, seed)
-    positive, negative_cond = encode_text(clip, prompt), encode_text(clip, negative)
     if is_guidance_distilled(model):  # FLUX.1-dev: cfg is its distilled guidance, as FluxGuidance sets it
-        positive = [[cond, {**extra, "guidance": cfg}] for cond, extra in positive]
+        positive, negative = [[cond, {**extra, "guidance": cfg}] for cond, extra in positive], zeroed(positive)
         cfg = 1.0
-    samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative_cond, latent,
+    samples = comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
                                   denoise=1.0, disable_pbar=True, seed=seed)
     return vae.decode(samples)[:1]

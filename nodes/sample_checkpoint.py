@@ -4,6 +4,7 @@ LoraLoader + KSampler would with the same settings and seed."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,6 +42,22 @@ def checkpoints_to_sample(run: TrainingRun | None, lora_names: str,
     return rows
 
 
+class TextEncodings:
+    """Each text encoded once per state of the text encoder. A LoRA without text-encoder keys (FLUX
+    LoRAs) leaves the encoder as it was, so every cell shares the base's encodings: for FLUX a T5-XXL
+    encode each (tens of seconds on a CPU) is saved per cell."""
+
+    def __init__(self, clip: Any) -> None:
+        self.clip = clip
+        self.encoded: dict[tuple, list] = {}
+
+    def __call__(self, patched_clip: Any, lora: tuple, text: str) -> list:
+        state = lora if comfy.text_encoder_changed(self.clip, patched_clip) else None
+        if (state, text) not in self.encoded:
+            self.encoded[state, text] = comfy.encode_text(patched_clip, text)
+        return self.encoded[state, text]
+
+
 class SampleCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -53,7 +70,9 @@ class SampleCheckpoint(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Decodes the samples."),
                 io.String.Input("prompts", multiline=True, default="{trigger}",
                                 tooltip="One prompt per line; {trigger} becomes the LoRA's trigger word(s)."),
-                io.String.Input("negative", multiline=True, default="", tooltip="Negative prompt for every cell."),
+                io.String.Input("negative", multiline=True, default="",
+                                tooltip="Negative prompt for every cell (FLUX.1-dev samples without one, as "
+                                        "at cfg 1)."),
                 io.String.Input("strengths", default=DEFAULT_STRENGTHS, tooltip="LoRA strengths, one column each."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
                              tooltip="The same seed for every cell (kept between runs, so grids compare)."),
@@ -93,6 +112,8 @@ class SampleCheckpoint(io.ComfyNode):
         node_id = cls.hidden.unique_id
         progress = comfy.NodeProgress(node_id, total)
         base: dict[str, torch.Tensor] = {}
+        encodings = TextEncodings(clip)
+        distilled = comfy.is_guidance_distilled(model)  # its negative is never evaluated, so not encoded
         rows, cells, done = [], [], 0
         for label, path, triggers in rows_to_sample:
             lora = comfy.load_lora_file(path)
@@ -104,8 +125,10 @@ class SampleCheckpoint(io.ComfyNode):
                         images.append(base[text])
                         continue
                     patched_model, patched_clip = comfy.apply_lora(model, clip, lora, strength, strength)
-                    image = comfy.sample_image(patched_model, patched_clip, vae, text, negative, seed, steps, cfg,
-                                               sampler_name, scheduler, width, height)
+                    state = (str(path), strength)
+                    image = comfy.sample_image(patched_model, vae, encodings(patched_clip, state, text),
+                                               None if distilled else encodings(patched_clip, state, negative),
+                                               seed, steps, cfg, sampler_name, scheduler, width, height)
                     images.append(image)
                     if strength == 0:
                         base[text] = image

@@ -149,7 +149,7 @@ class TrainLora(io.ComfyNode):
                      comfy.LORA_NAME.Output(display_name="lora_name", tooltip="The recommended checkpoint (lowest "
                                             "validation loss; else the last, or the one before the loss rose) as "
                                             "LoraLoader lists it: connect it to LoraLoader's lora_name.")],
-            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
 
@@ -193,14 +193,16 @@ class TrainLora(io.ComfyNode):
         config = node_config({**settings, "family": family.name, **trigger}, folder, dataset.lora_type, plan)
         owner = {"node": node_id, "server": jobs.SERVER_SESSION, "identity": identity.record()}
         model_identity = ModelIdentity(model_name, identity.model_key)
+        graph = cls.training_graph()
         if background:
-            return cls.execute_in_background(model, clip, vae, dataset, settings, config, identity, owner, plan)
+            return cls.execute_in_background(model, clip, vae, dataset, settings, config, identity, owner, plan,
+                                             graph)
         events = comfy.NodeEvents(node_id, config.output.name, config.train.steps or 1)
         events.status("training", f"{plan.message} Loading the model and encoding the dataset ...".strip())
         try:
             with comfy.training_mode():
                 result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_identity),
-                                    dataset=dataset.dataset, owner=owner)
+                                    dataset=dataset.dataset, owner=owner, graph=graph)
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         except LoraLabError as error:
             events.status("failed", str(error))
@@ -214,6 +216,14 @@ class TrainLora(io.ComfyNode):
             comfy.raise_interrupted()
         events.status("finished", finish_message(result))
         return cls.hand_on(model, clip, run_value(result), run_chart(result.run_dir, f"{config.output.name}: loss"))
+
+    @classmethod
+    def training_graph(cls) -> tuple[dict | None, dict | None]:
+        """The workflow (as the frontend queued it) and the prompt of this run's graph, for its files."""
+        extra = cls.hidden.extra_pnginfo
+        workflow = extra.get("workflow") if isinstance(extra, dict) else None
+        return (workflow if isinstance(workflow, dict) else None,
+                cls.hidden.prompt if isinstance(cls.hidden.prompt, dict) else None)
 
     @classmethod
     def hand_on(cls, model, clip, run: TrainingRun, curve) -> io.NodeOutput:
@@ -238,7 +248,8 @@ class TrainLora(io.ComfyNode):
 
     @classmethod
     def execute_in_background(cls, model, clip, vae, dataset: DatasetValue, settings: dict, config: TrainingConfig,
-                              identity: RunIdentity, owner: dict, plan: RunPlan) -> io.NodeOutput:
+                              identity: RunIdentity, owner: dict, plan: RunPlan,
+                              graph: tuple[dict | None, dict | None]) -> io.NodeOutput:
         """Start the job (or find the same training's job) and return what it has saved so far."""
         if not jobs.TURNS.installed:
             raise LoraLabError("Background training needs to run prompts in turns with the job, which this ComfyUI "
@@ -249,7 +260,7 @@ class TrainLora(io.ComfyNode):
                              trigger_words=tuple(w for w in [trigger_word_of(config, dataset.dataset)] if w)),
             background_training(config, model, clip, vae, dataset, ModelIdentity(identity.model_name,
                                                                                  identity.model_key),
-                                owner, cls.hidden.unique_id), comfy.send)
+                                owner, cls.hidden.unique_id, graph), comfy.send)
         run = jobs.job_run(job)
         curve = comfy.pil_to_images([loss_chart(job.losses, f"{job.name}: loss ({job.status})",
                                                 [step for step, _ in job.checkpoints],
@@ -267,7 +278,7 @@ def settings_key(settings: dict) -> str:
 
 
 def background_training(config: TrainingConfig, model, clip, vae, dataset: DatasetValue, identity: ModelIdentity,
-                        owner: dict, node_id: str | None) -> jobs.Trainer:
+                        owner: dict, node_id: str | None, graph: tuple[dict | None, dict | None]) -> jobs.Trainer:
     """The job's work, run in its own thread in its turns: train as a foreground run does; before a
     pause let go of the base weights, and after it have ComfyUI load the base model whole again and
     share its tensors anew (see nodes/jobs.py)."""
@@ -278,7 +289,7 @@ def background_training(config: TrainingConfig, model, clip, vae, dataset: Datas
             with comfy.training_mode():
                 loaded.append(graph_model.loaded_model(model, clip, vae, identity))
                 return train_lora(config, events, model=loaded[0], dataset=dataset.dataset,
-                                  owner={**owner, "background": True})
+                                  owner={**owner, "background": True}, graph=graph)
         finally:
             loaded.clear()
             comfy.release_training_memory()

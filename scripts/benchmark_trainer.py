@@ -152,6 +152,7 @@ def real_size_flux() -> None:
     from lora_lab.trainer.families import get_family
     from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
     from lora_lab.trainer.families.sd15 import CONFIGS
+    from lora_lab.trainer.fp8 import float8_bytes_saved
     from lora_lab.trainer.lora import add_lora, lora_parameters
 
     family = get_family("flux")
@@ -159,10 +160,9 @@ def real_size_flux() -> None:
         shipped = FluxTransformer2DModel.load_config(CONFIGS / "flux" / "transformer")  # FLUX.1-dev's own
         denoiser = FluxTransformer2DModel.from_config(shipped)
     linear = sum(m.weight.numel() for m in denoiser.modules() if type(m) is torch.nn.Linear)
-    rows_of_linear = sum(m.weight.shape[0] for m in denoiser.modules() if type(m) is torch.nn.Linear)
     everything = sum(p.numel() for p in denoiser.parameters())
     # bf16 weights; fp8: one byte per linear weight plus its per-row fp32 scale, the rest in bf16.
-    base = {"bf16": 2 * everything, "fp8": linear + 4 * rows_of_linear + 2 * (everything - linear)}
+    base = {"bf16": 2 * everything, "fp8": 2 * everything - float8_bytes_saved(denoiser, element_size=2)}
     gib = 2**30
     print(f"FLUX.1-dev transformer: {everything / 1e9:.2f} B parameters, {linear / everything:.1%} in linear layers; "
           "text encoders not counted (their encodings are cached before training, and ComfyUI offloads them).")

@@ -151,14 +151,18 @@ STACK_TWO = Example("Stack two LoRAs", [
     ]]),
 ])
 # FLUX.1-dev as ComfyUI users hold it: the transformer, CLIP-L + T5-XXL and the VAE as separate files.
-# The transformer loads in fp8, so Train LoRA keeps it in fp8 (about 12 GB instead of 24).
+# The transformer loads in fp8, so Train LoRA keeps it in fp8 (about 12 GB instead of 24). FLUX.1-dev
+# is guidance-distilled: its graphs sample at cfg 1 with FluxGuidance and no negative (ComfyUI's own
+# FLUX example: euler, simple, guidance 3.5).
+FLUX_SAMPLE = {"seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple"}
 TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
     Group("1 · Dataset", [[
         note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick flux1-dev (loaded in fp8: "
                 "about 12 GB), clip_l + t5xxl and ae.safetensors.\n2. FLUX likes sentences: Caption (connected to "
                 "the FLUX model) turns tags into them, the trigger word (typed once, on Load Dataset) first.\n3. "
                 "Read the report on Load Dataset before training, then Queue (gradient checkpointing is on, to fit "
-                "24 GB GPUs)."),
+                "24 GB GPUs).\n4. Test: Sample Checkpoint compares checkpoints and strengths; Apply LoRA Stack "
+                "feeds your own sampler (guidance 3.5, cfg 1, no negative) with the trigger word in front."),
         Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
              {"model": (1, 0)}, width=DATASET_WIDTH,
              extra_height=DATASET_SHEET_ROOM),
@@ -175,9 +179,24 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
     ]], colour="#8a6d3b"),
     Group("3 · Test", [[
         Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
-                                                       "astronaut", "cfg": 3.5, "width": 1024, "height": 1024},
+                                                       "astronaut", "cfg": 3.5, "width": 1024, "height": 1024,
+                                            "scheduler": "simple"},
              {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
              extra_height=GRID_ROOM),
+    ], [
+        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
+             extra_height=STACK_ROOM),
+        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
+             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
+        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+        Node(12, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (11, 0)}),
+        Node(13, "ConditioningZeroOut", {}, {"conditioning": (11, 0)}, title="No negative (cfg 1)"),
+    ], [
+        Node(14, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        Node(15, "KSampler", FLUX_SAMPLE, {"model": (9, 0), "positive": (12, 0), "negative": (13, 0),
+                                           "latent_image": (14, 0)}),
+        Node(16, "VAEDecode", {}, {"samples": (15, 0), "vae": (3, 0)}),
+        Node(17, "SaveImage", {"filename_prefix": "lora_lab_flux"}, {"images": (16, 0)}, extra_height=260),
     ]], colour="#3f7f4f"),
 ])
 EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX]

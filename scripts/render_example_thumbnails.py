@@ -82,9 +82,10 @@ def main() -> None:
     card(STACK_TWO.name, "Applies two LoRAs at the guide's stacking strengths and puts both trigger words in your "
          "prompt.", stacked, example_path(STACK_TWO).with_suffix(".jpg"))
     card(TRAIN_FLUX.name, "From the separate transformer (fp8), CLIP-L + T5-XXL and VAE files: dataset, "
-         "sentence captions, training, a grid with FLUX guidance.",
+         "sentence captions, training, a grid with FLUX guidance, then the LoRA in your own FLUX sampler.",
          steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA (fp8 base)", "Sample Checkpoint (grid)",
-                        "Apply LoRA Stack"]), example_path(TRAIN_FLUX).with_suffix(".jpg"))
+                        "Apply LoRA Stack", "Your sampler (guidance 3.5)"]),
+         example_path(TRAIN_FLUX).with_suffix(".jpg"))
 
 
 if __name__ == "__main__":

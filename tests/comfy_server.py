@@ -175,6 +175,25 @@ def build_flux_files(folder: Path) -> dict[str, Path]:
     return files
 
 
+def flux_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Path]:
+    """A ComfyUI base folder holding a FLUX install (the files linked into models/, built into the
+    folder `kept` names, else into `scratch`) and the example's dataset folder input/my_dataset
+    with two captioned images (two T5 encodes): {role: path} of the files."""
+    from lora_lab.trainer import embedded
+
+    files = build_flux_files(Path(kept) if kept else scratch)
+    for role, folder in (("transformer", "diffusion_models"), ("t5", "text_encoders"), ("clip_l", "text_encoders"),
+                         ("vae", "vae")):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "models" / folder / files[role].name).symlink_to(files[role])
+    dataset = base / "input" / "my_dataset"
+    dataset.mkdir(parents=True)
+    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:
+        shutil.copy(image, dataset)
+        shutil.copy(image.with_suffix(".txt"), dataset)
+    return files
+
+
 class ComfyServer:
     """`python main.py --cpu` in its own base directory, with this repository as a custom node."""
 

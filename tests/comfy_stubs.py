@@ -50,7 +50,7 @@ class NodeOutput:
 
 
 class ComfyNode:
-    hidden = types.SimpleNamespace(unique_id="7", prompt=None)
+    hidden = types.SimpleNamespace(unique_id="7", prompt=None, extra_pnginfo=None)
 
 
 def make_io() -> types.ModuleType:
@@ -60,7 +60,7 @@ def make_io() -> types.ModuleType:
         setattr(io, name, _port_type(io_type))
     io.Custom = _port_type
     io.Schema, io.NodeOutput, io.ComfyNode = Schema, NodeOutput, ComfyNode
-    io.Hidden = types.SimpleNamespace(unique_id="UNIQUE_ID", prompt="PROMPT")
+    io.Hidden = types.SimpleNamespace(unique_id="UNIQUE_ID", prompt="PROMPT", extra_pnginfo="EXTRA_PNGINFO")
     return io
 
 

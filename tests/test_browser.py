@@ -9,7 +9,9 @@ LORA_LAB_VUE_NODES=1 in the frontend's "Nodes 2.0" mode. Screenshots go to LORA_
 Checked: every example loads with the values it means and no two nodes overlap; the Templates
 browser shows the examples with thumbnails; the SD 1.5 example trains with a training panel that
 shows step and loss and covers no widget, keeps its whole curve across a page reload, shows the
-Cancel message inside the node, and ends with the grid and loss images in view; Train LoRA's
+Cancel message inside the node, and ends with the grid and loss images in view; the FLUX
+example (with the FLUX install of tests/test_comfyui_flux.py: LORA_LAB_FLUX_MODELS keeps its
+files) trains, samples its grid and feeds the user's sampler through its stack; Train LoRA's
 lora_name links to core LoraLoader; a Train LoRA node inside a subgraph gets its panel; and none
 of it logs an error from LoRA Lab's files.
 """
@@ -27,12 +29,12 @@ from pathlib import Path
 import pytest
 from lora_lab.trainer import embedded
 
-from .comfy_server import REPO, ComfyServer, build_sd15_checkpoint, comfy_python, frontend_args
+from .comfy_server import REPO, ComfyServer, build_sd15_checkpoint, comfy_python, flux_install, frontend_args
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 playwright_api = pytest.importorskip("playwright.sync_api") if COMFYUI_DIR else None
 sys.path.insert(0, str(REPO / "scripts"))
-from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, example_path, intended_values  # noqa: E402
+from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, TRAIN_FLUX, example_path, intended_values  # noqa: E402,E501
 from comfy_browser import (  # noqa: E402
     CHROMIUM,
     fit_view,
@@ -251,10 +253,10 @@ def small_sd15_example(page) -> None:
     set_widgets(page, 10, {"steps": 2})
 
 
-def wait_status(page, statuses: tuple[str, ...], timeout: float = 600) -> dict:
-    page.wait_for_function("(statuses) => statuses.includes(window.app.graph.getNodeById(4)?.loraLabPanel?.status"
-                           ".dataset.status)", arg=list(statuses), timeout=timeout * 1000)
-    return panel_state(page)
+def wait_status(page, statuses: tuple[str, ...], timeout: float = 600, node_id: int = 4) -> dict:
+    page.wait_for_function("([statuses, id]) => statuses.includes(window.app.graph.getNodeById(id)?.loraLabPanel"
+                           "?.status.dataset.status)", arg=[list(statuses), node_id], timeout=timeout * 1000)
+    return panel_state(page, node_id)
 
 
 def test_the_sd15_example_opens_with_its_main_path_and_panel_in_view(page, server, screenshots):
@@ -499,3 +501,131 @@ def test_a_background_run_shows_after_a_reload_and_its_stop_button_saves(page, s
     assert page.evaluate("() => window.app.graph.getNodeById(4).loraLabPanel.stop.style.display") == "none"
     run_dir = server.base / "models" / "loras" / "lora_lab" / "browser_background"
     assert list(run_dir.glob("browser_background-step*.resume"))
+
+
+@pytest.fixture(scope="module")
+def flux_server(tmp_path_factory):
+    """A second server with the FLUX install of the FLUX tier (tests/comfy_server.flux_install)."""
+    base = tmp_path_factory.mktemp("comfy_browser_flux")
+    files = flux_install(base, os.environ.get("LORA_LAB_FLUX_MODELS"), tmp_path_factory.mktemp("flux_models"))
+    comfy = ComfyServer(Path(COMFYUI_DIR), base, comfy_python(Path(COMFYUI_DIR)), frontend_args())
+    comfy.start()
+    yield comfy, files
+    comfy.stop()
+
+
+def test_the_flux_example_trains_samples_and_stacks_in_the_browser(browser, flux_server, screenshots):
+    """The shipped FLUX example, only file names and step counts changed: Train LoRA's panel shows
+    its plan, step and loss; at the end Sample Checkpoint's grid, what the stack applied and the
+    user's sampler's image are on the nodes, none covering another."""
+    server, files = flux_server
+    page, errors = open_comfyui(browser, server.url, SETTINGS)
+    load_workflow(page, json.loads(example_path(TRAIN_FLUX).read_text()))
+    set_widgets(page, 1, {"unet_name": files["transformer"].name})
+    set_widgets(page, 2, {"clip_name1": files["clip_l"].name, "clip_name2": files["t5"].name})
+    set_widgets(page, 6, {"steps": 4, "save_every": 2, "resolution": 64, "name": "browser_flux"})
+    set_widgets(page, 7, {"width": 64, "height": 64, "steps": 2, "strengths": "0, 0.7",
+                          "prompts": "{trigger}, portrait photo in a garden"})
+    set_widgets(page, 14, {"width": 64, "height": 64})
+    set_widgets(page, 15, {"steps": 2})
+    page.wait_for_function("() => window.app.graph.getNodeById(6).loraLabPanel.plan.textContent.length > 0",
+                           timeout=30_000)
+    plan = page.evaluate("() => window.app.graph.getNodeById(6).loraLabPanel.plan.textContent")
+    fit_view(page, node_ids=[6, 7])
+    shot(page, screenshots, "flux-opened", f"the FLUX example before Queue; plan: {plan}")
+    assert "character preset" in plan, plan  # from Load Dataset's lora_type
+    queued = time.time()
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    # Two captions through the full-size T5-XXL (about 45 s each on 2 cores) before the first step.
+    page.wait_for_function("() => Number(window.app.graph.getNodeById(6).loraLabPanel.chart.dataset.points) > 0",
+                           timeout=900_000)
+    state = panel_state(page, 6)
+    print(f"seconds from Queue to the first loss point: {time.time() - queued:.0f}")
+    shot(page, screenshots, "flux-training", f"the FLUX panel while training: {state['numbers']}")
+    assert state["status"] == "training" and "step" in state["numbers"] and "loss" in state["numbers"]
+    if not VUE_NODES:
+        covered = [w["name"] for w in state["widgets"] if intersects(w, state["panel"])]
+        assert not covered, covered
+    finished = wait_status(page, ("finished", "failed"), timeout=1500, node_id=6)
+    assert finished["status"] == "finished", finished["message"]
+    page.wait_for_function("() => [7, 17].every((id) => window.app.nodeOutputs?.[String(id)])", timeout=900_000)
+    fit_view(page)
+    page.wait_for_function("() => (window.app.graph.getNodeById(17).imgs ?? []).some((img) => img.naturalWidth > 0)"
+                           " && [...document.querySelectorAll('.lora-lab-grid-cell')].length > 0 && [...document"
+                           ".querySelectorAll('.lora-lab-grid-cell')].every((img) => img.naturalWidth > 0)",
+                           timeout=60_000)
+    print(f"seconds from Queue to the finished example: {time.time() - queued:.0f}")
+    shot(page, screenshots, "flux-finished", "the FLUX example after its run: the panel, the grid, what the stack "
+                                             "applied, the user's image")
+    assert not overlaps(node_facts(page))
+    cells = page.evaluate("() => document.querySelectorAll('.lora-lab-grid-cell').length")
+    applied = page.evaluate("() => window.app.graph.getNodeById(9).loraLabText.textContent")
+    assert cells == 4  # steps 2 and 4 at strengths 0 and 0.7
+    assert "browser_flux" in applied and "model 0.70" in applied, applied
+    fit_view(page, node_ids=[6, 7])
+    shot(page, screenshots, "flux-panel-finished", f"the FLUX panel at the end: {finished['message']}")
+    assert not errors.ours(), errors.ours()
+    page.close()
+
+
+def drop_file(page, path: Path) -> None:
+    """Drop a file onto the page as a person drags it from their file manager (a synthetic drop
+    event with the file in its DataTransfer; the frontend's drop handler takes it from there)."""
+    import base64
+
+    page.evaluate("""([name, data]) => {
+        const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, { type: "application/octet-stream" }));
+        const target = document.querySelector("canvas") ?? document.body;
+        target.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+    }""", [path.name, base64.b64encode(path.read_bytes()).decode()])
+
+
+def widget_values(facts: list[dict], node_type: str) -> dict:
+    node = next(f for f in facts if f["type"] == node_type)
+    return {w["name"]: w["value"] for w in node["widgets"] if w["serialize"]}
+
+
+def test_a_dropped_lora_opens_the_graph_that_trained_it(page, browser, server, screenshots, tmp_path):
+    """A checkpoint trained from the SD 1.5 example, dropped onto a fresh page, opens that example
+    with its values; one trained from the command line opens a graph that trains what it trained."""
+    page, _ = page
+    small_sd15_example(page)
+    set_widgets(page, 4, {"steps": 4, "save_every": 2, "name": "dropped_run", "sample_every": -1,
+                          "validation_images": -1})
+    queued = {kind: widget_values(node_facts(page), kind) for kind in ("LoraLabLoadDataset", "LoraLabTrainLora")}
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    assert wait_status(page, ("finished", "failed"))["status"] == "finished"
+    checkpoint = server.base / "models" / "loras" / "lora_lab" / "dropped_run" / "dropped_run-step000002.safetensors"
+    fresh, errors = open_comfyui(browser, server.url, SETTINGS)
+    drop_file(fresh, checkpoint)
+    fresh.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'LoraLabTrainLora')", timeout=30_000)
+    fit_view(fresh)
+    shot(fresh, screenshots, "dropped-lora-opened", f"{checkpoint.name} dropped onto a fresh page: its training graph")
+    facts = node_facts(fresh)
+    assert len(facts) == len(node_facts(page))  # the whole example, not only Train LoRA
+    for kind, values in queued.items():
+        assert widget_values(facts, kind) == values, kind
+    fresh.close()
+    assert not errors.ours(), errors.ours()
+
+    from lora_lab.trainer.config import build_config
+    from lora_lab.trainer.run import train_lora
+
+    cli = train_lora(build_config({"output_dir": str(tmp_path), "name": "from_cli", "steps": 2, "rank": 4,
+                                   "resolution": 64, "sample_every": -1, "validation_images": -1,
+                                   "trigger_word": "zkw_toy"}))
+    fresh, errors = open_comfyui(browser, server.url, SETTINGS)
+    drop_file(fresh, cli.final_path)
+    fresh.wait_for_function("() => window.app.graph._nodes.some((n) => n.type === 'LoraLabTrainLora')", timeout=30_000)
+    fit_view(fresh)
+    shot(fresh, screenshots, "dropped-cli-lora-opened", "a LoRA trained from the command line, dropped: the graph "
+                                                        "its config describes, laid out by the frontend")
+    facts = node_facts(fresh)
+    train = widget_values(facts, "LoraLabTrainLora")
+    assert (train["name"], train["steps"], train["rank"], train["resolution"]) == ("from_cli", 2, 4, 64)
+    assert widget_values(facts, "LoraLabLoadDataset")["trigger_word"] == "zkw_toy"
+    assert {f["type"] for f in facts} >= {"CheckpointLoaderSimple", "LoraLabLoadDataset", "LoraLabSampleCheckpoint"}
+    fresh.close()
+    assert not errors.ours(), errors.ours()

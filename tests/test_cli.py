@@ -83,3 +83,58 @@ def test_no_samples_means_none_while_training_either():
     chosen = build_parser().parse_args(["demo", "--no-samples", "--sample-every", "50"])
     assert str(gather_settings(chosen)["sample_every"]) == "50"  # an explicit flag still wins
     assert "sample_every" not in gather_settings(build_parser().parse_args(["demo"]))
+
+
+def test_train_again_from_a_lora_takes_its_settings_onto_a_new_dataset(concept_run, tmp_path, capsys):
+    """`train --from-lora FILE --dataset NEW`: the file's settings (its preset, rank, targets,
+    learning rate, Min-SNR...) train on the new images; the flags win; the changes are listed."""
+    import json
+    import shutil
+
+    from lora_lab.trainer import embedded
+    from lora_lab.trainer.files import read_metadata
+
+    new = tmp_path / "new_set" / "5_zkw_toy"
+    new.mkdir(parents=True)
+    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:4]:
+        shutil.copy(image, new)
+        shutil.copy(image.with_suffix(".txt"), new)
+    code = main(["train", "--from-lora", str(concept_run.final_path), "--dataset", str(new.parent), "--steps", "2",
+                 "--save-every", "2", "--output-dir", str(tmp_path / "out"), "--no-samples"])
+    assert code == 0
+    said = capsys.readouterr().out
+    assert "Training again from concept.safetensors" in said
+    assert "steps: 300 → 2" in said and "dataset: '' → 'new_set'" in said
+    assert "name: 'concept' → 'concept_again'" in said
+    old = json.loads(read_metadata(concept_run.final_path)["lora_lab.config"])
+    again_file = tmp_path / "out" / "concept_again" / "concept_again.safetensors"
+    again = json.loads(read_metadata(again_file)["lora_lab.config"])
+    for section, name in (("lora", "rank"), ("lora", "targets"), ("optimizer", "learning_rate"),
+                          ("train", "min_snr_gamma"), ("train", "batch_size"), ("sample", "prompts")):
+        assert again[section][name] == old[section][name], name
+    assert again["train"]["steps"] == 2 and again["data"]["dataset"] == "new_set"
+
+
+def test_train_again_refuses_what_it_cannot_do_and_says_what_is_missing(concept_run, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    foreign = tmp_path / "kohya.safetensors"  # the tensors, with kohya's metadata only
+    save_file(load_file(concept_run.final_path), str(foreign), {"ss_network_dim": "32", "ss_output_name": "x"})
+    import json
+
+    from lora_lab.trainer.files import read_metadata
+
+    metadata = read_metadata(concept_run.final_path)
+    config = json.loads(metadata["lora_lab.config"])
+    config["model"]["base_model"] = "my_sd15.safetensors"  # trained on a file of the user's: only its name kept
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    save_file(load_file(concept_run.final_path), str(elsewhere), {**metadata, "lora_lab.config": json.dumps(config)})
+    cases = [
+        (["--from-lora", str(foreign), "--dataset", str(tmp_path)], "lora_lab.config"),
+        (["--from-lora", str(elsewhere), "--dataset", str(tmp_path)], "trained on my_sd15.safetensors"),
+        (["--from-lora", str(concept_run.final_path)], "give --dataset FOLDER"),
+        (["--from-lora", str(tmp_path / "nope.safetensors"), "--dataset", str(tmp_path)], "no such file"),
+    ]
+    for flags, expected in cases:
+        assert main(["train", *flags]) == 2
+        assert expected in capsys.readouterr().err, flags

@@ -5,9 +5,13 @@
 2. The shipped "Train a FLUX.1-dev LoRA" example, as shipped but for file names and step counts,
    on the real server with a FLUX install ComfyUI loads as FLUX: a full-width transformer of one
    double and one single block, CLIP-L, the full-size T5-XXL in fp8 with random weights (ComfyUI's
-   FLUX text encoder takes no smaller one) and the FLUX VAE (comfy_server.build_flux_files: about
+   FLUX text encoder takes no smaller one) and the FLUX VAE (comfy_server.flux_install: about
    80 s and 6.3 GB of disk, once per session; LORA_LAB_FLUX_MODELS names a folder that keeps them
-   between sessions). One T5 encode takes about 45 s on 2 cores: the example takes about 11 minutes.
+   between sessions). Train LoRA, Sample Checkpoint's grid and Apply LoRA Stack into the user's
+   FluxGuidance/KSampler, each image checked against core nodes.
+3. Cancel saves, and resume = latest continues to the LoRA an unbroken run makes, bit for bit.
+4. Background training makes that same LoRA.
+One T5 encode takes 20-45 s on 2 cores (each training run encodes its two captions): 10-20 minutes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -24,9 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from lora_lab.trainer import embedded
+import torch
 
-from .comfy_server import REPO, ComfyServer, build_flux_files, comfy_python, output_images
+from .comfy_server import REPO, ComfyServer, comfy_python, flux_install, output_images
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
@@ -55,21 +58,11 @@ def test_shared_flux_transformer_matches_comfyui(tmp_path):
 
 @pytest.fixture(scope="module")
 def flux_server(tmp_path_factory):
-    kept = os.environ.get("LORA_LAB_FLUX_MODELS")
     started = time.time()
-    files = build_flux_files(Path(kept) if kept else tmp_path_factory.mktemp("flux_models"))
+    base = tmp_path_factory.mktemp("comfy_flux")
+    files = flux_install(base, os.environ.get("LORA_LAB_FLUX_MODELS"), tmp_path_factory.mktemp("flux_models"))
     print(f"FLUX files ready in {time.time() - started:.0f} s: "
           + ", ".join(f"{p.name} {p.stat().st_size / 1e9:.2f} GB" for p in files.values()))
-    base = tmp_path_factory.mktemp("comfy_flux")
-    for role, folder in (("transformer", "diffusion_models"), ("t5", "text_encoders"), ("clip_l", "text_encoders"),
-                         ("vae", "vae")):
-        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-        (base / "models" / folder / files[role].name).symlink_to(files[role])
-    dataset = base / "input" / "my_dataset"
-    dataset.mkdir(parents=True)
-    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:  # two captions: two T5 encodes
-        shutil.copy(image, dataset)
-        shutil.copy(image.with_suffix(".txt"), dataset)
     comfy = ComfyServer(Path(COMFYUI_DIR), base, comfy_python(Path(COMFYUI_DIR)))
     comfy.start()
     yield comfy, files
@@ -82,44 +75,55 @@ def server_rss(server: ComfyServer) -> int:
     return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024
 
 
-def test_shipped_flux_example_trains_samples_and_loads(flux_server):
-    """The example as shipped: fp8 transformer, Caption's sentences, Train LoRA, Sample Checkpoint
-    with FLUX guidance; beside it, the user's own sampler on the base and with the trained LoRA."""
-    server, files = flux_server
+def shipped_flux_prompt(server: ComfyServer, files: dict[str, Path]) -> dict:
+    """The shipped example's API prompt with the test's file names and step counts (widget values
+    only): 4 steps at 64 px, a grid of one shipped prompt at strengths 0 and 0.7 (the stack's), the
+    user's sampler at 64 px and 2 steps."""
     prompt = ui_to_api(json.loads(example_path(TRAIN_FLUX).read_text()), server.get("/object_info"))
     assert prompt["1"]["inputs"]["weight_dtype"] == "fp8_e4m3fn"
     prompt["1"]["inputs"]["unet_name"] = files["transformer"].name
     prompt["2"]["inputs"].update(clip_name1=files["clip_l"].name, clip_name2=files["t5"].name)
     prompt["6"]["inputs"].update(steps=4, save_every=2, resolution=64, name="flux_example")
-    sample = {"seed": 0, "steps": 2, "sampler_name": "euler", "scheduler": "normal"}
-    prompt["7"]["inputs"].update(prompts="{trigger}", strengths="0, 1", width=64, height=64, **sample)
-    trigger = prompt["4"]["inputs"]["trigger_word"]
+    shipped_prompt = prompt["7"]["inputs"]["prompts"].splitlines()[0]
+    prompt["7"]["inputs"].update(prompts=shipped_prompt, strengths="0, 0.7", width=64, height=64, steps=2)
+    prompt["14"]["inputs"].update(width=64, height=64)
+    prompt["15"]["inputs"].update(steps=2)
+    return prompt
+
+
+def test_shipped_flux_example_trains_samples_and_loads(flux_server):
+    """The example as shipped: fp8 transformer, Caption's sentences, Train LoRA, Sample Checkpoint
+    with FLUX guidance, Apply LoRA Stack into the user's FluxGuidance/KSampler; beside it, core
+    nodes sampling the same conditioning on the base and through core LoraLoaderModelOnly."""
+    server, files = flux_server
+    prompt = shipped_flux_prompt(server, files)
+    assert prompt["9"]["inputs"]["run_strength"] == 0.7 and prompt["15"]["inputs"]["cfg"] == 1.0
+    sampler = {key: prompt["15"]["inputs"][key] for key in ("seed", "steps", "cfg", "sampler_name", "scheduler",
+                                                            "denoise")}
+    conditioning = {"positive": ["12", 0], "negative": ["13", 0], "latent_image": ["14", 0]}
     prompt.update({
         "20": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
-        # The user's sampler, as a FLUX graph in ComfyUI is wired: guidance 3.5, cfg 1.
-        "21": {"class_type": "CLIPTextEncode", "inputs": {"text": trigger, "clip": ["2", 0]}},
-        "22": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["21", 0], "guidance": 3.5}},
-        "23": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["21", 0]}},
-        "24": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
-        "25": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["22", 0], "negative": ["23", 0],
-                                                    "latent_image": ["24", 0], "denoise": 1.0, "cfg": 1.0, **sample}},
+        # Core nodes on the example's own conditioning: the base, and the final LoRA at the stack's 0.7.
+        "25": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **conditioning, **sampler}},
         "26": {"class_type": "VAEDecode", "inputs": {"samples": ["25", 0], "vae": ["3", 0]}},
         "27": {"class_type": "PreviewImage", "inputs": {"images": ["26", 0]}},
         "28": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": ["6", 4],
-                                                               "strength_model": 1.0}},
-        "29": {"class_type": "KSampler", "inputs": {"model": ["28", 0], "positive": ["22", 0], "negative": ["23", 0],
-                                                    "latent_image": ["24", 0], "denoise": 1.0, "cfg": 1.0, **sample}},
+                                                               "strength_model": 0.7}},
+        "29": {"class_type": "KSampler", "inputs": {"model": ["28", 0], **conditioning, **sampler}},
         "30": {"class_type": "VAEDecode", "inputs": {"samples": ["29", 0], "vae": ["3", 0]}},
         "31": {"class_type": "PreviewImage", "inputs": {"images": ["30", 0]}},
     })
     rss = {"peak": 0}
     phase = {"training": False}
+    started: list[tuple[str, float]] = []  # (node, when it began executing): seconds per node for the note
 
     def watch(_, message):
         if message["type"] == "lora_lab.start":
             rss["start"], phase["training"] = server_rss(server), True
         elif message["type"] == "lora_lab.phase":  # the first preview ends the window of pure training steps
             phase["training"] = False
+        elif message["type"] == "executing" and message["data"].get("node"):
+            started.append((message["data"]["node"], time.time()))
 
     def poll() -> None:
         while not rss.get("done"):
@@ -131,6 +135,8 @@ def test_shipped_flux_example_trains_samples_and_loads(flux_server):
     queued = time.time()
     prompt_id, messages = server.run(prompt, on_message=watch, timeout=2400)
     rss["done"], wall = True, time.time() - queued
+    ended = [when for _, when in started[1:]] + [queued + wall]
+    print("seconds per node:", {node: round(end - when) for (node, when), end in zip(started, ended, strict=True)})
     log = server.log()
     status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
     assert status["status_str"] == "success", log[-3000:]
@@ -139,8 +145,11 @@ def test_shipped_flux_example_trains_samples_and_loads(flux_server):
     cells = output_images(server, prompt_id, "20")
     base = output_images(server, prompt_id, "27")[0]
     with_lora = output_images(server, prompt_id, "31")[0]
-    assert len(cells) == 4  # rows step 2 and step 4, columns strength 0 and 1 (one base image serves both rows)
+    through_stack = output_images(server, prompt_id, "17")[0]  # the example's own SaveImage
+    assert len(cells) == 4  # rows step 2 and step 4, columns strength 0 and 0.7 (one base image serves both rows)
     assert np.array_equal(cells[0], base) and np.array_equal(cells[2], base), "strength 0 is not the base image"
+    assert not np.array_equal(with_lora, base), "the LoRA changed nothing"
+    assert np.array_equal(through_stack, with_lora), "Apply LoRA Stack differs from core LoraLoaderModelOnly"
     assert np.array_equal(cells[3], with_lora), "the last cell is not what LoraLoader makes of the final file"
 
     estimate = re.findall(r"Memory estimate: base model ([\d.]+) \+ LoRA ([\d.]+) \+ optimizer ([\d.]+) \+ one step "
@@ -153,3 +162,72 @@ def test_shipped_flux_example_trains_samples_and_loads(flux_server):
     print("FLUX example on the server:", timings)
     assert base_model > RSS_MARGIN  # a copy of the transformer would not fit in the margin
     assert rise < lora + optimizer + step + RSS_MARGIN, f"the shared transformer was copied? {timings}"
+
+
+def training_only(prompt: dict, **settings) -> dict:
+    """The example's dataset and Train LoRA nodes alone, with these Train LoRA settings (no samples:
+    samples never change what trains, and each would be a T5 encode)."""
+    kept = {key: json.loads(json.dumps(prompt[key])) for key in ("1", "2", "3", "4", "5", "6")}
+    kept["6"]["inputs"].update(sample_every=-1, **settings)
+    return kept
+
+
+def final_lora(server: ComfyServer, name: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(server.base / "models" / "loras" / "lora_lab" / name / f"{name}.safetensors")
+
+
+def assert_same_lora(ours: dict, theirs: dict) -> None:
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours), "not bit-identical"
+
+
+@pytest.fixture(scope="module")
+def unbroken(flux_server) -> dict:
+    """The example's Train LoRA settings, trained through in one go (without samples)."""
+    server, files = flux_server
+    prompt_id, _ = server.run(training_only(shipped_flux_prompt(server, files), name="flux_unbroken"), timeout=1800)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    return final_lora(server, "flux_unbroken")
+
+
+def test_flux_cancel_saves_and_resume_latest_continues_exactly(flux_server, unbroken):
+    server, files = flux_server
+    prompt = training_only(shipped_flux_prompt(server, files), name="flux_cancel")
+    interrupted = []
+
+    def cancel_after_the_first_step(comfy, message):
+        if message["type"] == "lora_lab.progress" and not interrupted:
+            interrupted.append(comfy.post("/interrupt", {}))
+
+    _, messages = server.run(prompt, on_message=cancel_after_the_first_step, timeout=1800)
+    assert any(m["type"] == "execution_interrupted" for m in messages)
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "flux_cancel"
+    saved = sorted(run_dir.glob("flux_cancel-step*.safetensors"))
+    assert saved and saved[-1].with_suffix(".resume").is_file()
+    step = int(saved[-1].stem.rsplit("step", 1)[1])
+    assert step < 4, "Cancel did not stop the run"
+    prompt["6"]["inputs"]["resume"] = "latest"
+    prompt_id, messages = server.run(prompt, timeout=1800)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    assert [m["data"]["step"] for m in messages if m["type"] == "lora_lab.progress"] == list(range(step + 1, 5))
+    assert_same_lora(final_lora(server, "flux_cancel"), unbroken)
+    print(f"FLUX Cancel at step {step}, resumed to 4: bit-identical to the unbroken run")
+
+
+def test_flux_trains_in_the_background_as_in_the_foreground(flux_server, unbroken):
+    server, files = flux_server
+    queued = time.time()
+    prompt_id, _ = server.run(training_only(shipped_flux_prompt(server, files), name="flux_bg", background=True))
+    returned = time.time() - queued
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    deadline = time.time() + 1800
+    while time.time() < deadline:
+        job = next((j for j in server.get("/lora_lab/jobs")["jobs"] if j["name"] == "flux_bg"), None)
+        if job and job["status"] not in ("starting", "training", "paused", "stopping"):
+            break
+        time.sleep(1)
+    assert job and job["status"] == "finished", job
+    assert_same_lora(final_lora(server, "flux_bg"), unbroken)
+    print(f"FLUX background: Train LoRA returned in {returned:.0f} s; the job's LoRA equals the foreground run's")

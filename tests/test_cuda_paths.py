@@ -95,7 +95,7 @@ def test_train_lora_drops_the_training_state_before_comfyui_frees_memory(nodes, 
     monkeypatch.setattr(graph_model, "family_of", lambda m: base_model.family)
     monkeypatch.setattr(comfy_bridge, "training_mode", contextlib.nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", release)
-    monkeypatch.setattr(node.TrainLora, "hidden", types.SimpleNamespace(unique_id="7", prompt={}))
+    monkeypatch.setattr(node.TrainLora, "hidden", types.SimpleNamespace(unique_id="7", prompt={}, extra_pnginfo=None))
     schema = node.TrainLora.define_schema()
     widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
     widgets.update(name="handoff", steps=2, rank=4, sample_every=-1, validation_images=-1)

@@ -173,7 +173,8 @@ def test_background_node_returns_at_once_and_its_fingerprint_follows_checkpoints
     monkeypatch.setattr(comfy_bridge, "free_memory_for_training", freed.append)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     monkeypatch.setattr(comfy_bridge, "blocked", lambda message: ("blocked", message))
-    monkeypatch.setattr(train_lora.TrainLora, "hidden", types.SimpleNamespace(unique_id="4", prompt={}))
+    monkeypatch.setattr(train_lora.TrainLora, "hidden",
+                        types.SimpleNamespace(unique_id="4", prompt={}, extra_pnginfo=None))
     schema = train_lora.TrainLora.define_schema()
     widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
     widgets.update(name="bgnode", preset="none", steps=6, save_every=3, rank=4, sample_every=-1, background=True)

@@ -72,8 +72,8 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     calls = {}
     run_dir = stubs.loras / "lora_lab" / "mine"
 
-    def fake_train(config, events, model, dataset, owner):
-        calls.update(config=config, model=model, dataset=dataset, owner=owner)
+    def fake_train(config, events, model, dataset, owner, graph):
+        calls.update(config=config, model=model, dataset=dataset, owner=owner, graph=graph)
         run_dir.mkdir(parents=True)
         final = run_dir / "mine.safetensors"
         save_file({"x": torch.zeros(1)}, str(final))
@@ -90,10 +90,12 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     monkeypatch.setattr(comfy_bridge, "NodeEvents", lambda node, run, total: types.SimpleNamespace(
         status=lambda status, message="": statuses.append((node, run, status))))
     monkeypatch.setattr(graph_model, "family_of", lambda model: get_family("sd15"))
-    monkeypatch.setattr(train_lora.TrainLora, "hidden", types.SimpleNamespace(unique_id="7", prompt={
-        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "my_model.safetensors"}},
-        "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "lora_name": "x.safetensors"}},
-        "7": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["2", 0]}}}))
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "my_model.safetensors"}},
+              "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "lora_name": "x.safetensors"}},
+              "7": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["2", 0]}}}
+    workflow = {"nodes": [{"id": 7, "type": "LoraLabTrainLora"}], "links": []}
+    monkeypatch.setattr(train_lora.TrainLora, "hidden", types.SimpleNamespace(
+        unique_id="7", prompt=prompt, extra_pnginfo={"workflow": workflow}))
     dataset = DatasetValue(Dataset(items=[]), "folder", "f")
     schema = _schemas(nodes)["LoraLabTrainLora"]
     widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
@@ -113,6 +115,7 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     assert (identity["model"], identity["model_key"], identity["dataset"]) == ("my_model.safetensors", "weights", "f")
     assert identity["settings"]["rank"] == 8 and identity["settings"]["name"] == "mine"
     assert statuses == [("7", "mine", "training"), ("7", "mine", "finished")]
+    assert calls["graph"] == (workflow, prompt)  # stored in the LoRA's files (trainer/workflow.py)
     model_out, clip_out, run, curve, name = output.values
     assert model_out["lora"].endswith("mine.safetensors") and model_out["strength"] == 1.0
     assert [step for step, _ in run.checkpoints] == [5, 10] and name == "lora_lab/mine/mine.safetensors"
@@ -335,8 +338,10 @@ def test_sample_checkpoint_samples_strength_zero_once_per_prompt_and_reports_eac
 
     sampled, progress, events = [], [], []
     monkeypatch.setattr(comfy_bridge, "load_lora_file", lambda path: {"file": str(path)})
-    monkeypatch.setattr(comfy_bridge, "sample_image", lambda model, clip, vae, text, *rest: sampled.append(
-        (model, text)) or torch.full((1, 8, 8, 3), len(sampled) / 10))
+    monkeypatch.setattr(comfy_bridge, "encode_text", lambda clip, text: ("encoded", text))
+    monkeypatch.setattr(comfy_bridge, "is_guidance_distilled", lambda model: False)
+    monkeypatch.setattr(comfy_bridge, "sample_image", lambda model, vae, positive, negative, *rest: sampled.append(
+        (model, positive[1])) or torch.full((1, 8, 8, 3), len(sampled) / 10))
     monkeypatch.setattr(comfy_bridge, "NodeProgress", lambda node, total: types.SimpleNamespace(
         update=lambda done: progress.append((done, total))))
     monkeypatch.setattr(comfy_bridge, "send", lambda event, data: events.append((event, data)))
@@ -358,6 +363,37 @@ def test_sample_checkpoint_samples_strength_zero_once_per_prompt_and_reports_eac
     assert [row["label"] for row in shown["rows"]] == ["step 5\nzkw, a", "step 5\nzkw, b", "step 10\nzkw, a",
                                                        "step 10\nzkw, b"]
     assert all(len(row["cells"]) == 3 for row in shown["rows"])
+
+
+def test_sample_checkpoint_encodes_each_text_once_per_text_encoder_state(nodes, stubs, monkeypatch):
+    """A LoRA that adds no text-encoder patches (FLUX's) reuses the base's encodings; one that does
+    is encoded anew at each checkpoint and strength; FLUX.1-dev's negative is never encoded."""
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.nodes.sample_checkpoint import SampleCheckpoint
+    from lora_lab.nodes.values import TrainingRun
+
+    def clip_with(patches: int) -> types.SimpleNamespace:
+        return types.SimpleNamespace(patcher=types.SimpleNamespace(patches={"layer": [()] * patches}))
+
+    for text_patches, distilled, expected in ((0, True, 2), (0, False, 3), (1, True, 2 + 2 * 2 * 2)):
+        encoded, negatives = [], []
+        base_clip = clip_with(0)
+        monkeypatch.setattr(comfy_bridge, "NodeProgress", lambda node, total: types.SimpleNamespace(
+            update=lambda done: None))
+        monkeypatch.setattr(comfy_bridge, "send", lambda event, data: None)
+        monkeypatch.setattr(comfy_bridge, "apply_lora", lambda model, clip, lora, ms, cs, n=text_patches: (
+            model, clip_with(n) if cs else clip))
+        monkeypatch.setattr(comfy_bridge, "load_lora_file", lambda path: {"file": str(path)})
+        monkeypatch.setattr(comfy_bridge, "is_guidance_distilled", lambda model, d=distilled: d)
+        monkeypatch.setattr(comfy_bridge, "encode_text", lambda clip, text, e=encoded: e.append(text) or [text])
+        monkeypatch.setattr(comfy_bridge, "sample_image", lambda model, vae, positive, negative, *rest,
+                            n=negatives: (n.append(negative), torch.zeros((1, 8, 8, 3)))[1])
+        run = TrainingRun("mine", ((5, stubs.loras / "a.safetensors"), (10, stubs.loras / "b.safetensors")), ("zkw",))
+        SampleCheckpoint.execute("MODEL", base_clip, "VAE", prompts="{trigger}, a\n{trigger}, b", negative="ugly",
+                                 strengths="0, 0.5, 1", seed=1, steps=2, cfg=3.5, sampler_name="euler",
+                                 scheduler="normal", width=64, height=64, training_run=run)
+        assert len(encoded) == expected, (text_patches, distilled, encoded)
+        assert all(n is None for n in negatives) if distilled else all(n == ["ugly"] for n in negatives)
 
 
 def test_the_run_routes_stay_in_their_folder_and_answer_briefly(nodes, make_config, fresh_model, tmp_path):

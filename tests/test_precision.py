@@ -96,3 +96,19 @@ def test_the_fp8_base_trains_under_bf16_autocast(make_config, fresh_model, cpu_b
 
     assert any(isinstance(m, Float8Linear) for m in fresh_model.denoiser.modules())
     assert any(float(p.detach().abs().max()) > 0 for p in lora_parameters(fresh_model)[1::2])
+
+
+def test_a_base_loaded_in_bf16_trains_then_samples_its_grid(make_config, cpu_bf16):
+    """What the demo does where `auto` picks bf16 (a CPU with bf16 units): the base is loaded in bf16,
+    and the grid after training samples in it (it once fed fp32 inputs to bf16 weights)."""
+    from lora_lab.trainer.run import load_base_model
+    from lora_lab.trainer.sampling import held_dtype, sample_grid
+
+    config = make_config(steps=2, save_every=1, mixed_precision="bf16", validation_images=-1, sample_every=-1)
+    model = load_base_model(config, CPU)
+    assert held_dtype(model) == torch.bfloat16
+    result = train_lora(config, model=model)
+    rows = [(f"step {c.step}", c.path) for c in result.checkpoints]
+    grid, cells = sample_grid(model, rows, ["zkw_toy"], (0.0, 1.0), (64, 64), 2, 5.0, 0)
+    assert len(cells) == 4 and grid.width > 128
+    assert cells[("step 2", "zkw_toy", 0.0)] != cells[("step 2", "zkw_toy", 1.0)]

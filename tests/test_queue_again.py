@@ -51,7 +51,8 @@ def node(nodes, stubs, monkeypatch, base_model, concept_dataset):
 
     monkeypatch.setattr(comfy_bridge, "send", send)
     monkeypatch.setattr(comfy_bridge, "raise_interrupted", lambda: None)
-    monkeypatch.setattr(train_lora.TrainLora, "hidden", types.SimpleNamespace(unique_id="4", prompt={}))
+    monkeypatch.setattr(train_lora.TrainLora, "hidden",
+                        types.SimpleNamespace(unique_id="4", prompt={}, extra_pnginfo=None))
     schema = train_lora.TrainLora.define_schema()
     state.widgets = {i.id: i.options["default"] for i in schema.inputs if "default" in i.options}
     state.dataset = DatasetValue(scan_folder(concept_dataset), "folder", "fingerprint-1", lora_type="object")

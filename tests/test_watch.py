@@ -33,6 +33,40 @@ def test_samples_and_validation_never_change_what_trains(make_config, base_model
     assert watched.losses == quiet.losses
 
 
+def test_sample_prompts_are_encoded_once_through_the_cache_and_again_only_for_a_trained_text_encoder(
+        base_model, tmp_path):
+    """Sample prompts go through the training set's encoding cache (a resumed run reuses them); a
+    negative is encoded only where classifier-free guidance reads it; a text encoder being trained
+    encodes the prompts again at each sample, so the samples show its LoRA."""
+    from lora_lab.trainer.data import scan_folder
+    from lora_lab.trainer.examples import TrainingSet
+    from lora_lab.trainer.previews import PreviewSampler
+
+    model = copy.deepcopy(base_model)
+    dataset = scan_folder(embedded.CONCEPT_DATASET)
+    for attempt in range(2):
+        examples = TrainingSet(model, dataset, 64, True, True, str(tmp_path / "cache"), False)
+        hits = examples.disk.hits
+        encoded = examples.encode_prompts(["zkw_toy, a", "zkw_toy, b"])
+        assert encoded["prompt_embeds"].shape[0] == 2
+        assert examples.disk.hits - hits == 2 * attempt  # the second time, both come from the cache
+
+    calls: list[list[str]] = []
+
+    def spy(texts: list[str]) -> dict:
+        calls.append(texts)
+        return model.encoders.encode_prompts(texts)
+
+    PreviewSampler(model, ["a", "b"], (64, 64), 2, 1.0, 0, torch.float32, negative="ugly", encode=spy)
+    PreviewSampler(model, ["a", "b"], (64, 64), 2, 5.0, 0, torch.float32, negative="ugly", encode=spy)
+    assert calls == [["a", "b"], ["a", "b", "ugly"]]  # guidance 1 reads no negative
+    calls.clear()
+    sampler = PreviewSampler(model, ["a"], (64, 64), 1, 5.0, 0, torch.float32, encode=spy, text_trained=True)
+    sampler.sample()
+    sampler.sample()
+    assert len(calls) == 3
+
+
 def test_validation_loss_compares_from_one_evaluation_to_the_next(make_config, base_model):
     from lora_lab.trainer.data import scan_folder, split_validation
     from lora_lab.trainer.examples import TrainingSet

@@ -29,7 +29,7 @@ from .config import TrainingConfig, build_config
 from .errors import LoraLabError
 from .examples import TrainingSet
 from .families.base import Encoders, LoadedModel
-from .fp8 import Float8Linear
+from .fp8 import Float8Linear, float8_bytes_saved
 from .lora import add_lora, lora_parameters
 
 log = logging.getLogger(__name__)
@@ -206,8 +206,7 @@ def _alternatives(model: LoadedModel, config: TrainingConfig) -> list[tuple[str,
         changes.append((" and ".join(text for text, _ in changes), {k: v for _, c in changes for k, v in c.items()}))
     options = [(text, build_config(change, base=config), 0) for text, change in changes]
     if not train.fp8_base:  # the base shrinks to one byte per linear weight
-        freed = sum(m.weight.numel() * (m.weight.element_size() - 1) for m in model.denoiser.modules()
-                    if type(m) is torch.nn.Linear)
+        freed = float8_bytes_saved(model.denoiser)
         all_changes = {k: v for _, c in changes for k, v in c.items()}
         options.append(("turn on fp8_base" + (" and " + " and ".join(t for t, _ in changes[:2]) if changes else ""),
                         build_config({**all_changes, "fp8_base": True}, base=config), freed))

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--sheet", type=Path, help="also save a contact sheet of the flagged images here (PNG)")
     doctor.add_argument("--prompt", action="append", default=[], help="a sample prompt you will test with "
                         "({trigger} filled in; repeat the flag for more): flagged if it repeats a caption")
+    train.add_argument("--from-lora", type=Path, metavar="FILE",
+                       help="train again with the settings a LoRA Lab file records, on a new --dataset (the config "
+                            "file and flags change any of them; the differences are listed)")
     for sub in (demo, train):
         sub.add_argument("--config", type=Path, help="TOML or JSON file of settings")
         sub.add_argument("--no-samples", action="store_true",
@@ -138,6 +141,10 @@ def gather_settings(args: argparse.Namespace) -> dict[str, Any]:
     settings.update({name: getattr(args, name) for name in field_specs() if hasattr(args, name)})
     if args.no_samples:
         settings.setdefault("sample_every", -1)
+    if getattr(args, "from_lora", None):
+        from .retrain import retrain_settings
+
+        settings = retrain_settings(args.from_lora, settings)
     return settings
 
 
@@ -185,6 +192,12 @@ def run(args: argparse.Namespace) -> int:
     from .sampling import fill_trigger, sample_grid
 
     config = build_config(gather_settings(args))
+    if getattr(args, "from_lora", None):
+        from .retrain import differences
+
+        changed = differences(args.from_lora, config)
+        print(f"Training again from {args.from_lora.name}, with {len(changed)} change(s):"
+              + "".join(f"\n  {line}" for line in changed))
     events = ConsoleEvents(shown=processes().main)
     previous_handler = signal.signal(signal.SIGINT, events.request_stop)
     started = time.time()

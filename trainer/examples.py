@@ -73,6 +73,7 @@ class TrainingSet:
         buckets = bucket_sizes(resolution, multiple) if bucketing else [square]
         self.disk = DiskCache(cache_dir)
         identity = f"{model.family.name}|{model.identity.key}"  # cached encodings never outlive their model
+        self.identity = identity
         self.examples: list[Example] = []
         for item in dataset.items:
             bucket = choose_bucket(item.size, buckets) if bucketing else square
@@ -94,6 +95,16 @@ class TrainingSet:
                                    if self.cache_text and self.variation.dropout else None)
         if self.disk.folder is not None:
             log.info("Encoding cache: %d reused, %d computed.", self.disk.hits, self.disk.misses)
+
+    def encode_prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Prompts (e.g. the sample prompts) encoded as the captions are: through the disk cache
+        where text is cached, so a resumed run does not encode them again."""
+        if not self.cache_text:
+            with torch.no_grad():
+                return {key: value.float().cpu() for key, value in self.model.encoders.encode_prompts(texts).items()}
+        rows = [self.disk.get_or_compute(("text", self.identity, text), lambda t=text: self._encode_text([t], row=0))
+                for text in texts]
+        return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:

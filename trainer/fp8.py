@@ -54,11 +54,17 @@ def to_float8(linear: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
     linear.__class__ = Float8Linear
 
 
+def float8_bytes_saved(module: torch.nn.Module, element_size: int | None = None) -> int:
+    """What quantize_linear_layers frees on `module`: each plain linear weight goes from
+    `element_size` bytes an element (default: its dtype's) to one, plus a 4-byte scale per row.
+    Also the memory estimate's and the real-size benchmark's (on the meta device) figure."""
+    return sum(layer.weight.numel() * ((element_size or layer.weight.element_size()) - 1) - 4 * layer.weight.shape[0]
+               for layer in module.modules() if type(layer) is torch.nn.Linear)
+
+
 def quantize_linear_layers(module: torch.nn.Module, compute_dtype: torch.dtype) -> int:
     """Every plain nn.Linear of `module` to float8 storage; returns the bytes saved."""
-    saved = 0
-    for layer in list(module.modules()):
-        if type(layer) is torch.nn.Linear:
-            saved += layer.weight.numel() * (layer.weight.element_size() - 1)
-            to_float8(layer, compute_dtype)
+    saved = float8_bytes_saved(module)
+    for layer in [m for m in module.modules() if type(m) is torch.nn.Linear]:
+        to_float8(layer, compute_dtype)
     return saved

@@ -13,7 +13,7 @@ import io
 import json
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -41,6 +41,7 @@ class RunFacts:
     started_at: float
     session_id: str = ""
     resume_history: tuple[dict, ...] = ()  # settings or dataset changes accepted on resume
+    graph: dict[str, str] = field(default_factory=dict)  # the training graph: workflow.py's entries
 
 
 @dataclass(frozen=True)
@@ -175,4 +176,5 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int,
         "lora_lab.config": metadata_json(config.shareable()),
         **({"lora_lab.resume_history": metadata_json(list(facts.resume_history))} if facts.resume_history else {}),
         **story(config, facts, step, checkpoint),
+        **facts.graph,  # "workflow" and "prompt": ComfyUI's frontend opens them from a dropped file
     }

@@ -4,16 +4,16 @@ prompts, seed and size each time, so one set compares with the next.
 One sampler for every family and for both kinds of encoders (the model's own, or a ComfyUI
 graph's): Euler steps over the denoiser with the family's own prediction, classifier-free guidance
 (or, for guidance-distilled models, the guidance value the model takes), and the encoders' decoder.
-Prompts are encoded once, when the sampler is made. Sampling never disturbs training: it runs
-without gradients, in eval mode, and puts the random number generators back as they were, so a run
-with samples trains exactly as one without.
+Prompts are encoded once, when the sampler is made (at each sample where the text encoder trains).
+Sampling never disturbs training: it runs without gradients, in eval mode, and puts the random
+number generators back as they were, so a run with samples trains exactly as one without.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -53,20 +53,33 @@ def evaluating(model: LoadedModel) -> Iterator[None]:
 
 class PreviewSampler:
     def __init__(self, model: LoadedModel, prompts: Sequence[str], size: tuple[int, int], steps: int,
-                 guidance_scale: float, seed: int, compute_dtype: torch.dtype, negative: str = "") -> None:
+                 guidance_scale: float, seed: int, compute_dtype: torch.dtype, negative: str = "",
+                 encode: Callable[[list[str]], dict[str, torch.Tensor]] | None = None,
+                 text_trained: bool = False) -> None:
+        """`encode` encodes prompts (the model's encoders by default; the training set's, to reuse its
+        cache); with `text_trained` the prompts are encoded again at each sample, through the text
+        encoder's LoRA as it is then."""
         self.model, self.prompts, self.size, self.steps = model, list(prompts), size, steps
         self.compute_dtype = compute_dtype
         self.guidance_scale, self.seed = guidance_scale, seed
         self.classifier_free = model.family.uses_classifier_free_guidance(model)
+        # Only classifier-free guidance reads the negative: a guidance-distilled model's is never encoded.
+        self.negative = negative if self.classifier_free and guidance_scale != 1 else None
+        self.encode = encode or model.encoders.encode_prompts
+        self.text_trained = text_trained
+        self._encode_prompts()
+
+    def _encode_prompts(self) -> None:
+        texts = self.prompts if self.negative is None else [*self.prompts, self.negative]
         with torch.no_grad():
-            encoded = model.encoders.encode_prompts([*self.prompts, negative])
+            encoded = self.encode(texts)
         rows = {key: value.detach().float().cpu() for key, value in encoded.items()}
-        width, height = size
-        extra = model.family.image_conditioning((height, width), (0, 0), (height, width))
-        rows.update({key: value[None].float().expand(len(prompts) + 1, *value.shape) for key, value in extra.items()})
+        width, height = self.size
+        extra = self.model.family.image_conditioning((height, width), (0, 0), (height, width))
+        rows.update({key: value[None].float().expand(len(texts), *value.shape) for key, value in extra.items()})
         # The prompts' rows, then the negative's: a batch of prompts is a slice of the first.
-        self.prompt_rows = {key: value[:-1] for key, value in rows.items()}
-        self.negative_row = {key: value[-1:] for key, value in rows.items()}
+        self.prompt_rows = {key: value[:len(self.prompts)] for key, value in rows.items()}
+        self.negative_row = {key: value[len(self.prompts):] for key, value in rows.items()}
 
     def _scheduler(self, latent_size: tuple[int, int]) -> tuple[object, torch.Tensor]:
         config = self.model.noise_scheduler.config
@@ -103,6 +116,8 @@ class PreviewSampler:
         images = []
         saved_guidance = model.guidance
         with evaluating(model):
+            if self.text_trained:
+                self._encode_prompts()
             if not self.classifier_free:
                 model.guidance = self.guidance_scale  # a guidance-distilled model takes it as an input
             try:
@@ -123,7 +138,7 @@ class PreviewSampler:
         noise = torch.randn(shape, generator=generator) * getattr(scheduler, "init_noise_sigma", 1.0)
         conditioning = {key: value[first:end] for key, value in self.prompt_rows.items()}
         latents = noise.repeat(end - first, 1, 1, 1).to(model.device)
-        guided = self.classifier_free and self.guidance_scale != 1
+        guided = self.negative is not None
         if guided:  # the prompts and the negative in one batch: one denoiser call per step
             conditioning = {key: torch.cat([value, self.negative_row[key].expand_as(value)])
                             for key, value in conditioning.items()}

@@ -53,6 +53,7 @@ from .resume import (
 from .sampling import fill_trigger
 from .validation import ValidationLoss
 from .watch import RunWatch, diagnose_run, recommend
+from .workflow import cli_prompt, graph_metadata
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def load_base_model(config: TrainingConfig, device: torch.device | None = None) 
         raise LoraLabError(f"The embedded demo model is {get_family(detected).title}; set base_model to a "
                            f"{get_family(config.model.family).title} model.")
     family = get_family(detected or config.model.family)
-    # On a GPU the frozen base is held in the compute dtype; LoRA weights always train in fp32.
+    # The frozen base is held in the compute dtype (bf16 on a GPU, or on a CPU with bf16 units); LoRA
+    # weights always train in fp32.
     dtype = resolve_precision(config.train.mixed_precision, device)
     model = family.load(str(source), dtype, config.model.model_config)
     model.denoiser.to(device)
@@ -237,7 +239,8 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
     if sample.sample_every >= 0:
         prompts = [fill_trigger(prompt, trigger_words) for prompt in sample.prompts]
         sampler = PreviewSampler(model, prompts, (data.resolution, data.resolution), sample.sample_steps,
-                                 sample.guidance_scale, sample.sample_seed, compute_dtype)
+                                 sample.guidance_scale, sample.sample_seed, compute_dtype,
+                                 encode=examples.encode_prompts, text_trained=lora.train_text_encoder)
     if examples.cache_latents and examples.cache_text:
         # Encoded once: the training device needs only the denoiser (and the VAE, to decode samples).
         model.encoders.place(torch.device("cpu"), keep_decoder=sampler is not None)
@@ -269,11 +272,15 @@ def finish_message(result: TrainingResult) -> str:
 
 
 def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
-               dataset: Dataset | None = None, owner: dict | None = None) -> TrainingResult:
+               dataset: Dataset | None = None, owner: dict | None = None,
+               graph: tuple[dict | None, dict | None] | None = None) -> TrainingResult:
     """Train a LoRA as the config says and write its checkpoints; see the module docstring.
-    `owner` (e.g. the ComfyUI node that started the run) is recorded in the run's journal."""
+    `owner` (e.g. the ComfyUI node that started the run) is recorded in the run's journal; `graph`
+    (the ComfyUI workflow and prompt that started it; by default one built from the config) in
+    every file, so the file opens its training graph when dropped onto ComfyUI."""
     events = events or TrainingEvents()
     started = time.time()
+    given = config  # what was asked, before the settings left at 0 are filled in
     if dataset is None:
         dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
     if model is None:
@@ -297,7 +304,10 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
                          earlier_checkpoints(run_dir, resume),
                          tuple(w for w in [config.data.trigger_word] if w))
     try:
-        result = _train(config, journal, model, train_set, held_out, run_dir, resume, history, listing, started)
+        graph_entries = graph_metadata(*graph) if graph else graph_metadata(None, cli_prompt(
+            build_config({"trigger_word": config.data.trigger_word}, base=given), model.family))
+        result = _train(config, journal, model, train_set, held_out, run_dir, resume, history, listing, started,
+                        graph_entries)
     except LoraLabError as error:
         journal.finish("failed", str(error))
         raise
@@ -315,7 +325,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
 
 def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, dataset: Dataset, held_out: Dataset,
            run_dir: Path, resume: RunState | None, history: list[dict], listing: list[list],
-           started: float) -> TrainingResult:
+           started: float, graph_entries: dict[str, str]) -> TrainingResult:
     train = config.train
     if config.model.prediction_type != "auto":
         model.prediction_type = config.model.prediction_type
@@ -331,7 +341,7 @@ def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, datas
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
                      tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(listing),
                      prediction_type=model.prediction_type, started_at=started, session_id=new_session_id(),
-                     resume_history=tuple(history))
+                     resume_history=tuple(history), graph=graph_entries)
     name = config.output.name
     watch = RunWatch(run_dir, name, train.steps, events, prepared.validation, train.validation_every,
                      prepared.sampler, config.sample.sample_every, resume.validation if resume else (),

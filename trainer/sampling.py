@@ -20,6 +20,16 @@ def fill_trigger(prompt: str, trigger_words: Sequence[str]) -> str:
     return prompt.replace("{trigger}", ", ".join(trigger_words)).strip(" ,")
 
 
+def held_dtype(model: LoadedModel) -> torch.dtype:
+    """The dtype the frozen base holds its weights in, which it computes in: the run's compute dtype
+    where it was loaded in one (bf16 on a GPU, or on a CPU with bf16 units), else fp32. Weights held
+    in 8-bit float dequantize to the dtype of the layers around them."""
+    for name, parameter in model.denoiser.named_parameters():
+        if "lora_" not in name and parameter.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            return parameter.dtype
+    return torch.float32
+
+
 @contextlib.contextmanager
 def lora_strength(model: LoadedModel, strength: float) -> Iterator[None]:
     """The model's LoRA at `strength` (0 = the base model) for the block, then back at 1."""
@@ -34,7 +44,7 @@ def sample(model: LoadedModel, prompts: Sequence[str], strength: float, size: tu
            guidance_scale: float, seed: int) -> list[Image.Image]:
     """One image per prompt from the model with its LoRA at `strength`."""
     with lora_strength(model, strength):
-        return PreviewSampler(model, prompts, size, steps, guidance_scale, seed, torch.float32).sample()
+        return PreviewSampler(model, prompts, size, steps, guidance_scale, seed, held_dtype(model)).sample()
 
 
 def sample_grid(model: LoadedModel, checkpoints: Sequence[tuple[str, Path]], prompts: Sequence[str],
@@ -44,7 +54,7 @@ def sample_grid(model: LoadedModel, checkpoints: Sequence[tuple[str, Path]], pro
 
     Returns the labelled grid and the cells by (checkpoint label, prompt, strength). Strength 0 is
     the base model whatever the checkpoint, so it is sampled once. The prompts are encoded once."""
-    sampler = PreviewSampler(model, prompts, size, steps, guidance_scale, seed, torch.float32)
+    sampler = PreviewSampler(model, prompts, size, steps, guidance_scale, seed, held_dtype(model))
     cells: dict[tuple[str, str, float], Image.Image] = {}
     base: list[Image.Image] = []
     for label, path in checkpoints:

@@ -158,6 +158,13 @@ class ModelFamily:
     # conditioning has one shape (77 for CLIP; 256 for FLUX's T5, the length ComfyUI pads to).
     pooled_conditioning: ClassVar[str | None] = None
     text_tokens: ClassVar[int] = 77
+    # How ComfyUI users hold this family's files (the graph a LoRA trained from the command line
+    # opens, trainer/workflow.py): one checkpoint, or a diffusion model with these text encoder
+    # files (loaded as `comfy_clip_type`) and VAE file; and the scheduler its graphs sample with.
+    comfy_text_encoders: ClassVar[tuple[str, ...]] = ()
+    comfy_clip_type: ClassVar[str] = ""
+    comfy_vae: ClassVar[str] = ""
+    comfy_scheduler: ClassVar[str] = "normal"
     # Settings that mean nothing for this family: refused unless left at their defaults.
     unsupported_settings: ClassVar[tuple[str, ...]] = ()
     unsupported_reason: ClassVar[str] = ""

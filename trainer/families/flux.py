@@ -52,6 +52,11 @@ class FluxFamily(ModelFamily):
     caption_style = "natural"
     pooled_conditioning = "pooled_projections"
     text_tokens = 256
+    # As ComfyUI's own FLUX example loads and samples it.
+    comfy_text_encoders = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
+    comfy_clip_type = "flux"
+    comfy_vae = "ae.safetensors"
+    comfy_scheduler = "simple"
     unsupported_settings = ("min_snr_gamma", "prediction_type", "train_text_encoder", "text_encoder_lr")
     unsupported_reason = "FLUX trains with rectified flow, and its LoRA trains the transformer only"
     denoiser_prefix = "transformer"
