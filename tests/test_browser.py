@@ -11,7 +11,8 @@ browser shows the examples with thumbnails; the SD 1.5 example trains with a tra
 shows step and loss and covers no widget, keeps its whole curve across a page reload, shows the
 Cancel message inside the node, and ends with the grid and loss images in view; the FLUX
 example (with the FLUX install of tests/test_comfyui_flux.py: LORA_LAB_FLUX_MODELS keeps its
-files) trains, samples its grid and feeds the user's sampler through its stack; Train LoRA's
+files) trains, samples its grid and feeds the user's sampler through its stack; a dropped LoRA
+file opens the graph that trained it (from the example, or from the command line); Train LoRA's
 lora_name links to core LoraLoader; a Train LoRA node inside a subgraph gets its panel; and none
 of it logs an error from LoRA Lab's files.
 """
@@ -536,7 +537,7 @@ def test_the_flux_example_trains_samples_and_stacks_in_the_browser(browser, flux
     assert "character preset" in plan, plan  # from Load Dataset's lora_type
     queued = time.time()
     page.evaluate("() => window.app.queuePrompt(0, 1)")
-    # Two captions through the full-size T5-XXL (about 45 s each on 2 cores) before the first step.
+    # Two captions through the full-size T5-XXL (20-45 s each on 2 cores) before the first step.
     page.wait_for_function("() => Number(window.app.graph.getNodeById(6).loraLabPanel.chart.dataset.points) > 0",
                            timeout=900_000)
     state = panel_state(page, 6)
