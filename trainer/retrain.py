@@ -28,7 +28,7 @@ def recorded_settings(path: Path) -> dict[str, Any]:
         raise LoraLabError(f"--from-lora {path.name}: not a readable .safetensors LoRA ({error}).") from None
     text = metadata.get("lora_lab.config")
     if not text:
-        made_by = ("kohya-style training metadata (ss_*), but not the settings of every option"
+        made_by = ("kohya-style metadata (ss_*) but no LoRA Lab settings"
                    if any(key.startswith("ss_") for key in metadata) else "no training metadata")
         raise LoraLabError(f"--from-lora {path.name} holds {made_by}: only a LoRA trained by LoRA Lab records "
                            "its settings (lora_lab.config). Give the settings with --config or flags instead.")
