@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .export import load_into_model
 from .families.base import LoadedModel
-from .lora import set_strength
+from .lora import lora_parameters, set_strength
 from .previews import PreviewSampler
 
 
@@ -24,8 +24,9 @@ def held_dtype(model: LoadedModel) -> torch.dtype:
     """The dtype the frozen base holds its weights in, which it computes in: the run's compute dtype
     where it was loaded in one (bf16 on a GPU, or on a CPU with bf16 units), else fp32. Weights held
     in 8-bit float dequantize to the dtype of the layers around them."""
-    for name, parameter in model.denoiser.named_parameters():
-        if "lora_" not in name and parameter.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    trained = {id(parameter) for parameter in lora_parameters(model)}
+    for parameter in model.denoiser.parameters():
+        if id(parameter) not in trained and parameter.dtype in (torch.float32, torch.bfloat16, torch.float16):
             return parameter.dtype
     return torch.float32
 
