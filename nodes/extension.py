@@ -6,13 +6,15 @@ from __future__ import annotations
 from .apply_lora_stack import ApplyLoraStack
 from .caption import Caption
 from .comfy_bridge import ComfyExtension, io, run_prompts_in_turns
+from .compare_lora_stack import CompareLoraStack
 from .jobs import TURNS
 from .load_dataset import LoadDataset
 from .routes import register as register_routes
 from .sample_checkpoint import SampleCheckpoint
 from .train_lora import TrainLora
 
-NODES: list[type[io.ComfyNode]] = [LoadDataset, Caption, TrainLora, SampleCheckpoint, ApplyLoraStack]
+NODES: list[type[io.ComfyNode]] = [LoadDataset, Caption, TrainLora, SampleCheckpoint, ApplyLoraStack,
+                                   CompareLoraStack]
 
 
 class LoraLabExtension(ComfyExtension):

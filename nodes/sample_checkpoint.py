@@ -4,29 +4,22 @@ LoraLoader + KSampler would with the same settings and seed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..trainer.errors import LoraLabError
-from ..trainer.metadata import thumbnail_url
-from ..trainer.sampling import fill_trigger, labelled_grid
+from ..trainer.sampling import fill_trigger
 from . import comfy_bridge as comfy
-from .comfy_bridge import RUN, io, ui
+from .comfy_bridge import RUN, io
+from .grid_cells import GridCells, Sampling, grid_output, prompt_lines
+from .grid_cells import parse_strengths as parse_strength_list
 from .values import CHECKPOINT_CHOICES, TrainingRun
 
 DEFAULT_STRENGTHS = "0, 0.4, 0.7, 1.0"  # the guide: start at 0.7, try 0.4-1.0
 
 
 def parse_strengths(text: str) -> list[float]:
-    try:
-        strengths = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise LoraLabError(f"strengths {text!r} must be numbers separated by commas, e.g. {DEFAULT_STRENGTHS}."
-                           ) from None
-    if not strengths or any(not -10 <= s <= 10 for s in strengths):
-        raise LoraLabError(f"strengths {text!r}: give one or more values between -10 and 10.")
-    return strengths
+    return parse_strength_list(text, DEFAULT_STRENGTHS)
 
 
 def checkpoints_to_sample(run: TrainingRun | None, lora_names: str,
@@ -40,22 +33,6 @@ def checkpoints_to_sample(run: TrainingRun | None, lora_names: str,
     if not rows:
         raise LoraLabError("Nothing to sample: connect a training_run or list LoRA files in lora_names.")
     return rows
-
-
-class TextEncodings:
-    """Each text encoded once per state of the text encoder. A LoRA without text-encoder keys (FLUX
-    LoRAs) leaves the encoder as it was, so every cell shares the base's encodings: for FLUX a T5-XXL
-    encode each (tens of seconds on a CPU) is saved per cell."""
-
-    def __init__(self, clip: Any) -> None:
-        self.clip = clip
-        self.encoded: dict[tuple, list] = {}
-
-    def __call__(self, patched_clip: Any, lora: tuple, text: str) -> list:
-        state = lora if comfy.text_encoder_changed(self.clip, patched_clip) else None
-        if (state, text) not in self.encoded:
-            self.encoded[state, text] = comfy.encode_text(patched_clip, text)
-        return self.encoded[state, text]
 
 
 class SampleCheckpoint(io.ComfyNode):
@@ -103,21 +80,19 @@ class SampleCheckpoint(io.ComfyNode):
                 training_run: TrainingRun | None = None, lora_names: str = "",
                 checkpoints: str = "all") -> io.NodeOutput:
         strength_values = parse_strengths(strengths)
-        prompt_lines = [line.strip() for line in prompts.splitlines() if line.strip()] or ["{trigger}"]
+        prompt_texts = prompt_lines(prompts)
         rows_to_sample = checkpoints_to_sample(training_run, lora_names, checkpoints)
-        texts = {fill_trigger(prompt, triggers) for _, _, triggers in rows_to_sample for prompt in prompt_lines}
+        texts = {fill_trigger(prompt, triggers) for _, _, triggers in rows_to_sample for prompt in prompt_texts}
         # Strength 0 is the base model whatever the checkpoint: one image per prompt text serves every row.
         zero = 0 in strength_values
-        total = len(rows_to_sample) * len(prompt_lines) * (len(strength_values) - zero) + zero * len(texts)
-        node_id = cls.hidden.unique_id
-        progress = comfy.NodeProgress(node_id, total)
+        total = len(rows_to_sample) * len(prompt_texts) * (len(strength_values) - zero) + zero * len(texts)
+        sampling = Sampling(seed, steps, cfg, sampler_name, scheduler, width, height)
+        cells = GridCells(cls, model, clip, vae, negative, sampling, total)
         base: dict[str, torch.Tensor] = {}
-        encodings = TextEncodings(clip)
-        distilled = comfy.is_guidance_distilled(model)  # its negative is never evaluated, so not encoded
-        rows, cells, done = [], [], 0
+        rows = []
         for label, path, triggers in rows_to_sample:
             lora = comfy.load_lora_file(path)
-            for prompt in prompt_lines:
+            for prompt in prompt_texts:
                 text = fill_trigger(prompt, triggers)
                 images = []
                 for strength in strength_values:
@@ -125,33 +100,10 @@ class SampleCheckpoint(io.ComfyNode):
                         images.append(base[text])
                         continue
                     patched_model, patched_clip = comfy.apply_lora(model, clip, lora, strength, strength)
-                    state = (str(path), strength)
-                    image = comfy.sample_image(patched_model, vae, encodings(patched_clip, state, text),
-                                               None if distilled else encodings(patched_clip, state, negative),
-                                               seed, steps, cfg, sampler_name, scheduler, width, height)
+                    image = cells.sample(patched_model, patched_clip, (str(path), strength), text,
+                                         f"{label} · strength {strength:g}")
                     images.append(image)
                     if strength == 0:
                         base[text] = image
-                    done += 1
-                    progress.update(done)
-                    comfy.send(comfy.CELL_EVENT, {"node": node_id, "done": done, "total": total,
-                                                  "label": f"{label} · strength {strength:g} · {text}",
-                                                  "image": thumbnail_url(comfy.images_to_pil(image)[0], 96)})
-                cells += images
-                rows.append((label + (f"\n{text}" if len(prompt_lines) > 1 else ""),
-                             [comfy.images_to_pil(image)[0] for image in images]))
-        columns = [f"strength {s:g}" for s in strength_values]
-        picture = labelled_grid(rows, columns, cell_size=min(512, max(256, width, height)))
-        grid = comfy.pil_to_images([picture])
-        images = torch.cat(cells)
-        return io.NodeOutput(grid, images, ui=grid_view(columns, [label for label, _ in rows], images, cls))
-
-
-def grid_view(columns: list[str], rows: list[str], cells: torch.Tensor, cls: type) -> dict:
-    """What the node shows: the grid as cells and text labels (web/lora_lab.js lays them out at a
-    size that reads on the node, and opens a cell full size on a click); the grid picture itself
-    is the grid output."""
-    saved = ui.PreviewImage(cells, cls=cls).as_dict()["images"]  # each cell as a temporary image
-    width = len(columns)
-    return {"lora_lab_grid": [{"columns": columns, "rows": [
-        {"label": label, "cells": saved[index * width:(index + 1) * width]} for index, label in enumerate(rows)]}]}
+                rows.append((label + (f"\n{text}" if len(prompt_texts) > 1 else ""), images))
+        return grid_output(cls, rows, [f"strength {s:g}" for s in strength_values], sampling)

@@ -39,6 +39,7 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
             "sample_every", "prompts", "validation_images")
+SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor")  # added after `background`, so they follow it
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
 # The preset follows the LoRA type chosen once on Load Dataset unless set here.
@@ -76,7 +77,7 @@ def settings_input(name: str) -> io.Input:
 def node_settings(values: dict, lora_type: str = "none") -> dict:
     """The trainer settings of the node's widgets (those it knows), the preset "from dataset" being
     the dataset's LoRA type (Load Dataset); `background` is how the node runs, not a setting."""
-    settings = {k: v for k, v in values.items() if k in SETTINGS and k != "resume"}
+    settings = {k: v for k, v in values.items() if k in (*SETTINGS, *SETTINGS_AFTER_BACKGROUND) and k != "resume"}
     if settings.get("preset", FROM_DATASET) == FROM_DATASET:
         settings["preset"] = lora_type
     return settings
@@ -86,7 +87,8 @@ def node_config(values: dict, output_dir: Path, lora_type: str = "none", plan: R
     """The trainer config of the node's widgets; `plan` says which run folder and checkpoint
     (nodes/run_plan.py; without one, as if no run were on disk)."""
     plan = plan or default_plan(output_dir, requested_name(values), str(values.get("resume", NEW_RUN)))
-    extra = {k: v for k, v in values.items() if k not in SETTINGS and k != "background"}  # e.g. family
+    extra = {k: v for k, v in values.items()  # e.g. family
+             if k not in (*SETTINGS, *SETTINGS_AFTER_BACKGROUND) and k != "background"}
     return build_config({**node_settings(values, lora_type), **extra, "output_dir": str(output_dir),
                          "name": plan.name, "resume": plan.resume})
 
@@ -138,6 +140,7 @@ class TrainLora(io.ComfyNode):
                 DATASET.Input("dataset", tooltip="From Load Dataset or Caption."),
                 *(settings_input(name) for name in SETTINGS),
                 io.Boolean.Input("background", default=False, optional=True, tooltip=BACKGROUND_TOOLTIP),
+                *(settings_input(name) for name in SETTINGS_AFTER_BACKGROUND),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "
                                      "applied at strength 1."),
@@ -161,14 +164,14 @@ class TrainLora(io.ComfyNode):
         inputs = widget_history.with_added_defaults(NODE_ID, inputs)
         if not inputs.pop("background"):
             return ""
-        job = jobs.JOBS.find_settings(settings_key(inputs))
+        job = jobs.JOBS.find_settings(settings_key(node_inputs_as_settings(inputs)))
         return job.token() if job else "new"
 
     @classmethod
     def execute(cls, model, clip, vae, dataset: DatasetValue, **inputs) -> io.NodeOutput:
         inputs = widget_history.with_added_defaults(NODE_ID, inputs)
         background = bool(inputs.pop("background"))
-        settings = {name: inputs[name] for name in SETTINGS}
+        settings = node_inputs_as_settings(inputs)
         name, node_id = requested_name(settings), cls.hidden.unique_id
         panel = PanelEvents(node_id, name, comfy.send)
         panel.status("starting", "Loading the model ...")  # the previous run's message goes at once
@@ -271,9 +274,19 @@ class TrainLora(io.ComfyNode):
         return cls.hand_on(model, clip, run, curve)
 
 
+def node_inputs_as_settings(inputs: dict) -> dict:
+    """The node's settings from its inputs. A setting added after `background` is left out while it
+    holds the value that keeps the old behaviour, so the identity of a run trained before it
+    existed (what "queue again" finds it by) stays the same."""
+    added = widget_history.history()[NODE_ID]["added"]
+    return {**{name: inputs[name] for name in SETTINGS},
+            **{name: inputs[name] for name in SETTINGS_AFTER_BACKGROUND if inputs[name] != added[name]}}
+
+
 def settings_key(settings: dict) -> str:
     """The node's settings as one digest: what a background job's fingerprint follows."""
     chosen = {name: settings.get(name) for name in SETTINGS}
+    chosen.update({name: settings[name] for name in SETTINGS_AFTER_BACKGROUND if name in settings})
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -6,7 +6,8 @@ of that same quantity. Each case runs in its own process, side by side in one ru
 random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the shipped demo model.
 
     python scripts/benchmark_trainer.py [--steps 20] [--families sd15,sdxl,flux] [--sizes tiny,reduced]
-                                        [--cases plain,no_cache,checkpointing,text_encoder,fp8_base]
+                                        [--cases plain,no_cache,checkpointing,text_encoder,fp8_base,
+                                                 loha,lokr,adafactor,lion]
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
 
@@ -28,7 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CASES = {"plain": {}, "no_cache": {"cache": False}, "checkpointing": {"gradient_checkpointing": True},
-         "text_encoder": {"train_text_encoder": True}, "fp8_base": {"fp8_base": True}}
+         "text_encoder": {"train_text_encoder": True}, "fp8_base": {"fp8_base": True},
+         "loha": {"adapter": "loha"}, "lokr": {"adapter": "lokr"}, "adafactor": {"optimizer": "adafactor"},
+         "lion": {"optimizer": "lion"}}
 NOT_FOR = {"text_encoder": {"flux"}}  # FLUX LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
@@ -186,7 +189,7 @@ def real_size_flux() -> None:
         step = budget.measure_step(model, config, latents, conditioning, torch.bfloat16)
         estimate = budget.MemoryEstimate(
             base=base[dtype], adapters=sum(p.numel() for p in lora) * 4,
-            optimizer=sum(p.numel() for p in lora) * budget.OPTIMIZER_BYTES_PER_PARAMETER["adamw"],
+            optimizer=sum(p.numel() for p in lora) * budget.OPTIMIZERS["adamw"].state_bytes,
             step=step, overhead=budget.CUDA_OVERHEAD)
         print(f"{resolution:>5}{dtype:>6}{'on' if checkpointing else 'off':>15}{rank:>6}{estimate.base / gib:>10.2f}"
               f"{estimate.adapters / gib:>7.2f}{estimate.optimizer / gib:>11.2f}{step / gib:>7.2f}"

@@ -133,7 +133,9 @@ STACK_TWO = Example("Stack two LoRAs", [
     Group("Stack", [[
         note(9, "Two LoRAs at once with the guide's stacking strengths (first 0.7, second 0.5, third 0.35; turn "
                 "auto_strengths off to set your own).\n1. Pick your checkpoint and the two LoRAs.\n2. Write your "
-                "prompt in 'Prompt text': both trigger words are put in front of it from the LoRA files.\n3. Queue."),
+                "prompt in 'Prompt text': both trigger words are put in front of it from the LoRA files.\n3. Queue. "
+                "Compare LoRA Stack draws the pair across the guide's ranges (first 0.6-0.8 in columns, second "
+                "0.4-0.6 in rows, 0 showing the base and each alone): if one overrides the other, lower it there."),
         Node(1, "CheckpointLoaderSimple", {"ckpt_name": CHECKPOINT}),
         Node(2, "LoraLabApplyLoraStack", {"auto_strengths": True, "lora_1": "first_lora.safetensors",
                                           "lora_2": "second_lora.safetensors"}, {"model": (1, 0), "clip": (1, 1)},
@@ -148,6 +150,10 @@ STACK_TWO = Example("Stack two LoRAs", [
         Node(6, "KSampler", SAMPLE, {"model": (2, 0), "positive": (3, 0), "negative": (4, 0), "latent_image": (5, 0)}),
         Node(7, "VAEDecode", {}, {"samples": (6, 0), "vae": (1, 2)}),
         Node(8, "SaveImage", {"filename_prefix": "lora_stack"}, {"images": (7, 0)}, extra_height=260),
+    ], [
+        Node(11, "LoraLabCompareLoraStack", {"prompts": "{trigger}, a portrait photo"},
+             {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "lora_stack": (2, 2)}, width=GRID_WIDTH,
+             extra_height=GRID_ROOM),
     ]]),
 ])
 # FLUX.1-dev as ComfyUI users hold it: the transformer, CLIP-L + T5-XXL and the VAE as separate files.

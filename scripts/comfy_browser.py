@@ -106,9 +106,16 @@ def fit_view(page: Any, scale: float | None = None, node_ids: list[int] | None =
         const top = Math.min(...nodes.map((n) => n.pos[1])) - 80;
         const right = Math.max(...nodes.map((n) => n.pos[0] + n.size[0])) + 40;
         const bottom = Math.max(...nodes.map((n) => n.pos[1] + n.size[1])) + 40;
-        const fit = Math.min(element.clientWidth / (right - left), element.clientHeight / (bottom - top));
+        // Newer frontends lay the side bar and the top bar over the canvas: find where it shows.
+        const box = element.getBoundingClientRect();
+        const shows = (x, y) => document.elementFromPoint(x, y) === element;
+        let coveredLeft = 0, coveredTop = 0;
+        while (coveredLeft < 200 && !shows(box.left + coveredLeft, box.top + box.height / 2)) coveredLeft += 4;
+        while (coveredTop < 200 && !shows(box.left + box.width / 2, box.top + coveredTop)) coveredTop += 4;
+        const fit = Math.min((element.clientWidth - coveredLeft) / (right - left),
+                             (element.clientHeight - coveredTop) / (bottom - top));
         canvas.ds.scale = scale ?? Math.max(fit, least);
-        canvas.ds.offset = [-left, -top];
+        canvas.ds.offset = [coveredLeft / canvas.ds.scale - left, coveredTop / canvas.ds.scale - top];
         canvas.setDirty(true, true);
     }""", [scale, node_ids, min_scale])
     time.sleep(0.5)

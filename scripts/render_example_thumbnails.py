@@ -79,8 +79,9 @@ def main() -> None:
          example_path(TRAIN_AND_TEST).with_suffix(".jpg"))
     card(COMPARE_LORAS.name, "One row per LoRA file, one column per strength, the same seed in every cell: see "
          "which LoRA and which strength to use.", compare, example_path(COMPARE_LORAS).with_suffix(".jpg"))
-    card(STACK_TWO.name, "Applies two LoRAs at the guide's stacking strengths and puts both trigger words in your "
-         "prompt.", stacked, example_path(STACK_TWO).with_suffix(".jpg"))
+    card(STACK_TWO.name, "Applies two LoRAs at the guide's stacking strengths, puts both trigger words in your "
+         "prompt, and grids the pair across the guide's strength ranges.", stacked,
+         example_path(STACK_TWO).with_suffix(".jpg"))
     card(TRAIN_FLUX.name, "From the separate transformer (fp8), CLIP-L + T5-XXL and VAE files: dataset, "
          "sentence captions, training, a grid with FLUX guidance, then the LoRA in your own FLUX sampler.",
          steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA (fp8 base)", "Sample Checkpoint (grid)",

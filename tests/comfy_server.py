@@ -69,11 +69,11 @@ def build_sdxl_checkpoint(path: Path) -> None:
     write_ldm_checkpoint(unet, vae, clip_l, path, text_encoder_2=clip_g)
 
 
-def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
-    """A 1+1-block full-width FLUX transformer file, and a LoRA for it from LoRA Lab's exporter
-    (random, non-zero weights); returns the LoRA's layer count."""
+def build_flux_model_and_lora(model_path: Path, lora_path: Path, adapter: str = "lora") -> int:
+    """A 1+1-block full-width FLUX transformer file (made once), and an adapter of type `adapter`
+    for it from LoRA Lab's exporter (random, non-zero weights); returns the adapter's layer count."""
     from diffusers import FluxTransformer2DModel
-    from lora_lab.trainer.export import lora_state_dict, save_lora
+    from lora_lab.trainer.export import lora_state_dict, named_layers, save_lora
     from lora_lab.trainer.families import get_family
     from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
     from lora_lab.trainer.families.sd15 import CONFIGS
@@ -85,15 +85,15 @@ def build_flux_model_and_lora(model_path: Path, lora_path: Path) -> int:
     with torch.device("meta"):
         transformer = FluxTransformer2DModel.from_config({**config, "num_layers": 1, "num_single_layers": 1})
     transformer.to_empty(device="cpu")
-    state = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16) for k, v in transformer.state_dict().items()}
-    save_file(state, str(model_path))
+    if not model_path.exists():
+        state = {k: (torch.randn_like(v) * 0.02).to(torch.bfloat16) for k, v in transformer.state_dict().items()}
+        save_file(state, str(model_path))
     model = LoadedModel(get_family("flux"), transformer, Encoders(), None, "flow", ModelIdentity("test", "test"), 1024)
-    add_lora(model, 4, 8.0, "attention_mlp", False)
+    add_lora(model, 4, 8.0, "attention_mlp", False, adapter)
     for parameter in lora_parameters(model):
         torch.nn.init.normal_(parameter, std=0.01)
-    tensors = lora_state_dict(model, alpha=8.0)
-    save_lora(lora_path, tensors, {})
-    return len(tensors) // 3
+    save_lora(lora_path, lora_state_dict(model), {})
+    return len(named_layers(model))
 
 
 def build_flux_transformer(path: Path) -> None:
@@ -303,6 +303,22 @@ def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.nda
     return [np.asarray(Image.open(io.BytesIO(server.get_bytes(
         f"/view?filename={i['filename']}&subfolder={i['subfolder']}&type={i['type']}"))).convert("RGB"), np.int16)
         for i in outputs]
+
+
+def small_training(checkpoint: str, name: str, trigger: str, seed: int, steps: int = 6,
+                   save_every: int = 3, **settings) -> dict:
+    """An API prompt that trains a small LoRA named `name` on the concept set (input/concept) at 64 px."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
+            "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
+                                                                 "trigger_word": trigger, "model": ["1", 0]}},
+            "3": {"class_type": "LoraLabTrainLora", "inputs": {
+                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "preset": "none",
+                "steps": steps, "rank": 4, "alpha": 0.0, "learning_rate": 0.01, "resolution": 64, "batch_size": 2,
+                "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": save_every,
+                "seed": seed, "name": name, "gradient_checkpointing": False, "mixed_precision": "auto",
+                "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
+                "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}",
+                "validation_images": -1, **settings}}}
 
 
 def comfy_python(comfy_dir: Path) -> str:

@@ -99,6 +99,12 @@ def install(loras: Path, input_dir: Path) -> Recorder:
     comfy.model_management.processing_interrupted = lambda: recorder.interrupted
     comfy.model_management.get_torch_device = lambda: __import__("torch").device("cpu")
     comfy.model_management.InterruptProcessingException = type("InterruptProcessingException", (Exception,), {})
+
+    def throw_if_interrupted() -> None:
+        if recorder.interrupted:
+            raise comfy.model_management.InterruptProcessingException()
+
+    comfy.model_management.throw_exception_if_processing_interrupted = throw_if_interrupted
     comfy.utils.ProgressBar = lambda total, node_id=None: types.SimpleNamespace(update_absolute=lambda *_: None)
     for name, parent in (("SD15", object), ("SDXL", object), ("Flux", object)):  # model classes, by name
         setattr(comfy.supported_models, name, type(name, (parent,), {}))

@@ -12,7 +12,8 @@ shows step and loss and covers no widget, keeps its whole curve across a page re
 Cancel message inside the node, and ends with the grid and loss images in view; the FLUX
 example (with the FLUX install of tests/test_comfyui_flux.py: LORA_LAB_FLUX_MODELS keeps its
 files) trains, samples its grid and feeds the user's sampler through its stack; a dropped LoRA
-file opens the graph that trained it (from the example, or from the command line); Train LoRA's
+file opens the graph that trained it (from the example, or from the command line); the Stack two
+LoRAs example draws Compare LoRA Stack's grid of two trained LoRAs readable on the node; Train LoRA's
 lora_name links to core LoraLoader; a Train LoRA node inside a subgraph gets its panel; and none
 of it logs an error from LoRA Lab's files.
 """
@@ -30,12 +31,27 @@ from pathlib import Path
 import pytest
 from lora_lab.trainer import embedded
 
-from .comfy_server import REPO, ComfyServer, build_sd15_checkpoint, comfy_python, flux_install, frontend_args
+from .comfy_server import (
+    REPO,
+    ComfyServer,
+    build_sd15_checkpoint,
+    comfy_python,
+    flux_install,
+    frontend_args,
+    small_training,
+)
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 playwright_api = pytest.importorskip("playwright.sync_api") if COMFYUI_DIR else None
 sys.path.insert(0, str(REPO / "scripts"))
-from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, TRAIN_FLUX, example_path, intended_values  # noqa: E402,E501
+from build_example_workflows import (  # noqa: E402
+    EXAMPLES,
+    STACK_TWO,
+    TRAIN_AND_TEST,
+    TRAIN_FLUX,
+    example_path,
+    intended_values,
+)
 from comfy_browser import (  # noqa: E402
     CHROMIUM,
     fit_view,
@@ -239,6 +255,26 @@ def grid_cell_on_screen(page, node_id: int, zoom: float, cell_pixels: int = 256)
     return cell_pixels * image_scale(page, node_id) * zoom
 
 
+def grid_facts(page, node_id: int) -> dict:
+    """A grid node's cells and labels as drawn: the number of cells, the smallest cell's side and
+    the smallest label font on screen, and how many labels are cut (row, column and corner)."""
+    return page.evaluate("""(id) => {
+        const root = window.app.graph.getNodeById(id).loraLabGrid.root;
+        const cells = [...root.querySelectorAll('.lora-lab-grid-cell')].map((c) => c.getBoundingClientRect());
+        const labels = [...root.children].filter((el) => el.tagName === 'DIV');
+        const rows = [...root.querySelectorAll('.lora-lab-grid-label')];
+        const font = (el) => parseFloat(getComputedStyle(el).fontSize) * el.getBoundingClientRect().height
+                             / el.offsetHeight;
+        const box = root.getBoundingClientRect();
+        return { cells: cells.length, smallest: Math.min(...cells.map((c) => Math.min(c.width, c.height))),
+                 label: Math.min(...rows.map(font)), clipped: labels.filter((l) => l.scrollWidth > l.clientWidth + 1
+                 || l.scrollHeight > l.clientHeight + 1).length,
+                 outside: [...root.children].filter((el) => { const r = el.getBoundingClientRect();
+                           return r.bottom > box.bottom + 1 || r.right > box.right + 1; }).length,
+                 texts: labels.map((l) => l.textContent) };
+    }""", node_id)
+
+
 def intersects(a: dict, b: dict) -> bool:
     return (a["left"] < b["right"] - 1 and b["left"] < a["right"] - 1
             and a["top"] < b["bottom"] - 1 and b["top"] < a["bottom"] - 1)
@@ -387,21 +423,12 @@ def test_sd15_example_trains_with_a_panel_people_can_read(page, server, browser,
     # The grid on the node, at the zoom the example opens at: cells and labels people can read.
     zoom = json.loads(example_path(TRAIN_AND_TEST).read_text())["extra"]["ds"]["scale"]
     fit_view(page, zoom, node_ids=[5])
-    grid = page.evaluate("""() => {
-        const cells = [...document.querySelectorAll('.lora-lab-grid-cell')].map((c) => c.getBoundingClientRect());
-        const labels = [...document.querySelectorAll('.lora-lab-grid-label')];
-        const scale = window.app.canvas.ds.scale;
-        const font = (el) => parseFloat(getComputedStyle(el).fontSize) * el.getBoundingClientRect().height
-                             / el.offsetHeight;
-        return { cells: cells.length, smallest: Math.min(...cells.map((c) => Math.min(c.width, c.height))),
-                 label: Math.min(...labels.map(font)), clipped: labels.filter((l) => l.scrollWidth > l.clientWidth + 1
-                 || l.scrollHeight > l.clientHeight + 1).length, scale };
-    }""")
+    grid = grid_facts(page, 5)
     shot(page, screenshots, "grid-on-node", f"Sample Checkpoint's grid at the example's zoom ({zoom:.0%})")
     print(f"grid on the node at {zoom:.0%}: {grid['cells']} cells, smallest {grid['smallest']:.0f} px, labels "
           f"{grid['label']:.1f} px on screen")
     assert grid["cells"] == 2 * len(saved)  # a row per checkpoint, strengths 0 and 1
-    assert grid["smallest"] >= 128 and grid["label"] >= 11 and grid["clipped"] == 0
+    assert grid["smallest"] >= 128 and grid["label"] >= 11 and grid["clipped"] == grid["outside"] == 0
     page.locator(".lora-lab-grid-cell").first.click()
     page.wait_for_selector(".lora-lab-full-size img", timeout=10_000)
     full = page.evaluate("() => document.querySelector('.lora-lab-full-size img').getBoundingClientRect().width")
@@ -629,4 +656,43 @@ def test_a_dropped_lora_opens_the_graph_that_trained_it(page, browser, server, s
     assert widget_values(facts, "LoraLabLoadDataset")["trigger_word"] == "zkw_toy"
     assert {f["type"] for f in facts} >= {"CheckpointLoaderSimple", "LoraLabLoadDataset", "LoraLabSampleCheckpoint"}
     fresh.close()
+    assert not errors.ours(), errors.ours()
+
+
+def test_the_stacking_grid_of_two_trained_loras_reads_on_the_node(browser, server, screenshots):
+    """The Stack two LoRAs example with two LoRAs trained on the SD 1.5 checkpoint: Compare LoRA
+    Stack's grid (the guide's 4 x 4 strengths) is on the node at the example's zoom with cells of
+    at least 128 px and no label cut."""
+    loras = []
+    for name, trigger, seed in (("stack_ring", "zkw_ring", 1), ("stack_blue", "zkw_blue", 2)):
+        prompt_id, _ = server.run(small_training(CHECKPOINT, name, trigger, seed))
+        assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success"
+        loras.append(f"lora_lab/{name}/{name}.safetensors")
+    page, errors = open_comfyui(browser, server.url, SETTINGS)  # opened after training: the lists hold them
+    example = json.loads(example_path(STACK_TWO).read_text())
+    load_workflow(page, example)
+    set_widgets(page, 1, {"ckpt_name": CHECKPOINT})
+    set_widgets(page, 2, {"lora_1": loras[0], "lora_2": loras[1]})
+    set_widgets(page, 5, {"width": 64, "height": 64})
+    set_widgets(page, 6, {"steps": 2})
+    set_widgets(page, 11, {"width": 64, "height": 64, "steps": 2})
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    page.wait_for_function("() => [8, 11].every((id) => window.app.nodeOutputs?.[String(id)])", timeout=600_000)
+    page.set_viewport_size({"width": 1600, "height": 1400})  # the whole node on screen at the example's zoom
+    fit_view(page, example["extra"]["ds"]["scale"], node_ids=[11])
+    page.wait_for_function("() => { const cells = [...document.querySelectorAll('.lora-lab-grid-cell')];"
+                           " return cells.length > 0 && cells.every((img) => img.naturalWidth > 0); }",
+                           timeout=60_000)
+    grid = grid_facts(page, 11)
+    progress = page.evaluate("() => window.app.graph.getNodeById(11).loraLabCells.text.textContent")
+    shot(page, screenshots, "stack-grid", f"Compare LoRA Stack: {loras[0]} in columns, {loras[1]} in rows, at the "
+                                          "example's zoom")
+    print(f"stacking grid: {grid['cells']} cells, smallest {grid['smallest']:.0f} px, labels {grid['label']:.1f} "
+          f"px on screen; {progress}")
+    assert grid["cells"] == 16 and progress.startswith("All 16 cells sampled")
+    assert grid["smallest"] >= 128 and grid["label"] >= 11 and grid["clipped"] == grid["outside"] == 0
+    assert grid["texts"][1:5] == ["stack_ring off", "stack_ring 0.6", "stack_ring 0.7", "stack_ring 0.8"]
+    assert "stack_blue off" in grid["texts"] and "stack_blue 0.6" in grid["texts"]
+    assert not overlaps(node_facts(page))
+    page.close()
     assert not errors.ours(), errors.ours()

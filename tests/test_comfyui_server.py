@@ -3,8 +3,9 @@ here (see comfy_server.py).
 
 Skipped unless COMFYUI_DIR points at a ComfyUI checkout (its Python: COMFYUI_PYTHON, default the
 `python` on PATH; it needs ComfyUI's requirements plus diffusers and peft). Runs an API twin of
-example workflow (a) at 64 px, interrupts and resumes a run, trains SDXL through the nodes, and
-loads a FLUX LoRA from LoRA Lab's exporter.
+example workflow (a) at 64 px, compares Compare LoRA Stack's cells with chained core LoraLoaders,
+interrupts and resumes a run, trains SDXL through the nodes, and loads a FLUX LoRA from LoRA Lab's
+exporter.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import time
 import urllib.error
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from lora_lab.trainer import embedded
 
 from .comfy_server import (
@@ -31,6 +34,7 @@ from .comfy_server import (
     build_sdxl_checkpoint,
     comfy_python,
     output_images,
+    small_training,
 )
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -203,6 +207,109 @@ def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     assert started["first_step"] == step + 1 and [c["step"] for c in started["checkpoints"]] == [step]
 
 
+def test_compare_lora_stack_cells_equal_chained_core_lora_loaders(server):
+    """Every cell of the stacking grid is what core LoraLoaders chained in stack order, CLIPTextEncode
+    and KSampler make with the same settings and seed, pixel for pixel; the third LoRA is under
+    every cell but the last row, which holds the base and the first LoRA alone."""
+    for name, trigger, seed in (("stack_a", "zkw_ring", 1), ("stack_b", "zkw_blue", 2)):
+        prompt_id, _ = server.run(small_training(CHECKPOINT, name, trigger, seed))
+        assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success"
+    since = len(server.log())
+    a, b = "lora_lab/stack_a/stack_a.safetensors", "lora_lab/stack_b/stack_b.safetensors"
+    c = "lora_lab/stack_a/stack_a-step000003.safetensors"  # a third LoRA, clip strength unlike its model's
+    sample = dict(seed=3, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal")
+    slots = {}
+    for n, (name, model_strength, clip_strength) in enumerate(((a, 0.7, 0.7), (b, 0.5, 0.5), (c, 0.35, 0.2)), 1):
+        slots.update({f"lora_{n}": name, f"model_strength_{n}": model_strength, f"clip_strength_{n}": clip_strength,
+                      f"enabled_{n}": True})
+    prompt = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+              "2": {"class_type": "LoraLabApplyLoraStack", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                                      "auto_strengths": False, **slots}},
+              "3": {"class_type": "LoraLabCompareLoraStack", "inputs": {
+                  "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "lora_stack": ["2", 2],
+                  "prompts": "{trigger}, a cat", "negative": "blurry", "strengths_a": "0, 0.7",
+                  "strengths_b": "0, 0.5", "width": 64, "height": 64, **sample}},
+              "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 1]}},
+              "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}}
+    # The core twins of four cells: (first, second, third) strengths, zero meaning no LoraLoader.
+    twins = {"both, third under": ((0.7, 0.5, True), 3), "second and third": ((0, 0.5, True), 2),
+             "base": ((0, 0, False), 4), "first alone": ((0.7, 0, False), 5)}
+    node = 10
+    for (strength_a, strength_b, third), _ in twins.values():
+        source = ["1", 0], ["1", 1]
+        chain = [(a, strength_a, strength_a), (b, strength_b, strength_b)] + [(c, 0.35, 0.2)] * third
+        for name, model_strength, clip_strength in chain:
+            if model_strength or clip_strength:
+                prompt[str(node)] = {"class_type": "LoraLoader", "inputs": {
+                    "model": source[0], "clip": source[1], "lora_name": name, "strength_model": model_strength,
+                    "strength_clip": clip_strength}}
+                source, node = ([str(node), 0], [str(node), 1]), node + 1
+        prompt[str(node)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_ring, zkw_blue, a cat",
+                                                                         "clip": source[1]}}
+        prompt[str(node + 1)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": source[1]}}
+        prompt[str(node + 2)] = {"class_type": "KSampler", "inputs": {
+            "model": source[0], "positive": [str(node), 0], "negative": [str(node + 1), 0],
+            "latent_image": ["5", 0], "denoise": 1.0, **sample}}
+        prompt[str(node + 3)] = {"class_type": "VAEDecode", "inputs": {"samples": [str(node + 2), 0], "vae": ["1", 2]}}
+        prompt[str(node + 4)] = {"class_type": "PreviewImage", "inputs": {"images": [str(node + 3), 0]}}
+        node += 10
+    prompt_id, messages = server.run(prompt)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    assert not _unloaded_keys(server, since)
+    cells = output_images(server, prompt_id, "4")  # rows: second off, second 0.5 (third under), then the last
+    assert len(cells) == 6
+    outputs = sorted((int(key), key) for key, value in server.get(f"/history/{prompt_id}")[prompt_id]["outputs"].items()
+                     if int(key) >= 10)
+    for (what, (_, cell)), (_, key) in zip(twins.items(), outputs, strict=True):
+        assert np.array_equal(cells[cell], output_images(server, prompt_id, key)[0]), what
+    assert len({cell.tobytes() for cell in cells}) == 6  # every LoRA and strength changes the image
+    done = [m["data"]["done"] for m in messages if m["type"] == "lora_lab.cell"]
+    assert done == list(range(1, 7))  # progress and the k-of-n preview, per cell
+
+
+def test_comfyui_weight_adapter_computes_the_change_each_adapter_type_trained(tmp_path):
+    """The oracle: ComfyUI's own LoRA code (comfy.lora and its weight_adapter types, run with
+    ComfyUI's Python) reads each adapter type's file, on each family's tiny model and in both LoKr
+    scale cases, as the weight change PEFT trained, loading every key."""
+    from lora_lab.trainer.config import build_config
+    from lora_lab.trainer.export import lora_state_dict, named_layers, save_lora
+    from lora_lab.trainer.families import FAMILY_NAMES
+    from lora_lab.trainer.lora import ADAPTER
+    from lora_lab.trainer.run import load_base_model
+    from safetensors.torch import load_file
+
+    from .test_adapters import CASES, randomised
+    from .tiny_models import build
+
+    jobs, expected = [], {}
+    for family in FAMILY_NAMES:
+        folder = build(family, tmp_path / family)
+        base = load_base_model(build_config({"family": family, "base_model": str(folder)}), torch.device("cpu"))
+        for adapter, rank in CASES:
+            model = randomised(base, adapter, rank, text_encoder=family != "flux")
+            path = tmp_path / f"{family}-{adapter}-r{rank}.safetensors"
+            save_lora(path, lora_state_dict(model, torch.float32), {})
+            layers = named_layers(model)
+            shapes = {name: list(layer.get_base_layer().weight.shape) for name, layer in layers}
+            expected[str(path)] = {name: layer.get_delta_weight(ADAPTER).detach().reshape(shapes[name])
+                                   for name, layer in layers}
+            jobs.append({"file": str(path), "shapes": shapes, "out": str(path.with_suffix(".comfy.safetensors"))})
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([comfy_python(Path(COMFYUI_DIR)), str(Path(__file__).with_name("comfy_adapter_oracle.py")),
+                             COMFYUI_DIR, str(tmp_path / "jobs.json")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for job in jobs:
+        figures = report[job["file"]]
+        assert figures["unloaded"] == [] and figures["patched"] == len(job["shapes"]), (job["file"], figures)
+        comfy_deltas = load_file(job["out"])
+        worst = max(((comfy_deltas[name].double() - delta.double()).abs().max() / delta.abs().max()).item()
+                    for name, delta in expected[job["file"]].items())
+        print(f"{Path(job['file']).stem}: {len(job['shapes'])} layers, largest relative difference between "
+              f"ComfyUI's change and PEFT's {worst:.1e}")
+        assert worst < 1e-5, job["file"]
+
+
 def _unloaded_keys(server: ComfyServer, since: int) -> list[str]:
     return [line for line in server.log()[since:].splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
 
@@ -246,23 +353,84 @@ def test_sdxl_trains_through_the_nodes_and_its_lora_loads(server):
 
 
 def test_flux_lora_from_our_exporter_loads_every_key(server):
+    """A FLUX LoRA, LoHa and LoKr from our exporter, chained in core LoraLoaderModelOnly nodes on a
+    model ComfyUI loads as FLUX: every key of each is loaded."""
     folder = server.base / "models" / "diffusion_models"
     folder.mkdir(parents=True, exist_ok=True)
-    lora = server.base / "models" / "loras" / "flux_test.safetensors"
-    layers = build_flux_model_and_lora(folder / "flux_1x1.safetensors", lora)
-    prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux_1x1.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "flux_test.safetensors",
-                                                              "strength_model": 1.0}},
-        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
-    }
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux_1x1.safetensors",
+                                                           "weight_dtype": "default"}}}
+    layers = {}
+    for node, adapter in enumerate(("lora", "loha", "lokr"), start=2):
+        name = f"flux_test_{adapter}.safetensors"
+        layers[adapter] = build_flux_model_and_lora(folder / "flux_1x1.safetensors",
+                                                    server.base / "models" / "loras" / name, adapter)
+        prompt[str(node)] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": [str(node - 1), 0], "lora_name": name, "strength_model": 1.0}}
+    prompt["9"] = {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}}
     since = len(server.log())
     prompt_id, _ = server.run(prompt)
     status = server.get(f"/history/{prompt_id}")[prompt_id]["status"]
     assert status["status_str"] == "success", server.log()[-3000:]
     assert "model_type FLUX" in server.log()[since:]
     assert not _unloaded_keys(server, since)
-    print(f"FLUX LoRA with {layers} layers: every key loaded")
+    print(f"FLUX adapters, layers per type {layers}: every key loaded")
+
+
+EMPTY_SLOTS = {key: value for n in (1, 2, 3) for key, value in (
+    (f"lora_{n}", "None"), (f"model_strength_{n}", 1.0), (f"clip_strength_{n}", 1.0), (f"enabled_{n}", True))}
+
+
+@pytest.mark.parametrize("adapter", ["loha", "lokr"])
+def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loader(server, adapter):
+    """Train LoRA with `adapter` set: the file loads in core LoraLoader with no key left over, and
+    Sample Checkpoint's cell and Apply LoRA Stack's image equal core LoraLoader's, pixel for pixel;
+    strength 0 is the base."""
+    name = f"adapter_{adapter}"
+    prompt = small_training(CHECKPOINT, name, "zkw_toy", 3, steps=4, save_every=4, adapter=adapter)
+    sample = dict(seed=5, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal")
+    latent = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+
+    def sampled(model: list, clip: list, first: int) -> dict:
+        """Core CLIPTextEncode → KSampler → VAEDecode → PreviewImage on `model`/`clip`, as nodes from `first`."""
+        return {str(first): {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": clip}},
+                str(first + 1): {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
+                str(first + 2): {"class_type": "KSampler", "inputs": {
+                    "model": model, "positive": [str(first), 0], "negative": [str(first + 1), 0],
+                    "latent_image": ["9", 0], "denoise": 1.0, **sample}},
+                str(first + 3): {"class_type": "VAEDecode", "inputs": {"samples": [str(first + 2), 0],
+                                                                       "vae": ["1", 2]}},
+                str(first + 4): {"class_type": "PreviewImage", "inputs": {"images": [str(first + 3), 0]}}}
+
+    prompt.update({
+        "9": latent,
+        "10": {"class_type": "LoraLabSampleCheckpoint", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "training_run": ["3", 2], "prompts": "{trigger}",
+            "negative": "", "strengths": "0, 1", "width": 64, "height": 64, "checkpoints": "latest", **sample}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 1]}},
+        "12": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": ["3", 4],
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+        **sampled(["12", 0], ["12", 1], 20),
+        "13": {"class_type": "LoraLabApplyLoraStack", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "auto_strengths": False, "training_run": ["3", 2],
+            "checkpoint": "latest", "run_strength": 1.0,
+            **EMPTY_SLOTS}},
+        **sampled(["13", 0], ["13", 1], 30),
+        **sampled(["1", 0], ["1", 1], 40),
+    })
+    since = len(server.log())
+    prompt_id, _ = server.run(prompt)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    assert not _unloaded_keys(server, since)
+    final = server.base / "models" / "loras" / "lora_lab" / name / f"{name}.safetensors"
+    from lora_lab.trainer.files import read_metadata
+
+    assert json.loads(read_metadata(final)["ss_network_args"])["algo"] == adapter
+    base, at_zero, at_one = output_images(server, prompt_id, "44")[0], *output_images(server, prompt_id, "11")
+    core, stacked = output_images(server, prompt_id, "24")[0], output_images(server, prompt_id, "34")[0]
+    assert np.array_equal(at_zero, base)  # strength 0 is the base
+    assert np.array_equal(at_one, core) and np.array_equal(stacked, core)
+    assert not np.array_equal(core, base)  # the adapter changes the image
+    print(f"{adapter}: trained through the nodes; Sample Checkpoint, Apply LoRA Stack and core LoraLoader agree")
 
 
 def train_settings(**overrides) -> dict:
@@ -370,6 +538,7 @@ def test_a_background_job_stops_from_the_route_and_resumes(server):
 FROZEN = REPO / "tests" / "fixtures" / "workflows"
 QUICK_STEPS = {"LoraLabTrainLora": {"steps": 4, "save_every": 2, "resolution": 64},
                "LoraLabSampleCheckpoint": {"steps": 2, "width": 64, "height": 64},
+               "LoraLabCompareLoraStack": {"steps": 2, "width": 64, "height": 64},
                "KSampler": {"steps": 2}, "EmptyLatentImage": {"width": 64, "height": 64}}
 
 

@@ -25,7 +25,7 @@ def lora_model(fresh_model):
 
 
 def test_kohya_names_and_true_alpha(lora_model):
-    tensors = lora_state_dict(lora_model, alpha=2.0)
+    tensors = lora_state_dict(lora_model)
     name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
     assert tensors[f"{name}.lora_down.weight"].shape == (4, 128)
     assert tensors[f"{name}.lora_up.weight"].shape == (128, 4)
@@ -44,12 +44,12 @@ def test_unnameable_layer_raises_before_writing(tmp_path, lora_model, monkeypatc
     original = type(family).export_path
     monkeypatch.setattr(type(family), "export_path", lambda self, p, m: original(self, p, m.replace("attn1", "attn-1")))
     with pytest.raises(LoraLabError, match="nothing was written"):
-        lora_state_dict(lora_model, alpha=2.0)
+        lora_state_dict(lora_model)
 
 
 def test_save_is_atomic(tmp_path, lora_model, monkeypatch):
     path = tmp_path / "lora.safetensors"
-    save_lora(path, lora_state_dict(lora_model, 2.0), {"note": "first"})
+    save_lora(path, lora_state_dict(lora_model), {"note": "first"})
     good = load_file(str(path))
 
     def crash(tensors, filename, metadata=None):
@@ -59,7 +59,7 @@ def test_save_is_atomic(tmp_path, lora_model, monkeypatch):
 
     monkeypatch.setattr(export, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_lora(path, lora_state_dict(lora_model, 2.0), {"note": "second"})
+        save_lora(path, lora_state_dict(lora_model), {"note": "second"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]  # no temporary left behind
     assert load_file(str(path)).keys() == good.keys()  # the previous file is intact
     with pytest.raises(TypeError, match="strings"):
@@ -68,7 +68,7 @@ def test_save_is_atomic(tmp_path, lora_model, monkeypatch):
 
 def test_reading_back_restores_weights_and_alpha(tmp_path, lora_model, fresh_model):
     path = tmp_path / "lora.safetensors"
-    save_lora(path, lora_state_dict(lora_model, alpha=2.0, dtype=torch.float32), {})
+    save_lora(path, lora_state_dict(lora_model, dtype=torch.float32), {})
     add_lora(fresh_model, rank=4, alpha=4.0, targets="attention", train_text_encoder=True)
     load_into_model(fresh_model, path)
     ours = dict(lora_layers(lora_model.denoiser))
@@ -81,19 +81,19 @@ def test_reading_back_restores_weights_and_alpha(tmp_path, lora_model, fresh_mod
 
 def test_reading_a_mismatched_file_is_refused(tmp_path, lora_model, fresh_model):
     path = tmp_path / "lora.safetensors"
-    save_lora(path, lora_state_dict(lora_model, alpha=2.0), {})
+    save_lora(path, lora_state_dict(lora_model), {})
     add_lora(fresh_model, rank=8, alpha=8.0, targets="attention", train_text_encoder=True)
-    with pytest.raises(LoraLabError, match="another rank or base model"):
+    with pytest.raises(LoraLabError, match="another rank, factor or base model"):
         load_into_model(fresh_model, path)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(LoraLabError, match="junk.safetensors is not a usable LoRA file"):
         load_into_model(fresh_model, junk)
     extra = tmp_path / "extra.safetensors"
-    tensors = lora_state_dict(lora_model, alpha=2.0)
+    tensors = lora_state_dict(lora_model)
     save_file({**tensors, "lora_unet_mystery.lora_down.weight": torch.zeros(1, 4),
                "lora_unet_mystery.lora_up.weight": torch.zeros(4, 1)}, str(extra))
-    with pytest.raises(LoraLabError, match="layers this model's adapter lacks.*lora_unet_mystery"):
+    with pytest.raises(LoraLabError, match="tensors this model.s adapter lacks.*lora_unet_mystery"):
         load_into_model(fresh_model, extra)
 
 

@@ -85,7 +85,7 @@ def test_export_reloads_through_diffusers_with_the_same_outputs(family_model, tm
     for parameter in lora_parameters(model):
         torch.nn.init.normal_(parameter, std=0.05)
     path = tmp_path / "lora.safetensors"
-    save_lora(path, lora_state_dict(model, alpha=2.0), {})
+    save_lora(path, lora_state_dict(model), {})
     load_into_model(model, path)  # ours now holds exactly the file's (fp16-rounded) weights
 
     fresh = copy.deepcopy(base)

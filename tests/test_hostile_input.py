@@ -163,9 +163,9 @@ def test_malformed_lora_files_are_refused_by_name(tmp_path, name):
 @pytest.mark.parametrize("extra, expected", [
     ({"lora_unet_y.lora_down.weight": torch.zeros(4, 8)}, "only one of its two halves"),
     ({"lora_unet_y.lora_down.weight": torch.zeros(4, 8), "lora_unet_y.lora_up.weight": torch.zeros(8, 3)},
-     "halves do not fit"),
+     "halves that do not fit"),
     ({"lora_unet_y.lora_down.weight": torch.zeros(8), "lora_unet_y.lora_up.weight": torch.zeros(8, 8)},
-     "halves do not fit"),
+     "halves that do not fit"),
     ({"lora_unet_y.alpha": torch.zeros(3)}, "should be one number"),
 ])
 def test_inconsistent_lora_layers_are_refused(tmp_path, extra, expected):

@@ -5,6 +5,7 @@ well, and the stack node never changes its input."""
 from __future__ import annotations
 
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ EXPECTED_INPUTS = {
                          "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
                          "noise_offset", "bucketing", "resume", "resume_with_changes", "sample_every", "prompts",
-                         "validation_images", "background"],
+                         "validation_images", "background", "adapter", "lokr_factor"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
                                 "sampler_name", "scheduler", "width", "height", "training_run", "lora_names",
                                 "checkpoints"],
@@ -29,6 +30,9 @@ EXPECTED_INPUTS = {
                               "enabled_1", "lora_2", "model_strength_2", "clip_strength_2", "enabled_2", "lora_3",
                               "model_strength_3", "clip_strength_3", "enabled_3", "lora_stack", "training_run",
                               "checkpoint", "run_strength"],
+    "LoraLabCompareLoraStack": ["model", "clip", "vae", "lora_stack", "prompts", "negative", "strengths_a",
+                                "strengths_b", "seed", "steps", "cfg", "sampler_name", "scheduler", "width",
+                                "height"],
 }
 
 
@@ -213,6 +217,71 @@ def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
         ApplyLoraStack.execute("MODEL", "CLIP", False, **{**slots, "lora_1": "missing.safetensors"})
     with pytest.raises(LoraLabError, match="LORA_STACK list"):
         ApplyLoraStack.execute("MODEL", "CLIP", False, lora_stack="junk", **slots)
+
+
+def chain_of(patched) -> list[tuple[str, float]]:
+    """The LoRAs a stubbed patched model holds, first applied first: (file stem, strength)."""
+    chain = []
+    while isinstance(patched, dict):
+        chain.insert(0, (Path(patched["lora"]).stem, patched["strength"]))
+        patched = patched["base"]
+    return chain
+
+
+def test_compare_lora_stack_samples_each_pair_of_strengths_chained_in_stack_order(nodes, stubs, monkeypatch):
+    from lora_lab.nodes import comfy_bridge
+    from lora_lab.nodes.compare_lora_stack import CompareLoraStack
+    from lora_lab.trainer.export import save_lora
+
+    for name, words in (("a", '["aaa"]'), ("b", '["bbb"]'), ("c", '["ccc"]')):
+        save_lora(stubs.loras / f"{name}.safetensors", {"x": torch.zeros(1)}, {"lora_lab.trigger_words": words})
+    sampled, events = [], []
+    monkeypatch.setattr(comfy_bridge, "encode_text", lambda clip, text: [text])
+    monkeypatch.setattr(comfy_bridge, "is_guidance_distilled", lambda model: False)
+    monkeypatch.setattr(comfy_bridge, "sample_image", lambda model, vae, positive, negative, *rest: sampled.append(
+        (chain_of(model), positive[0], negative[0])) or torch.full((1, 8, 8, 3), len(sampled) / 100))
+    monkeypatch.setattr(comfy_bridge, "send", lambda event, data: events.append(data))
+    settings = dict(prompts="{trigger}, a cat", negative="ugly", seed=1, steps=2, cfg=5.0, sampler_name="euler",
+                    scheduler="normal", width=64, height=64)
+    stack = [("a.safetensors", 0.7, 0.7), ("b.safetensors", 0.5, 0.5), ("c.safetensors", 0.35, 0.3)]
+    output = CompareLoraStack.execute("MODEL", "CLIP", "VAE", stack, strengths_a="0, 0.7", strengths_b="0, 0.5",
+                                      **settings)
+    grid, cells = output.values
+    with_c = [("c", 0.35)]
+    # Every cell chains a, b, then c, as LoraLoader after LoraLoader; strength 0 applies nothing. The
+    # last row, c off and b at 0, holds the base and a alone.
+    assert [chain for chain, _, _ in sampled] == [with_c, [("a", 0.7), *with_c], [("b", 0.5), *with_c],
+                                                  [("a", 0.7), ("b", 0.5), *with_c], [], [("a", 0.7)]]
+    assert {text for _, text, _ in sampled} == {"aaa, bbb, ccc, a cat"} and {n for _, _, n in sampled} == {"ugly"}
+    assert stubs.applied[-1] == (str(stubs.loras / "a.safetensors"), 0.7, 0.7)  # model and clip at the axis value
+    assert cells.shape[0] == 6 and [event["done"] for event in events] == list(range(1, 7))
+    assert events[-1]["label"] == "a 0.7 + b off · aaa, bbb, ccc, a cat"
+    shown = output.ui["lora_lab_grid"][0]
+    assert shown["columns"] == ["a off", "a 0.7"] and shown["corner"] == "under every cell but the last row: c 0.35"
+    assert [row["label"] for row in shown["rows"]] == ["b off\n+ c 0.35", "b 0.5\n+ c 0.35", "b off\nc off"]
+    assert grid.shape[0] == 1 and grid.shape[1] > 3 * 250  # three rows of 256 px cells
+
+    sampled.clear()
+    two = CompareLoraStack.execute("MODEL", "CLIP", "VAE", stack[:2], strengths_a="0, 1", strengths_b="0, 1",
+                                   **{**settings, "prompts": "x\ny"})
+    assert len(sampled) == 8 and [row["label"] for row in two.ui["lora_lab_grid"][0]["rows"]] == [
+        "b off\nx", "b 1\nx", "b off\ny", "b 1\ny"]  # no third: the corner cell is the base
+    with pytest.raises(LoraLabError, match="holds 1 LoRA; Compare LoRA Stack needs two"):
+        CompareLoraStack.execute("MODEL", "CLIP", "VAE", stack[:1], strengths_a="0", strengths_b="0", **settings)
+    with pytest.raises(LoraLabError, match="connect Apply LoRA Stack's lora_stack output"):
+        CompareLoraStack.execute("MODEL", "CLIP", "VAE", "junk", strengths_a="0", strengths_b="0", **settings)
+    with pytest.raises(LoraLabError, match="e.g. 0, 0.4, 0.5, 0.6"):
+        CompareLoraStack.execute("MODEL", "CLIP", "VAE", stack, strengths_a="0", strengths_b="half", **settings)
+
+
+def test_a_setting_added_later_leaves_the_identity_of_older_runs_alone(nodes):
+    """Queue again finds a finished run by its settings' digest: a run trained before `adapter`
+    existed must keep its digest while adapter keeps the old behaviour (lora)."""
+    from lora_lab.nodes.train_lora import SETTINGS, node_inputs_as_settings
+
+    old = {name: f"value of {name}" for name in SETTINGS}
+    assert node_inputs_as_settings({**old, "adapter": "lora", "lokr_factor": -1}) == old
+    assert node_inputs_as_settings({**old, "adapter": "loha", "lokr_factor": -1}) == {**old, "adapter": "loha"}
 
 
 def test_load_dataset_reports_and_carries_the_lora_type(nodes, stubs, monkeypatch):

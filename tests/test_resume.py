@@ -166,3 +166,26 @@ def test_resume_errors_say_what_to_do(make_config, base_model, two_bucket_datase
     _train(make_config, base_model, two_bucket_dataset, StopAt(1))
     with pytest.raises(LoraLabError, match="already exists.*set resume to 'latest'"):
         _train(make_config, base_model, two_bucket_dataset)
+
+
+@pytest.mark.parametrize(("adapter", "optimizer"), [("loha", "adamw"), ("lokr", "adamw"), ("lora", "adafactor"),
+                                                    ("lora", "lion")])
+def test_each_adapter_type_and_optimizer_trains_and_resumes_exactly(adapter, optimizer, make_config, base_model,
+                                                                    two_bucket_dataset, monkeypatch):
+    """The adapter types and the optimizers added with the optimizer table keep the resume contract:
+    stopped, then resumed, a run ends bit for bit where the unbroken one does."""
+    from lora_lab.trainer import loop
+
+    built = []
+    real = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda config, model: built.append(real(config, model)) or built[-1])
+    settings = {"adapter": adapter, "optimizer": optimizer}
+    unbroken = _train(make_config, base_model, two_bucket_dataset, name="unbroken", **settings)
+    first = _train(make_config, base_model, two_bucket_dataset, StopAt(5), **settings)
+    assert first.stopped and first.checkpoints[-1].step == 5
+    resumed = _train(make_config, base_model, two_bucket_dataset, resume="latest", **settings)
+    expected = {"adamw": "AdamW", "adafactor": "Adafactor", "lion": "Lion"}[optimizer]
+    assert {type(o).__name__ for o in built} == {expected}  # the setting takes effect
+    assert any(f".{'hada_w1_a' if adapter == 'loha' else 'lokr_w1' if adapter == 'lokr' else 'lora_A'}" in name
+               for name in _final_weights(resumed))
+    _assert_same(resumed, unbroken)

@@ -50,8 +50,11 @@ EXPLICIT: dict[str, Any] = {
     "output_dir": "/out/loras", "name": "xyz", "save_every": 50, "overwrite": True, "resume": "latest",
     "resume_with_changes": True, "prompts": ("a {trigger}", "b, with a comma"), "strengths": (0.3, 0.9),
     "sample_steps": 12, "guidance_scale": 3.0, "sample_seed": 9, "sample_every": 5, "validation_images": 3,
-    "validation_every": 7, "caption_dropout": 0.1, "shuffle_tags": True, "keep_tokens": 2,
+    "validation_every": 7, "caption_dropout": 0.1, "shuffle_tags": True, "keep_tokens": 2, "adapter": "lokr",
+    "lokr_factor": 4,
 }
+# A setting that belongs to one adapter type is given with that type (alone it is refused, by design).
+COMPANIONS: dict[str, dict[str, Any]] = {"lokr_factor": {"adapter": "lokr"}}
 SETTINGS = list(field_specs())
 
 
@@ -76,12 +79,15 @@ def resolved(config: TrainingConfig) -> TrainingConfig:
 def cli_config(name: str, value: Any, preset: str) -> TrainingConfig:
     shown = ("|" if name == "prompts" else ",").join(map(str, value)) if isinstance(value, tuple) else str(value)
     arguments = ["train", "--preset", preset] + ([] if name == "preset" else ["--" + name.replace("_", "-"), shown])
+    for companion, companion_value in COMPANIONS.get(name, {}).items():
+        arguments += ["--" + companion.replace("_", "-"), str(companion_value)]
     return build_config(gather_settings(build_parser().parse_args(arguments)))
 
 
 def file_config(name: str, value: Any, preset: str, folder: Path) -> TrainingConfig:
     section = field_specs()[name][0]
-    text = json.dumps({"preset": preset, section: {name: list(value) if isinstance(value, tuple) else value}})
+    text = json.dumps({"preset": preset, **COMPANIONS.get(name, {}),
+                       section: {name: list(value) if isinstance(value, tuple) else value}})
     if name == "preset":
         text = json.dumps({"train": {"preset": value}})
     path = folder / "run.json"
@@ -108,7 +114,8 @@ def test_explicit_node_widgets_survive_every_preset(nodes, preset, tmp_path):
     widgets = {i.id: i.options["default"] for i in TrainLora.define_schema().inputs if "default" in i.options}
     assert "preset" in widgets
     for name in (n for n in widgets if n in field_specs()):
-        values = {**widgets, "preset": preset, name: EXPLICIT[name] if name != "preset" else preset}
+        values = {**widgets, **COMPANIONS.get(name, {}), "preset": preset,
+                  name: EXPLICIT[name] if name != "preset" else preset}
         if name == "resume":
             continue  # a combo of the run's checkpoints; test_nodes checks where each choice leads
         config = resolved(node_config(values, tmp_path))

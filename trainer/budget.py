@@ -31,11 +31,11 @@ from .examples import TrainingSet
 from .families.base import Encoders, LoadedModel
 from .fp8 import Float8Linear, float8_bytes_saved
 from .lora import add_lora, lora_parameters
+from .optimizers import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
 GIB = 2**30
-OPTIMIZER_BYTES_PER_PARAMETER = {"adamw": 8, "prodigy": 16, "adamw8bit": 2}  # state kept per LoRA weight
 CUDA_OVERHEAD = 600 * 2**20  # CUDA context, cuBLAS workspace and allocator slack
 
 
@@ -109,7 +109,8 @@ def measure_step(model: LoadedModel, config: TrainingConfig, latents: torch.Tens
     # torch's own .to: diffusers' warns about fp32-kept modules on every call (a list that is empty here).
     torch.nn.Module.to(denoiser, compute_dtype)
     probe = dataclasses.replace(model, denoiser=denoiser, encoders=Encoders())
-    add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, train_text_encoder=False)
+    add_lora(probe, config.lora.rank, config.alpha, config.lora.targets, False, config.lora.adapter,
+             **config.lora.adapter_options())
     denoiser.train()
     if config.train.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
@@ -144,7 +145,7 @@ def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingC
     return MemoryEstimate(
         base=_size(on_device) - lora_bytes,
         adapters=lora_bytes,
-        optimizer=sum(p.numel() for p in lora) * OPTIMIZER_BYTES_PER_PARAMETER[config.optimizer.optimizer],
+        optimizer=sum(p.numel() for p in lora) * OPTIMIZERS[config.optimizer.optimizer].state_bytes,
         step=measure_step(model, config, latents, conditioning, compute_dtype),
         overhead=CUDA_OVERHEAD if model.device.type == "cuda" else 0)
 
@@ -237,7 +238,7 @@ def planned_disk_bytes(model: LoadedModel, config: TrainingConfig, first_step: i
     steps, every = config.train.steps, config.output.save_every
     checkpoints = len({s for s in range(first_step, steps + 1) if s % every == 0} | {steps})
     weights = sum(p.numel() for p in lora_parameters(model))
-    per_checkpoint = weights * (2 + 4 + OPTIMIZER_BYTES_PER_PARAMETER[config.optimizer.optimizer]) + 2**20
+    per_checkpoint = weights * (2 + 4 + OPTIMIZERS[config.optimizer.optimizer].state_bytes) + 2**20
     return checkpoints * per_checkpoint
 
 

@@ -21,8 +21,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
     import tomli as tomllib
 
+from .adapters import ADAPTER_NAMES
 from .errors import LoraLabError
 from .families import FAMILY_NAMES
+from .optimizers import OPTIMIZER_NAMES, optimizer_help
 
 AUTO = 0  # numeric settings where 0 means "work it out" (rank, learning rate, steps, alpha, resolution, ...)
 
@@ -102,12 +104,30 @@ class LoraSettings(_Section):
     targets: str = setting("attention", "Which denoiser layers get LoRA: attention (q/k/v/out projections), "
                            "attention_mlp (plus feed-forward), or a comma list of module name endings.")
     train_text_encoder: bool = setting(False, "Also train LoRA on the text encoder(s) (turns off caption caching).")
+    adapter: str = setting("lora", "Adapter type: lora (plain LoRA, loads everywhere); loha (LyCORIS LoHa: a Hadamard "
+                           "product of two low-rank pairs, more reach per parameter); lokr (LyCORIS LoKr: a Kronecker "
+                           "product, very small files). ComfyUI's LoraLoader and A1111/Forge load all three.",
+                           choices=ADAPTER_NAMES)
+    lokr_factor: int = setting(-1, "LoKr only: the Kronecker factor, the size of its small matrix along each side "
+                               "(-1 = as square as the layer allows, LyCORIS's default; 4-16 make larger, more "
+                               "expressive files).", low=-1, high=64)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lokr_factor in (0, 1):
+            raise LoraLabError(f"lokr_factor = {self.lokr_factor}: use -1 (automatic) or a factor of 2 or more.")
+        if self.lokr_factor != -1 and self.adapter != "lokr":
+            raise LoraLabError(f"lokr_factor = {self.lokr_factor} belongs to the lokr adapter; this run trains "
+                               f"{self.adapter}. Set adapter = lokr, or leave lokr_factor at -1.")
+
+    def adapter_options(self) -> dict[str, Any]:
+        """The settings that belong to the adapter type only (handed to trainer/adapters/)."""
+        return {"lokr_factor": self.lokr_factor} if self.adapter == "lokr" else {}
 
 
 @dataclass(frozen=True)
 class OptimizerSettings(_Section):
-    optimizer: str = setting("adamw", "AdamW; AdamW8bit (needs CUDA and bitsandbytes); Prodigy (self-adjusting, "
-                             "use learning_rate 1.0).", choices=("adamw", "adamw8bit", "prodigy"))
+    optimizer: str = setting("adamw", optimizer_help(), choices=OPTIMIZER_NAMES)
     learning_rate: float = setting(0.0, "Learning rate (0 = the preset's: 5e-5 for likeness, 1e-4 otherwise): 1e-4 "
                                    "first attempt, 2e-4-3e-4 if not learning, 5e-5-1e-4 if overfitting, 1.0 with "
                                    "Prodigy.", low=0, high=10.0)

@@ -1,9 +1,11 @@
 """LoRA files: keys and metadata, written atomically, and read back strictly.
 
-Keys are named as each family's readers expect (ModelFamily.layer_name): for SD 1.5 and SDXL
-kohya's `<prefix>_<module path with dots as underscores>.lora_down.weight / .lora_up.weight /
-.alpha` (prefix `lora_unet`, `lora_te1`, ...); for FLUX `transformer.<module path>.lora_A.weight
-/ .lora_B.weight / .alpha`. ComfyUI's LoraLoader, A1111/Forge and diffusers read both.
+Layers are named as each family's readers expect (ModelFamily.layer_name): for SD 1.5 and SDXL
+kohya's `<prefix>_<module path with dots as underscores>` (prefix `lora_unet`, `lora_te1`, ...),
+for FLUX `transformer.<module path>`. What each layer holds is the adapter type's
+(trainer/adapters/): `.lora_down.weight / .lora_up.weight / .alpha` for a LoRA (`.lora_A.weight /
+.lora_B.weight` for FLUX), LyCORIS's `.hada_w1_a ...` for LoHa, `.lokr_w1 ...` for LoKr. ComfyUI's
+LoraLoader and A1111/Forge read them all; diffusers reads the LoRAs.
 
 The exporter is strict: a layer it cannot name uniquely raises before anything is written, and
 the true alpha is always written (a file whose alpha silently equals
@@ -13,22 +15,24 @@ its rank would change the LoRA's effect whenever they differ).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .adapters import adapter_of_layer
 from .errors import LoraLabError
 from .families.base import LoadedModel
 from .files import atomic_write
-from .lora import ADAPTER, LoraLayer, lora_layers
+from .lora import lora_layers
 from .lora_files import check_lora
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def named_layers(model: LoadedModel) -> list[tuple[str, LoraLayer]]:
-    """Every LoRA layer of the model with its name in files; raises if two would share a name."""
-    named: dict[str, LoraLayer] = {}
+def named_layers(model: LoadedModel) -> list[tuple[str, Any]]:
+    """Every adapted layer of the model with its name in files; raises if two would share a name."""
+    named: dict[str, Any] = {}
     for prefix, module in model.lora_modules():
         for path, layer in lora_layers(module):
             name = model.family.layer_name(prefix, path)
@@ -39,14 +43,12 @@ def named_layers(model: LoadedModel) -> list[tuple[str, LoraLayer]]:
     return list(named.items())
 
 
-def lora_state_dict(model: LoadedModel, alpha: float, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """The LoRA as kohya-named tensors. Raises before returning anything if a layer cannot be named."""
+def lora_state_dict(model: LoadedModel, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """The adapter as named tensors. Raises before returning anything if a layer cannot be named."""
     tensors: dict[str, torch.Tensor] = {}
-    down, up = model.family.lora_suffixes
     for name, layer in named_layers(model):
-        tensors[f"{name}.{down}"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.{up}"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+        for suffix, tensor in adapter_of_layer(layer).export(layer, model.family, dtype).items():
+            tensors[f"{name}.{suffix}"] = tensor
     if not tensors:
         raise LoraLabError("The model has no LoRA layers to save; nothing was written.")
     return tensors
@@ -60,36 +62,37 @@ def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, 
 
 
 def load_into_model(model: LoadedModel, path: Path) -> None:
-    """Put a saved LoRA file's weights and alphas into the model's adapter. The file must match
-    the adapter layer for layer; it is checked whole before anything is changed."""
+    """Put a saved file's tensors and alphas into the model's adapter. The file must match the
+    adapter layer for layer (its type, targets and shapes); it is checked whole before anything
+    is changed."""
     check_lora(path)
     try:
         tensors = load_file(str(path))
     except Exception as error:
         raise LoraLabError(f"{path} is not a readable LoRA .safetensors file ({error}).") from None
     updates, expected = [], set()
-    down_suffix, up_suffix = model.family.lora_suffixes
     for name, layer in named_layers(model):
-        expected.update(f"{name}.{suffix}" for suffix in (down_suffix, up_suffix, "alpha"))
-        try:
-            down, up = tensors[f"{name}.{down_suffix}"], tensors[f"{name}.{up_suffix}"]
-        except KeyError:
-            raise LoraLabError(f"{path.name} has no weights for layer {name}: it was trained with other "
-                               "targets or on another model.") from None
-        for target, source in ((layer.lora_A[ADAPTER].weight, down), (layer.lora_B[ADAPTER].weight, up)):
+        adapter = adapter_of_layer(layer)
+        suffixes = adapter.expected_suffixes(layer, model.family)
+        expected.update(f"{name}.{suffix}" for suffix in (*suffixes, "alpha"))
+        missing = [suffix for suffix in suffixes if f"{name}.{suffix}" not in tensors]
+        if missing:
+            raise LoraLabError(f"{path.name} has no {missing[0]} for layer {name}: it was trained as another "
+                               f"adapter type (this run trains {adapter.title}), with other targets or on another "
+                               "model.")
+        found = {suffix: tensors[key] for suffix in (*suffixes, "alpha") if (key := f"{name}.{suffix}") in tensors}
+        for target, source in adapter.load_pairs(layer, found, model.family):
             if target.shape != source.shape:
-                raise LoraLabError(f"{path.name}: layer {name} has shape {tuple(source.shape)}, the model "
-                                   f"expects {tuple(target.shape)} (another rank or base model).")
-        alpha = tensors.get(f"{name}.alpha")
-        updates.append((layer, down, up, float(alpha) if alpha is not None else float(down.shape[0])))
+                raise LoraLabError(f"{path.name}: layer {name} has a tensor of shape {tuple(source.shape)}, the "
+                                   f"model expects {tuple(target.shape)} (another rank, factor or base model).")
+        updates.append((adapter, layer, found))
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
-        raise LoraLabError(f"{path.name} has {len(unexpected)} layers this model's adapter lacks "
-                           f"(e.g. {unexpected[0]}): it was trained with other targets or on another model.")
+        raise LoraLabError(f"{path.name} has {len(unexpected)} tensors this model's adapter lacks "
+                           f"(e.g. {unexpected[0]}): it was trained as another adapter type, with other targets or "
+                           "on another model.")
     with torch.no_grad():
-        for layer, down, up, alpha in updates:
-            layer.lora_A[ADAPTER].weight.copy_(down)
-            layer.lora_B[ADAPTER].weight.copy_(up)
-            layer.lora_alpha[ADAPTER] = alpha
-            layer.set_scale(ADAPTER, 1.0)
-
+        for adapter, layer, found in updates:
+            for target, source in adapter.load_pairs(layer, found, model.family):
+                target.copy_(source)
+            adapter.load_alpha(layer, found)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import optimizers
 from .config import TrainingConfig
 from .data import BatchOrder
 from .errors import LoraLabError
@@ -104,6 +105,8 @@ class LoopResult:
 
 
 def build_optimizer(config: TrainingConfig, model: LoadedModel) -> torch.optim.Optimizer:
+    """The configured optimizer (trainer/optimizers.py) over the denoiser's adapter weights and, at
+    their own learning rate, the text encoders'."""
     settings = config.optimizer
     denoiser = lora_parameters(model, denoiser_only=True)
     groups = [{"params": denoiser, "lr": settings.learning_rate}]
@@ -111,28 +114,7 @@ def build_optimizer(config: TrainingConfig, model: LoadedModel) -> torch.optim.O
     text_parameters = [p for p in lora_parameters(model) if id(p) not in in_denoiser]
     if text_parameters:
         groups.append({"params": text_parameters, "lr": settings.text_encoder_lr or settings.learning_rate / 2})
-    if settings.optimizer == "adamw":
-        # The fused kernel updates every LoRA weight in one pass (CPU and CUDA alike).
-        return torch.optim.AdamW(groups, weight_decay=settings.weight_decay, fused=True)
-    if settings.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise LoraLabError("optimizer = prodigy needs the prodigyopt package: pip install prodigyopt") from None
-        if settings.learning_rate < 0.1:
-            log.warning("Prodigy adapts its own step size; learning_rate is a multiplier and 1.0 is usual "
-                        "(got %g).", settings.learning_rate)
-        return Prodigy(groups, weight_decay=settings.weight_decay, safeguard_warmup=True,
-                       use_bias_correction=True)
-    # adamw8bit
-    if not torch.cuda.is_available():
-        raise LoraLabError("optimizer = adamw8bit runs only on a CUDA GPU; use adamw on this machine.")
-    try:
-        import bitsandbytes
-    except ImportError:
-        raise LoraLabError("optimizer = adamw8bit needs bitsandbytes: pip install bitsandbytes "
-                           "(or use adamw).") from None
-    return bitsandbytes.optim.AdamW8bit(groups, weight_decay=settings.weight_decay)
+    return optimizers.build_optimizer(settings.optimizer, groups, settings, torch.cuda.is_available())
 
 
 def lr_factor(config: TrainingConfig, total_steps: int) -> Callable[[int], float]:

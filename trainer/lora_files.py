@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,8 @@ MAX_HEADER_BYTES = 32 * 2**20  # real LoRA headers are well under 1 MiB, metadat
 MAX_METADATA_BYTES = 16 * 2**20
 MAX_TENSORS = 200_000
 MAX_TENSOR_ELEMENTS = 2**31  # about 4-8 GB in one tensor: far beyond any LoRA layer
-MAX_RANK = 4096
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
                "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_HALVES = re.compile(r"^(?P<layer>.+)\.(?P<half>lora_down|lora_up|lora_A|lora_B)\.weight$")
 
 
 def _refuse(path: Path, problem: str) -> LoraLabError:
@@ -101,27 +98,36 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[int
 
 
 def check_lora(path: Path) -> dict[str, Any]:
-    """The header of a LoRA file whose layers fit together: each LoRA layer has a down and an up
-    half, 2-D (or 4-D for convolutions), of one rank up to MAX_RANK, and a scalar alpha if any."""
+    """The header of an adapter file whose layers fit together: each layer holds the keys of one
+    adapter type (trainer/adapters/: LoRA's two halves of one rank, LoHa's four
+    factors, LoKr's two), and a scalar alpha if any. Keys of no type we know are left to the
+    loader that reads them (ComfyUI also reads OFT, GLoRA, ...)."""
+    from .adapters import all_adapters  # the adapter types' modules import PEFT: only when a file is checked
+
     header = read_header(path)
-    halves: dict[str, dict[str, list[int]]] = {}
+    suffixes = sorted(((suffix, adapter) for adapter in all_adapters() for suffix in adapter.file_suffixes),
+                      key=lambda pair: -len(pair[0]))  # "hada_w1_a" before "w1_a"-like shorter endings
+    layers: dict[str, dict[str, list[int]]] = {}
+    kinds: dict[str, set] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        match = _HALVES.match(name)
-        if match:
-            halves.setdefault(match["layer"], {})[match["half"]] = entry["shape"]
-        elif name.endswith(".alpha") and math.prod(entry["shape"]) != 1:
+        if name.endswith(".alpha") and math.prod(entry["shape"]) != 1:
             raise _refuse(path, f"{name} should be one number but has shape {entry['shape']}")
-    if len(header) == 1:  # other adapter kinds (LoHa, LoKr) are left to the loader that knows them
+        for suffix, adapter in suffixes:
+            if name.endswith(f".{suffix}"):
+                layer = name[:-len(suffix) - 1]
+                layers.setdefault(layer, {})[suffix] = entry["shape"]
+                kinds.setdefault(layer, set()).add(adapter)
+                break
+    if len(header) == 1:
         raise _refuse(path, "it holds no tensors")
-    for layer, parts in halves.items():
-        down = parts.get("lora_down", parts.get("lora_A"))
-        up = parts.get("lora_up", parts.get("lora_B"))
-        if down is None or up is None:
-            raise _refuse(path, f"layer {layer} has only one of its two halves")
-        if len(down) not in (2, 4) or len(up) not in (2, 4) or down[0] != up[1]:
-            raise _refuse(path, f"layer {layer}'s halves do not fit together ({down} and {up})")
-        if not 1 <= down[0] <= MAX_RANK:
-            raise _refuse(path, f"layer {layer} has rank {down[0]}")
+    for layer, shapes in layers.items():
+        if len(kinds[layer]) > 1:
+            titles = " and ".join(sorted(adapter.title for adapter in kinds[layer]))
+            raise _refuse(path, f"layer {layer} mixes {titles} keys")
+        (adapter,) = kinds[layer]
+        problem = adapter.check_layer(shapes)
+        if problem:
+            raise _refuse(path, f"{adapter.title} layer {layer} {problem}")
     return header

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from .adapters import get_adapter
 from .config import TrainingConfig
 from .diagnosis import Diagnosis
 from .families.base import ModelFamily
@@ -76,9 +77,11 @@ def story(config: TrainingConfig, facts: RunFacts, step: int, checkpoint: Checkp
     triggers = ", ".join(facts.trigger_words)
     preset = config.train.preset
     kind = f"{preset} " if preset != "none" else ""
-    article = "An" if (kind or "LoRA")[0].lower() in "aeiou" else "A"
-    description = (f"{article} {kind}LoRA for {facts.family.title}, trained with LoRA Lab on {facts.image_count} images"
-                   f"{f' of {triggers}' if triggers else ''}: step {step} of {facts.steps}, rank {config.lora.rank}, "
+    title = get_adapter(config.lora.adapter).title
+    article = "An" if (kind or title)[0].lower() in "aeiou" else "A"
+    description = (f"{article} {kind}{title} for {facts.family.title}, trained with LoRA Lab on "
+                   f"{facts.image_count} images{f' of {triggers}' if triggers else ''}: step {step} of {facts.steps}, "
+                   f"rank {config.lora.rank}, "
                    f"learning rate {config.optimizer.learning_rate:g}, {facts.resolution} px.")
     if checkpoint.validation_loss is not None:
         description += f" Validation loss {checkpoint.validation_loss:.4g}."
@@ -86,7 +89,8 @@ def story(config: TrainingConfig, facts: RunFacts, step: int, checkpoint: Checkp
         description += f" {checkpoint.diagnosis.advice}"
     hint = "Start at strength 0.7 and adjust between 0.4 and 1.0"
     hint += f"; put {triggers} in the prompt." if triggers else "."
-    tags = ["lora", facts.family.name, *([preset] if preset != "none" else []), *facts.trigger_words]
+    tags = ["lora", *([config.lora.adapter] if config.lora.adapter != "lora" else []), facts.family.name,
+            *([preset] if preset != "none" else []), *facts.trigger_words]
     metadata = {"modelspec.description": description, "modelspec.usage_hint": hint,
                 "modelspec.tags": ", ".join(tags)}
     if checkpoint.thumbnail is not None:
@@ -126,11 +130,12 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int,
     date = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
     triggers = ", ".join(facts.trigger_words)
     name = config.output.name
+    adapter = get_adapter(lora.adapter)
     return {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": adapter.network_module,
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": f"{config.alpha:g}",
-        "ss_network_args": metadata_json({"targets": lora.targets}),
+        "ss_network_args": metadata_json({**adapter.network_args(lora.adapter_options()), "targets": lora.targets}),
         "ss_base_model_version": family.base_model_version,
         "ss_sd_model_name": facts.base_model,
         "ss_v2": "False",

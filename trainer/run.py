@@ -247,7 +247,8 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
     if train.fp8_base:
         saved = quantize_linear_layers(model.denoiser, compute_dtype)
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
-    add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder)
+    add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder, lora.adapter,
+             **lora.adapter_options())
     named_layers(model)  # every layer must have a name LoRA loaders map: refused now, not at the first save
     check_memory(model, examples, config, compute_dtype)
     validation = ValidationLoss(model, held, compute_dtype, train.batch_size, train.flow_shift) if held else None
@@ -358,7 +359,7 @@ def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, datas
         """The LoRA file, then its resume file: a resume file never exists without its LoRA."""
         events.on_phase("saving")
         path = run_dir / (f"{name}.safetensors" if final else f"{name}-step{step:06d}.safetensors")
-        tensors = lora_state_dict(model, config.alpha, SAVE_DTYPES["fp16"])
+        tensors = lora_state_dict(model, SAVE_DTYPES["fp16"])
         story = CheckpointStory(diagnose_run(state.losses, watch.validation, train.steps), watch.validation_at(step),
                                 watch.thumbnail_at(step))
         save_lora(path, tensors, build_metadata(config, facts, step, story))

@@ -95,17 +95,23 @@ def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
 
 
 def labelled_grid(rows: Sequence[tuple[str, Sequence[Image.Image]]], column_labels: Sequence[str],
-                  cell_size: int = 256, label_width: int = 240, font_size: int = 16) -> Image.Image:
+                  cell_size: int = 256, label_width: int = 240, font_size: int = 16,
+                  corner: str = "") -> Image.Image:
     """Images in rows and columns, with each row's label (wrapped, never cut) on the left and
-    each column's above. Small images are enlarged to `cell_size` with sharp pixels."""
+    each column's above; `corner` is written above the row labels (e.g. what every cell holds).
+    Small images are enlarged to `cell_size` with sharp pixels."""
     font = ImageFont.load_default(size=font_size)
     pad, line_height = 8, round(font_size * 1.35)
-    header = max(len(wrap_text(t, font, cell_size - 2 * pad)) for t in column_labels) * line_height + 2 * pad
+    corner_lines = wrap_text(corner, font, label_width - 2 * pad) if corner else []
+    header = max(len(corner_lines), *(len(wrap_text(t, font, cell_size - 2 * pad)) for t in column_labels)
+                 ) * line_height + 2 * pad
     labels = [wrap_text(text, font, label_width - 2 * pad) for text, _ in rows]
     heights = [max(cell_size, len(lines) * line_height + 2 * pad) for lines in labels]
     columns = max(len(images) for _, images in rows)
     grid = Image.new("RGB", (label_width + columns * cell_size, header + sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
+    for number, line in enumerate(corner_lines):
+        draw.text((pad, pad + number * line_height), line, fill="#444444", font=font)
     for column, text in enumerate(column_labels):
         for number, line in enumerate(wrap_text(text, font, cell_size - 2 * pad)):
             draw.text((label_width + column * cell_size + pad, pad + number * line_height), line, fill="black",

@@ -8,8 +8,9 @@
 //   the run's message (how to resume after a Cancel; at the end the diagnosis and the checkpoint to
 //   use). Live from websocket events; the whole history comes from the server's /lora_lab/run route,
 //   so a reloaded page or a second browser shows the same curve. A background run shows a Stop button.
-// - Sample Checkpoint: the cell being sampled (k of n, with its picture), then the grid as cells with
-//   text labels sized to read on the node; a click opens a cell full size.
+// - Sample Checkpoint and Compare LoRA Stack: the cell being sampled (k of n, with its picture), then
+//   the grid as cells with text labels sized to read on the node (cells never under 128 px: the node
+//   widens for many columns); a click opens a cell full size.
 // - Load Dataset, Caption and Apply LoRA Stack: their report, captions and what was applied as text.
 // - Workflows saved by older versions load with every value in its widget (widget_history.json).
 // Works for nodes inside subgraphs (execution ids like "5:3"), in the classic canvas and in Nodes 2.0.
@@ -17,7 +18,12 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAIN_NODE = "LoraLabTrainLora";
-const SAMPLE_NODE = "LoraLabSampleCheckpoint";
+// The grid nodes, and what their cell view says before the first Queue.
+const GRID_NODES = {
+  LoraLabSampleCheckpoint: "Queue to sample: one cell per checkpoint, prompt and strength, the same seed in each.",
+  LoraLabCompareLoraStack: "Queue to sample: one cell per pair of strengths of the stack's first two LoRAs (the "
+                           + "base and each alone included), the same seed in each.",
+};
 const DATASET_NODE = "LoraLabLoadDataset";
 const TEXT_NODES = { LoraLabLoadDataset: "Queue to see how this dataset measures up to the guide (this node alone "
                                          + "is enough: it is an output node).",
@@ -567,8 +573,8 @@ function addPanel(node) {
   renderNode(node);
 }
 
-// --- Sample Checkpoint: the cell being made ----------------------------------------------------
-function addCellView(node) {
+// --- the grid nodes: the cell being made ---------------------------------------------------------
+function addCellView(node, placeholder) {
   if (node.loraLabCells) return;
   const root = element("div", { display: "flex", gap: "8px", alignItems: "center", boxSizing: "border-box",
                                 height: `${CELL_HEIGHT - 8}px`, padding: "4px 8px", font: "12px sans-serif",
@@ -578,7 +584,7 @@ function addCellView(node) {
   const image = element("img", { width: "88px", height: "88px", objectFit: "contain", flex: "0 0 88px",
                                  display: "none", imageRendering: "pixelated" }, root);
   const text = element("div", { whiteSpace: "normal", overflowWrap: "anywhere" }, root);
-  text.textContent = "Queue to sample: one cell per checkpoint, prompt and strength, the same seed in each.";
+  text.textContent = placeholder;
   const widget = node.addDOMWidget("lora_lab_cells", "lora_lab_cells", root, {
     serialize: false, hideOnZoom: false, getMinHeight: () => CELL_HEIGHT, getMaxHeight: () => CELL_HEIGHT,
   });
@@ -596,25 +602,66 @@ api.addEventListener("lora_lab.cell", ({ detail }) => {
     : `Cell ${detail.done} of ${detail.total}: ${detail.label}`;
 });
 
-// --- Sample Checkpoint: the grid, as cells with text labels ------------------------------------
+// --- the grid nodes: the grid, as cells with text labels ---------------------------------------
 // The grid picture (the node's grid output) shrunk into a node has labels too small to read; here the
 // cells are laid out at the node's width and the labels are text, so both read at the zoom a user
 // works at. A click on a cell opens it full size.
 const GRID_LABEL_WIDTH = 150;
 const GRID_GAP = 4;
 const GRID_FONT = 15;
+const GRID_LINE = Math.ceil(GRID_FONT * 1.25);
+const GRID_MIN_CELL = 128; // a cell smaller than this on the node at zoom 1 does not read
+const GRID_MARGIN = 20; // the frontend's margin around a DOM widget, both sides together
+const GRID_PADDING = 4;
 
 function gridCell(node) {
   const grid = node.loraLabGrid?.data;
   if (!grid) return 0;
-  const room = node.size[0] - 20 - GRID_LABEL_WIDTH - GRID_GAP * grid.columns.length;
-  return Math.max(48, Math.floor(room / grid.columns.length));
+  const room = node.size[0] - GRID_MARGIN - 2 * GRID_PADDING - GRID_LABEL_WIDTH - GRID_GAP * grid.columns.length;
+  return Math.max(GRID_MIN_CELL, Math.floor(room / grid.columns.length));
+}
+
+// A grid of many columns widens its node rather than shrink its cells below GRID_MIN_CELL.
+function widenForGrid(node) {
+  const columns = node.loraLabGrid?.data?.columns.length;
+  if (!columns) return;
+  const needed = GRID_MARGIN + 2 * GRID_PADDING + GRID_LABEL_WIDTH + columns * (GRID_MIN_CELL + GRID_GAP);
+  if (node.size[0] < needed) node.setSize([needed, node.size[1]]);
+}
+
+// How many lines a label takes at `width` (words wrap as the browser wraps them, near enough), so
+// the grid's height holds every label whole.
+let measure = null;
+function labelLines(text, width) {
+  measure ??= document.createElement("canvas").getContext("2d");
+  measure.font = `${GRID_FONT}px sans-serif`;
+  let lines = 0;
+  for (const paragraph of String(text).split("\n")) {
+    let line = "";
+    lines += 1;
+    for (const word of paragraph.split(" ")) {
+      const candidate = line ? `${line} ${word}` : word;
+      if (line && measure.measureText(candidate).width > width) {
+        lines += 1;
+        line = word;
+      } else {
+        line = candidate;
+      }
+      lines += Math.floor(measure.measureText(line).width / width);  // a word longer than the width breaks
+    }
+  }
+  return lines;
 }
 
 function gridHeight(node) {
   const grid = node.loraLabGrid?.data;
   if (!grid) return 0;
-  return 12 + 2 * GRID_FONT + grid.rows.length * (gridCell(node) + GRID_GAP);
+  const cell = gridCell(node);
+  const header = Math.max(labelLines(grid.corner ?? "", GRID_LABEL_WIDTH),
+                          ...grid.columns.map((column) => labelLines(column, cell)));
+  const rows = grid.rows.reduce((sum, row) => sum + GRID_GAP
+                                + Math.max(cell, labelLines(row.label, GRID_LABEL_WIDTH) * GRID_LINE), 0);
+  return GRID_MARGIN + 2 * GRID_PADDING + header * GRID_LINE + rows;
 }
 
 function viewUrl(ref) {
@@ -642,17 +689,18 @@ function renderGrid(node) {
   const view = node.loraLabGrid;
   const grid = view?.data;
   if (!grid) return;
+  widenForGrid(node);
   const cell = gridCell(node);
   view.root.replaceChildren();
   view.root.style.display = "grid";
   view.root.style.gridTemplateColumns = `${GRID_LABEL_WIDTH}px repeat(${grid.columns.length}, ${cell}px)`;
   const label = (text, style = {}) => {
-    const made = element("div", { whiteSpace: "pre-wrap", overflowWrap: "anywhere", font: `${GRID_FONT}px sans-serif`,
-                                  ...style }, view.root);
+    const made = element("div", { whiteSpace: "pre-wrap", overflowWrap: "anywhere",
+                                  font: `${GRID_FONT}px/${GRID_LINE}px sans-serif`, ...style }, view.root);
     made.textContent = text;
     return made;
   };
-  label("");
+  label(grid.corner ?? "", { alignSelf: "end", opacity: "0.8" }).className = "lora-lab-grid-corner";
   for (const column of grid.columns) label(column, { textAlign: "center", alignSelf: "end" });
   for (const row of grid.rows) {
     label(row.label, { alignSelf: "center" }).className = "lora-lab-grid-label";
@@ -671,7 +719,8 @@ function renderGrid(node) {
 
 function addGridView(node) {
   if (node.loraLabGrid) return;
-  const root = element("div", { display: "none", gap: `${GRID_GAP}px`, boxSizing: "border-box", padding: "4px",
+  const root = element("div", { display: "none", gap: `${GRID_GAP}px`, boxSizing: "border-box",
+                                padding: `${GRID_PADDING}px`,
                                 color: "var(--input-text, #ddd)", background: "var(--comfy-input-bg, #222)",
                                 borderRadius: "6px", overflow: "hidden", alignItems: "center" });
   root.className = "lora-lab-grid";
@@ -749,8 +798,8 @@ app.registerExtension({
         watchWidgets(this, () => requestPlan(this));
         fitNode(this);
         requestPlan(this);
-      } else if (nodeData.name === SAMPLE_NODE) {
-        addCellView(this);
+      } else if (GRID_NODES[nodeData.name]) {
+        addCellView(this, GRID_NODES[nodeData.name]);
         addGridView(this);
       } else if (placeholder !== undefined) {
         addTextPanel(this, placeholder, TEXT_HEIGHTS[nodeData.name]);

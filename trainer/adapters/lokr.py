@@ -1,0 +1,64 @@
+"""LoKr (LyCORIS; PEFT's LoKrConfig): ΔW = scale · w1 ⊗ w2, a Kronecker product of a small full
+matrix w1 and a larger one w2 (itself low-rank, w2_a @ w2_b, unless the layer is small next to
+the rank): far fewer parameters than a LoRA of the same reach. `lokr_factor` sets w1's size (-1:
+as square as the layer allows, LyCORIS's and PEFT's default).
+
+The scale: PEFT's is alpha / rank always. ComfyUI's weight_adapter (lokr.py), like LyCORIS, uses
+alpha / rank only where a factor is low-rank and 1 where both are full matrices; so for such a
+layer the exporter folds PEFT's scale into lokr_w1 (and writes alpha = rank), and loading takes
+the folded factor as it is (scale 1): the file means what ComfyUI computes, exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft import LoKrConfig
+from peft.tuners.lokr import LoKrLayer
+
+from .base import ADAPTER_NAME, LycorisAdapter
+
+
+class LoKr(LycorisAdapter):
+    name = "lokr"
+    title = "LoKr"
+    layer_class = LoKrLayer
+    file_suffixes = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    def peft_config(self, rank: int, alpha: float, target_modules: list[str], exclude_modules: str | None,
+                    options: dict[str, Any]) -> LoKrConfig:
+        # init_weights: w1 starts at zero, so the model starts unchanged.
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=target_modules, exclude_modules=exclude_modules,
+                          decompose_factor=options.get("lokr_factor", -1), init_weights=True)
+
+    @staticmethod
+    def both_full(layer: Any) -> bool:
+        return ADAPTER_NAME in layer.lokr_w1 and ADAPTER_NAME in layer.lokr_w2
+
+    def export(self, layer: Any, family: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        tensors = super().export(layer, family, dtype)
+        if self.both_full(layer):
+            scale = float(layer.alpha[ADAPTER_NAME]) / float(layer.r[ADAPTER_NAME])
+            w1 = layer.lokr_w1[ADAPTER_NAME].detach().float() * scale
+            tensors["lokr_w1"] = w1.to("cpu", dtype).contiguous()
+            tensors["alpha"] = torch.tensor(float(layer.r[ADAPTER_NAME]), dtype=torch.float32)
+        return tensors
+
+    def load_alpha(self, layer: Any, found: dict[str, torch.Tensor]) -> None:
+        super().load_alpha(layer, found)
+        if self.both_full(layer):  # the scale is in lokr_w1 (see above): ComfyUI and LyCORIS apply 1
+            layer.alpha[ADAPTER_NAME] = float(layer.r[ADAPTER_NAME])
+            layer.set_scale(ADAPTER_NAME, 1.0)
+
+    def check_layer(self, shapes: dict[str, list[int]]) -> str | None:
+        for factor in ("w1", "w2"):
+            full, low = f"lokr_{factor}" in shapes, f"lokr_{factor}_a" in shapes and f"lokr_{factor}_b" in shapes
+            if full == low:
+                return f"needs either lokr_{factor} or both lokr_{factor}_a and lokr_{factor}_b"
+        return None
+
+    def network_args(self, options: dict[str, Any]) -> dict[str, str]:
+        return {"algo": "lokr", "factor": str(options.get("lokr_factor", -1))}
+
+
+ADAPTER = LoKr()
