@@ -21,7 +21,8 @@ class Adapter:
     title: ClassVar[str]
     network_module: ClassVar[str]  # ss_network_module, as kohya and LyCORIS write it
     layer_class: ClassVar[type]  # PEFT's layer type
-    # Every key suffix a file of this type may hold for a layer (besides "alpha"), and those it must.
+    # Every key suffix a file of this type may hold for a layer (besides "alpha"): how the header
+    # check tells the types apart (expected_suffixes says which a model layer needs).
     file_suffixes: ClassVar[tuple[str, ...]]
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], exclude_modules: str | None,
