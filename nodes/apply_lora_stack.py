@@ -83,12 +83,20 @@ class ApplyLoraStack(io.ComfyNode):
         if lora_stack is not None and not isinstance(lora_stack, list | tuple):
             raise LoraLabError("lora_stack must be a LORA_STACK list of (name, model strength, clip strength).")
         stack = build_stack(lora_stack, training_run, slot_values, auto_strengths, checkpoint, run_strength)
-        words: list[str] = []
-        for name, model_strength, clip_strength in stack:
-            path = comfy.lora_path(name)
-            model, clip = comfy.apply_lora(model, clip, comfy.load_lora_file(path), model_strength, clip_strength)
-            words += [w for w in trigger_words(read_metadata(path)) if w not in words]
+        paths = [comfy.lora_path(name) for name, _, _ in stack]
+        model, clip = comfy.apply_loras(model, clip, [(comfy.load_lora_file(path), model_strength, clip_strength)
+                                                      for path, (_, model_strength, clip_strength)
+                                                      in zip(paths, stack, strict=True)])
+        words = stack_trigger_words(paths)
         return io.NodeOutput(model, clip, stack, ", ".join(words), ui={"text": (applied_text(stack, training_run),)})
+
+
+def stack_trigger_words(paths: list) -> list[str]:
+    """The trigger words the stack's files declare, in stack order, each once."""
+    words: list[str] = []
+    for path in paths:
+        words += [word for word in trigger_words(read_metadata(path)) if word not in words]
+    return words
 
 
 def applied_text(stack: list[StackEntry], run: TrainingRun | None) -> str:

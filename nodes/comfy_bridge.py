@@ -409,6 +409,13 @@ def apply_lora(model: Any, clip: Any, lora: dict[str, torch.Tensor], model_stren
     return comfy.sd.load_lora_for_models(model, clip, lora, model_strength, clip_strength)
 
 
+def apply_loras(model: Any, clip: Any, chain: list[tuple[dict[str, torch.Tensor], float, float]]) -> tuple[Any, Any]:
+    """(LoRA, model strength, clip strength) applied in order, as LoraLoader after LoraLoader."""
+    for lora, model_strength, clip_strength in chain:
+        model, clip = apply_lora(model, clip, lora, model_strength, clip_strength)
+    return model, clip
+
+
 def is_guidance_distilled(model: Any) -> bool:
     """FLUX.1-dev and its kind: guidance is an input of the model, not classifier-free."""
     return bool(model_config(model).unet_config.get("guidance_embed"))

@@ -11,12 +11,11 @@ from typing import Any
 import torch
 
 from ..trainer.errors import LoraLabError
-from ..trainer.files import read_metadata
-from ..trainer.metadata import trigger_words
 from ..trainer.sampling import fill_trigger
 from . import comfy_bridge as comfy
+from .apply_lora_stack import stack_trigger_words
 from .comfy_bridge import STACK, io
-from .grid_cells import GridCells, Sampling, grid_output, parse_strengths, prompt_lines
+from .grid_cells import GridCells, Sampling, grid_output, parse_strengths, prompt_lines, sampling_inputs
 from .values import StackEntry
 
 # The guide's "Combining with Other LoRAs": first LoRA 0.6-0.8, second 0.4-0.6; 0 shows the other alone.
@@ -81,16 +80,7 @@ class CompareLoraStack(io.ComfyNode):
                 io.String.Input("strengths_b", default=DEFAULT_STRENGTHS_B,
                                 tooltip="The second LoRA's strengths, one row each (the guide: 0.4-0.6 for the "
                                         "second; 0 shows the first alone)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="The same seed for every cell (kept between runs, so grids compare)."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps, as in KSampler."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance, as in KSampler (for FLUX.1-dev its distilled "
-                                       "guidance, as FluxGuidance sets it: 3.5 is typical)."),
-                io.Combo.Input("sampler_name", options=comfy.SAMPLERS, default="euler", tooltip="As in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.SCHEDULERS, default="normal", tooltip="As in KSampler."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+                *sampling_inputs(),
             ],
             outputs=[io.Image.Output(display_name="grid"), io.Image.Output(display_name="images")],
             hidden=[io.Hidden.unique_id],
@@ -107,9 +97,7 @@ class CompareLoraStack(io.ComfyNode):
         axis_b = parse_strengths(strengths_b, DEFAULT_STRENGTHS_B)
         paths = [comfy.lora_path(name) for name, _, _ in stack]
         loras = [comfy.load_lora_file(path) for path in paths]
-        words: list[str] = []
-        for path in paths:
-            words += [word for word in trigger_words(read_metadata(path)) if word not in words]
+        words = stack_trigger_words(paths)
         grid = cells_to_sample(axis_a, axis_b, bool(rest))
         wanted = {cell for row in grid for cell in row}
         texts = [fill_trigger(prompt, words) for prompt in prompt_lines(prompts)]
@@ -128,10 +116,7 @@ class CompareLoraStack(io.ComfyNode):
                     chain = [(loras[0], a, a), (loras[1], b, b)]
                     if rest_on:
                         chain += [(lora, ms, cs) for lora, (_, ms, cs) in zip(loras[2:], rest, strict=True)]
-                    patched_model, patched_clip = model, clip
-                    for lora, model_strength, clip_strength in chain:
-                        patched_model, patched_clip = comfy.apply_lora(patched_model, patched_clip, lora,
-                                                                       model_strength, clip_strength)
+                    patched_model, patched_clip = comfy.apply_loras(model, clip, chain)
                     label = f"{strength_label(name_a, a)} + {strength_label(name_b, b)}"
                     sampled[(a, b, rest_on), text] = cells.sample(
                         patched_model, patched_clip, (a, b, rest_on), text,

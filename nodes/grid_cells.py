@@ -45,6 +45,23 @@ class Sampling:
     height: int
 
 
+def sampling_inputs() -> list:
+    """KSampler's widgets, as both grid nodes show them (after their prompts and strengths)."""
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                     tooltip="The same seed for every cell (kept between runs, so grids compare)."),
+        io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps, as in KSampler."),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance, as in KSampler. For FLUX.1-dev it is the distilled "
+                               "guidance (3.5 is typical), as the FluxGuidance node sets it, and sampling "
+                               "runs without CFG."),
+        io.Combo.Input("sampler_name", options=comfy.SAMPLERS, default="euler", tooltip="As in KSampler."),
+        io.Combo.Input("scheduler", options=comfy.SCHEDULERS, default="normal", tooltip="As in KSampler."),
+        io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+        io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+    ]
+
+
 class TextEncodings:
     """Each text encoded once per state of the text encoder. A LoRA without text-encoder keys (FLUX
     LoRAs) leaves the encoder as it was, so every cell shares the base's encodings: for FLUX a T5-XXL

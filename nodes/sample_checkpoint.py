@@ -11,7 +11,7 @@ from ..trainer.errors import LoraLabError
 from ..trainer.sampling import fill_trigger
 from . import comfy_bridge as comfy
 from .comfy_bridge import RUN, io
-from .grid_cells import GridCells, Sampling, grid_output, prompt_lines
+from .grid_cells import GridCells, Sampling, grid_output, prompt_lines, sampling_inputs
 from .grid_cells import parse_strengths as parse_strength_list
 from .values import CHECKPOINT_CHOICES, TrainingRun
 
@@ -51,17 +51,7 @@ class SampleCheckpoint(io.ComfyNode):
                                 tooltip="Negative prompt for every cell (FLUX.1-dev samples without one, as "
                                         "at cfg 1)."),
                 io.String.Input("strengths", default=DEFAULT_STRENGTHS, tooltip="LoRA strengths, one column each."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
-                             tooltip="The same seed for every cell (kept between runs, so grids compare)."),
-                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampler steps, as in KSampler."),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance, as in KSampler. For FLUX.1-dev it is the distilled "
-                                       "guidance (3.5 is typical), as the FluxGuidance node sets it, and sampling "
-                                       "runs without CFG."),
-                io.Combo.Input("sampler_name", options=comfy.SAMPLERS, default="euler", tooltip="As in KSampler."),
-                io.Combo.Input("scheduler", options=comfy.SCHEDULERS, default="normal", tooltip="As in KSampler."),
-                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
-                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+                *sampling_inputs(),
                 RUN.Input("training_run", optional=True, tooltip="Every checkpoint of a Train LoRA run."),
                 io.String.Input("lora_names", optional=True, multiline=True, default="",
                                 tooltip="LoRA files from the loras folder, one per line (as LoraLoader lists them)."),

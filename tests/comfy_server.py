@@ -305,20 +305,32 @@ def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.nda
         for i in outputs]
 
 
-def small_training(checkpoint: str, name: str, trigger: str, seed: int, steps: int = 6,
-                   save_every: int = 3, **settings) -> dict:
-    """An API prompt that trains a small LoRA named `name` on the concept set (input/concept) at 64 px."""
+def train_settings(**overrides) -> dict:
+    """Train LoRA's widgets for a quick run at 64 px on the random model."""
+    return {"preset": "none", "steps": 30, "rank": 4, "alpha": 0.0, "learning_rate": 0.001, "resolution": 64,
+            "batch_size": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 10,
+            "seed": 1, "name": "run", "gradient_checkpointing": False, "mixed_precision": "auto",
+            "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
+            "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}", "validation_images": -1,
+            "background": False, **overrides}
+
+
+def training_graph(checkpoint: str, settings: dict, extra: dict | None = None, trigger: str = "") -> dict:
+    """Load Checkpoint → Load Dataset (the concept set in input/concept) → Train LoRA with `settings`."""
     return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": checkpoint}},
             "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
                                                                  "trigger_word": trigger, "model": ["1", 0]}},
-            "3": {"class_type": "LoraLabTrainLora", "inputs": {
-                "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["2", 0], "preset": "none",
-                "steps": steps, "rank": 4, "alpha": 0.0, "learning_rate": 0.01, "resolution": 64, "batch_size": 2,
-                "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": save_every,
-                "seed": seed, "name": name, "gradient_checkpointing": False, "mixed_precision": "auto",
-                "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
-                "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}",
-                "validation_images": -1, **settings}}}
+            "3": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
+                                                              "dataset": ["2", 0], **settings}},
+            **(extra or {})}
+
+
+def small_training(checkpoint: str, name: str, trigger: str, seed: int, steps: int = 6, save_every: int = 3,
+                   **settings) -> dict:
+    """A prompt that trains a small LoRA named `name` quickly, at a learning rate that shows in its images."""
+    return training_graph(checkpoint, train_settings(steps=steps, save_every=save_every, batch_size=2,
+                                                     learning_rate=0.01, seed=seed, name=name, **settings),
+                          trigger=trigger)
 
 
 def comfy_python(comfy_dir: Path) -> str:

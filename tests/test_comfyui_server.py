@@ -35,6 +35,8 @@ from .comfy_server import (
     comfy_python,
     output_images,
     small_training,
+    train_settings,
+    training_graph,
 )
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -207,6 +209,18 @@ def test_cancel_saves_a_checkpoint_and_resume_continues_it(server):
     assert started["first_step"] == step + 1 and [c["step"] for c in started["checkpoints"]] == [step]
 
 
+def core_sample(model: list, clip: list, first: int, text: str, negative: str, latent: list, sample: dict) -> dict:
+    """Core CLIPTextEncode → KSampler → VAEDecode → PreviewImage on `model`/`clip`, as nodes `first`
+    to `first + 4` (the preview is `first + 4`)."""
+    return {str(first): {"class_type": "CLIPTextEncode", "inputs": {"text": text, "clip": clip}},
+            str(first + 1): {"class_type": "CLIPTextEncode", "inputs": {"text": negative, "clip": clip}},
+            str(first + 2): {"class_type": "KSampler", "inputs": {
+                "model": model, "positive": [str(first), 0], "negative": [str(first + 1), 0],
+                "latent_image": latent, "denoise": 1.0, **sample}},
+            str(first + 3): {"class_type": "VAEDecode", "inputs": {"samples": [str(first + 2), 0], "vae": ["1", 2]}},
+            str(first + 4): {"class_type": "PreviewImage", "inputs": {"images": [str(first + 3), 0]}}}
+
+
 def test_compare_lora_stack_cells_equal_chained_core_lora_loaders(server):
     """Every cell of the stacking grid is what core LoraLoaders chained in stack order, CLIPTextEncode
     and KSampler make with the same settings and seed, pixel for pixel; the third LoRA is under
@@ -244,14 +258,7 @@ def test_compare_lora_stack_cells_equal_chained_core_lora_loaders(server):
                     "model": source[0], "clip": source[1], "lora_name": name, "strength_model": model_strength,
                     "strength_clip": clip_strength}}
                 source, node = ([str(node), 0], [str(node), 1]), node + 1
-        prompt[str(node)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_ring, zkw_blue, a cat",
-                                                                         "clip": source[1]}}
-        prompt[str(node + 1)] = {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": source[1]}}
-        prompt[str(node + 2)] = {"class_type": "KSampler", "inputs": {
-            "model": source[0], "positive": [str(node), 0], "negative": [str(node + 1), 0],
-            "latent_image": ["5", 0], "denoise": 1.0, **sample}}
-        prompt[str(node + 3)] = {"class_type": "VAEDecode", "inputs": {"samples": [str(node + 2), 0], "vae": ["1", 2]}}
-        prompt[str(node + 4)] = {"class_type": "PreviewImage", "inputs": {"images": [str(node + 3), 0]}}
+        prompt.update(core_sample(*source, node, "zkw_ring, zkw_blue, a cat", "blurry", ["5", 0], sample))
         node += 10
     prompt_id, messages = server.run(prompt)
     assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
@@ -391,15 +398,7 @@ def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loa
     latent = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
 
     def sampled(model: list, clip: list, first: int) -> dict:
-        """Core CLIPTextEncode → KSampler → VAEDecode → PreviewImage on `model`/`clip`, as nodes from `first`."""
-        return {str(first): {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": clip}},
-                str(first + 1): {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": clip}},
-                str(first + 2): {"class_type": "KSampler", "inputs": {
-                    "model": model, "positive": [str(first), 0], "negative": [str(first + 1), 0],
-                    "latent_image": ["9", 0], "denoise": 1.0, **sample}},
-                str(first + 3): {"class_type": "VAEDecode", "inputs": {"samples": [str(first + 2), 0],
-                                                                       "vae": ["1", 2]}},
-                str(first + 4): {"class_type": "PreviewImage", "inputs": {"images": [str(first + 3), 0]}}}
+        return core_sample(model, clip, first, "zkw_toy", "", ["9", 0], sample)
 
     prompt.update({
         "9": latent,
@@ -433,25 +432,6 @@ def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loa
     print(f"{adapter}: trained through the nodes; Sample Checkpoint, Apply LoRA Stack and core LoraLoader agree")
 
 
-def train_settings(**overrides) -> dict:
-    """Train LoRA's widgets for a quick run at 64 px on the random model."""
-    return {"preset": "none", "steps": 30, "rank": 4, "alpha": 0.0, "learning_rate": 0.001, "resolution": 64,
-            "batch_size": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 10,
-            "seed": 1, "name": "run", "gradient_checkpointing": False, "mixed_precision": "auto",
-            "min_snr_gamma": 0.0, "noise_offset": 0.0, "bucketing": True, "resume": "off",
-            "resume_with_changes": False, "sample_every": -1, "prompts": "{trigger}", "validation_images": -1,
-            "background": False, **overrides}
-
-
-def training_graph(settings: dict, extra: dict | None = None) -> dict:
-    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
-            "2": {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "concept", "lora_type": "object",
-                                                                 "trigger_word": "", "model": ["1", 0]}},
-            "3": {"class_type": "LoraLabTrainLora", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
-                                                              "dataset": ["2", 0], **settings}},
-            **(extra or {})}
-
-
 def wait_for_job(server: ComfyServer, name: str, condition, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -467,7 +447,7 @@ def test_background_training_lets_prompts_sample_its_checkpoints_and_trains_the_
     finishes while the job goes on); its LoRA equals a foreground run's bit for bit."""
     settings = train_settings(steps=150, save_every=10, name="bg", background=True)
     queued = time.time()
-    prompt_id, _ = server.run(training_graph(settings))
+    prompt_id, _ = server.run(training_graph(CHECKPOINT, settings))
     returned = time.time() - queued
     assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
     job = wait_for_job(server, "bg", lambda j: j["checkpoints"])
@@ -479,7 +459,7 @@ def test_background_training_lets_prompts_sample_its_checkpoints_and_trains_the_
         "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "prompts": "{trigger}", "negative": "",
         "strengths": "1", "seed": 0, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
         "width": 64, "height": 64, "training_run": ["3", 2], "checkpoints": "latest"}}
-    sampling = training_graph(settings, {"4": sample, "5": {"class_type": "PreviewImage",
+    sampling = training_graph(CHECKPOINT, settings, {"4": sample, "5": {"class_type": "PreviewImage",
                                                                "inputs": {"images": ["4", 0]}}})
     before = wait_for_job(server, "bg", lambda j: True)["step"]
     window = time.time()
@@ -501,7 +481,7 @@ def test_background_training_lets_prompts_sample_its_checkpoints_and_trains_the_
     print(f"background: Train LoRA returned in {returned:.1f} s; queue to sampled image while it trains "
           f"{', '.join(f'{s:.1f}' for s in seconds)} s; job {alone:.1f} steps/s alone, {beside:.1f} steps/s "
           f"with prompts beside it; paused {final['paused_seconds']} s")
-    prompt_id, _ = server.run(training_graph(train_settings(steps=150, save_every=10, name="fg")))
+    prompt_id, _ = server.run(training_graph(CHECKPOINT, train_settings(steps=150, save_every=10, name="fg")))
     assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
     from safetensors.torch import load_file
 
@@ -513,7 +493,7 @@ def test_background_training_lets_prompts_sample_its_checkpoints_and_trains_the_
 
 def test_a_background_job_stops_from_the_route_and_resumes(server):
     settings = train_settings(steps=100, save_every=50, name="bgstop", background=True)
-    server.run(training_graph(settings))
+    server.run(training_graph(CHECKPOINT, settings))
     wait_for_job(server, "bgstop", lambda j: j["step"] >= 3)
     reply = server.post("/lora_lab/jobs/stop", {"name": "bgstop"})["job"]
     assert (reply["name"], reply["status"]) == ("bgstop", "stopping") and reply["message"].startswith("Stopping")
@@ -523,7 +503,7 @@ def test_a_background_job_stops_from_the_route_and_resumes(server):
     run_dir = server.base / "models" / "loras" / "lora_lab" / "bgstop"
     assert (run_dir / f"bgstop-step{step:06d}.resume").is_file()
     # Resumed in the background: one entry for the run in the job list, current, with every checkpoint.
-    prompt_id, messages = server.run(training_graph(train_settings(steps=100, save_every=50, name="bgstop",
+    prompt_id, messages = server.run(training_graph(CHECKPOINT, train_settings(steps=100, save_every=50, name="bgstop",
                                                                    resume="latest", background=True)))
     assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
     job = wait_for_job(server, "bgstop", lambda j: j["status"] == "finished")
@@ -593,19 +573,19 @@ def test_every_frozen_api_prompt_validates_and_runs(server, path):
 def test_messages_and_replies_say_only_what_a_user_needs(server):
     since = len(server.log())
     # A hostile name is refused before anything happens (no "Loading the model" on the panel).
-    prompt_id, messages = server.run(training_graph(train_settings(steps=2, name="../../evil")))
+    prompt_id, messages = server.run(training_graph(CHECKPOINT, train_settings(steps=2, name="../../evil")))
     assert any(m["type"] == "execution_error" and "not a plain file name" in m["data"]["exception_message"]
                for m in messages)
     assert not [m for m in messages if m["type"] == "lora_lab.status"]
     # A training's log: no diffusers chatter, no absolute paths.
-    prompt_id, _ = server.run(training_graph(train_settings(steps=2, save_every=1, name="quiet")))
+    prompt_id, _ = server.run(training_graph(CHECKPOINT, train_settings(steps=2, save_every=1, name="quiet")))
     log = server.log()[since:]
     assert "should be kept in float32" not in log, log[-2000:]
     # No folder of the user's is named (tracebacks ComfyUI prints name where the code is installed).
     for folder in ("models", "input"):
         assert str(server.base / folder) not in log, log[-2000:]
     # Train LoRA's lora_name feeds nodes that take any type, as well as LoraLoader.
-    graph = training_graph(train_settings(steps=2, save_every=1, name="quiet"),
+    graph = training_graph(CHECKPOINT, train_settings(steps=2, save_every=1, name="quiet"),
                            {"4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}}})
     prompt_id, _ = server.run(graph)
     assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-2000:]
@@ -655,7 +635,7 @@ def test_a_finished_training_is_handed_on_after_other_work_and_a_restart(server)
     """Train, run another workflow, restart the server, queue the first graph again: no new folder,
     no step trained, the outputs identical."""
     sample = dict(seed=5, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal", denoise=1.0)
-    graph = training_graph(train_settings(steps=6, save_every=3, name="again"), {
+    graph = training_graph(CHECKPOINT, train_settings(steps=6, save_every=3, name="again"), {
         "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 3]}},
         "5": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": ["3", 4],
                                                      "strength_model": 1.0, "strength_clip": 1.0}},
