@@ -56,15 +56,25 @@ def shared_diffusers_unet(model: Any) -> torch.nn.Module:
         unet = UNet2DConditionModel(**_diffusers_unet_config(unet_config))
     unet.requires_grad_(False)
     ldm = comfy.trainable_state_dict(model)
-    # ComfyUI's map names SDXL's pooled-text/size embedding by its older diffusers name.
-    state = {name.replace("class_embedding.", "add_embedding."): ldm[ldm_name]
-             for name, ldm_name in comfy.unet_to_diffusers(unet_config).items() if ldm_name in ldm}
+    state = {name: ldm[ldm_name] for name, ldm_name in unet_names(model).items() if ldm_name in ldm}
     missing = sorted(set(unet.state_dict()) - set(state))
     if missing:
         raise LoraLabError(f"Could not map this model's UNet to diffusers (e.g. {missing[0]} missing); "
                            "please report the checkpoint.")
     unet.load_state_dict(state, strict=True, assign=True)
     return unet
+
+
+def unet_names(model: Any) -> dict[str, str]:
+    """diffusers UNet key -> ComfyUI's (original) key, by ComfyUI's own table."""
+    # ComfyUI's map names SDXL's pooled-text/size embedding by its older diffusers name.
+    return {name.replace("class_embedding.", "add_embedding."): ldm_name
+            for name, ldm_name in comfy.unet_to_diffusers(comfy.model_config(model).unet_config).items()}
+
+
+def original_unet_names(model: Any) -> dict[str, str]:
+    """How ComfyUI's own files (its training nodes' LoRAs) name the UNet's weights."""
+    return {name: f"diffusion_model.{ldm_name}" for name, ldm_name in unet_names(model).items()}
 
 
 def shared_diffusers_flux(model: Any) -> torch.nn.Module:
@@ -117,6 +127,9 @@ class Conversion:
     exact: bool  # only that class, not its subclasses (SD 1.5's class is a base of others)
     accepts: Callable[[dict], bool]  # the unet_config of a variant this conversion handles
     denoiser: Callable[[Any], torch.nn.Module]
+    # The denoiser's keys in ComfyUI's own files (LoadedModel.original_names); none for FLUX, whose
+    # original layout fuses projections that diffusers keeps apart.
+    original_names: Callable[[Any], dict[str, str]] = lambda model: {}
 
 
 # ComfyUI model class -> trainer family, checked in this order. Adding a trainable family means an
@@ -126,8 +139,9 @@ CONVERSIONS = {
     "flux": Conversion("Flux", exact=False, denoiser=shared_diffusers_flux,
                        accepts=lambda c: c.get("in_channels") == 16 and c.get("image_model", "flux") == "flux"),
     "sdxl": Conversion("SDXL", exact=False, denoiser=shared_diffusers_unet,  # Vega, SSD-1B, KOALA too
-                       accepts=lambda c: c.get("in_channels") == 4),
-    "sd15": Conversion("SD15", exact=True, denoiser=shared_diffusers_unet, accepts=lambda c: c.get("in_channels") == 4),
+                       accepts=lambda c: c.get("in_channels") == 4, original_names=original_unet_names),
+    "sd15": Conversion("SD15", exact=True, denoiser=shared_diffusers_unet, accepts=lambda c: c.get("in_channels") == 4,
+                       original_names=original_unet_names),
 }
 
 
@@ -203,7 +217,8 @@ def loaded_model(model: Any, clip: Any, vae: Any, identity: ModelIdentity) -> Lo
     return LoadedModel(family=family, denoiser=shared_denoiser(model),
                        encoders=GraphEncoders(family, clip, vae, comfy.latent_format(model)),
                        noise_scheduler=family.training_scheduler(), prediction_type=comfy.prediction_type(model),
-                       identity=identity, resolution=family.default_resolution)
+                       identity=identity, resolution=family.default_resolution,
+                       original_names=CONVERSIONS[family.name].original_names(model))
 
 
 LOADER_INPUTS = ("ckpt_name", "unet_name", "model_name")  # the file widgets of ComfyUI's model loaders

@@ -111,11 +111,13 @@ TURNS = DeviceTurns()
 def release_base_weights(denoiser: torch.nn.Module) -> int:
     """Before a pause: the job's denoiser lets go of the frozen base weights it shares with ComfyUI's
     model (kept as shapes on the meta device), so during a prompt's turn they are ComfyUI's alone to
-    move, patch or free. Returns how many were released."""
+    move, patch or free; its own copies (a starting file's weight differences, trainer/init_lora.py)
+    stay. Returns how many were released."""
     released = 0
     for module in denoiser.modules():
         for name, parameter in list(module._parameters.items()):
-            if parameter is not None and not parameter.requires_grad and parameter.device.type != "meta":
+            if (parameter is not None and not parameter.requires_grad and parameter.device.type != "meta"
+                    and not getattr(parameter, "lora_lab_own", False)):  # a copy of the job's own: kept
                 module._parameters[name] = torch.nn.Parameter(parameter.detach().to("meta"), requires_grad=False)
                 released += 1
     return released
@@ -129,7 +131,7 @@ def relink_base_weights(denoiser: torch.nn.Module, fresh: torch.nn.Module) -> No
     current = fresh.state_dict(keep_vars=True)
     for module_name, module in denoiser.named_modules():
         for name, parameter in list(module._parameters.items()):
-            if parameter is None or parameter.requires_grad:
+            if parameter is None or parameter.requires_grad or getattr(parameter, "lora_lab_own", False):
                 continue
             key = f"{module_name}.{name}".replace(".base_layer.", ".").lstrip(".")
             if key not in current or current[key].shape != parameter.shape:

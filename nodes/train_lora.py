@@ -39,7 +39,8 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
             "sample_every", "prompts", "validation_images")
-SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor")  # added after `background`, so they follow it
+SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor", "init_lora")  # added after `background`, so they follow it
+NO_FILE = "None"  # init_lora: start from zero
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
 # The preset follows the LoRA type chosen once on Load Dataset unless set here.
@@ -69,7 +70,7 @@ def resume_choices(output_dir: Path) -> list[str]:
 
 def settings_input(name: str) -> io.Input:
     """The widget of one trainer setting, folded away unless the guide calls it essential."""
-    widget = (resume_widget() if name == "resume" else
+    widget = (resume_widget() if name == "resume" else init_lora_widget() if name == "init_lora" else
               setting_widget(name, optional=name in LATER_INPUTS, **WIDGET_OPTIONS.get(name, {})))
     return widget if name in ESSENTIAL else comfy.folded(widget)
 
@@ -89,8 +90,23 @@ def node_config(values: dict, output_dir: Path, lora_type: str = "none", plan: R
     plan = plan or default_plan(output_dir, requested_name(values), str(values.get("resume", NEW_RUN)))
     extra = {k: v for k, v in values.items()  # e.g. family
              if k not in (*SETTINGS, *SETTINGS_AFTER_BACKGROUND) and k != "background"}
+    start = init_lora_path(values.get("init_lora", NO_FILE))
     return build_config({**node_settings(values, lora_type), **extra, "output_dir": str(output_dir),
-                         "name": plan.name, "resume": plan.resume})
+                         "name": plan.name, "resume": plan.resume, "init_lora": str(start or "")})
+
+
+def init_lora_path(name: str) -> Path | None:
+    """The file init_lora names (one of the loras folder's, as LoraLoader lists them), or None."""
+    return None if name in (NO_FILE, "") else comfy.lora_path(name)
+
+
+def init_lora_widget() -> io.Input:
+    return comfy.ListedCombo(
+        "init_lora", options=[NO_FILE, *comfy.lora_names()], default=NO_FILE, optional=True,
+        tooltip="Start from a LoRA of the loras folder instead of from zero (kohya, diffusers, LyCORIS, ComfyUI's "
+                "own training nodes or LoRA Lab): its type, rank, alpha and layers become this run's, and the file "
+                "itself is the run's step 0. Its weights go on training with a new optimizer state, so this is not "
+                "an exact resume (resume is). None = start from zero.")
 
 
 def requested_name(values: dict) -> str:
@@ -179,7 +195,7 @@ class TrainLora(io.ComfyNode):
             family = graph_model.family_of(model)
             model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
             identity = RunIdentity(settings, dataset.fingerprint, dataset.lora_type, model_name,
-                                   graph_model.model_identity(model, model_name).key)
+                                   starting_key(graph_model.model_identity(model, model_name).key, settings))
             folder = comfy.lora_root() / comfy.LORA_SUBFOLDER
             plan = plan_run(folder, identity, str(settings["resume"]), jobs.SERVER_SESSION)
         except LoraLabError as error:
@@ -201,7 +217,8 @@ class TrainLora(io.ComfyNode):
             return cls.execute_in_background(model, clip, vae, dataset, settings, config, identity, owner, plan,
                                              graph)
         events = comfy.NodeEvents(node_id, config.output.name, config.train.steps or 1)
-        events.status("training", f"{plan.message} Loading the model and encoding the dataset ...".strip())
+        events.status("training", f"{plan.message} {starting_note(settings)}Loading the model and encoding the "
+                      "dataset ...".strip())
         try:
             with comfy.training_mode():
                 result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_identity),
@@ -259,7 +276,8 @@ class TrainLora(io.ComfyNode):
                                "version does not allow (see the server log); turn background off.")
         job = jobs.JOBS.start(  # the same training's job when it runs or has finished
             jobs.TrainingJob(name=config.output.name, key=identity.key, settings_key=settings_key(settings),
-                             node=cls.hidden.unique_id, total_steps=config.train.steps, message=plan.message,
+                             node=cls.hidden.unique_id, total_steps=config.train.steps,
+                             message=f"{plan.message} {starting_note(settings)}".strip(),
                              trigger_words=tuple(w for w in [trigger_word_of(config, dataset.dataset)] if w)),
             background_training(config, model, clip, vae, dataset, ModelIdentity(identity.model_name,
                                                                                  identity.model_key),
@@ -272,6 +290,21 @@ class TrainLora(io.ComfyNode):
             waiting = comfy.blocked(None)
             return io.NodeOutput(waiting, waiting, waiting, curve, waiting)
         return cls.hand_on(model, clip, run, curve)
+
+
+def starting_key(model_key: str, settings: dict) -> str:
+    """The base model's key, and the init_lora file's (its size and time), where the run starts from
+    one: a file replaced under the same name trains again rather than being handed on."""
+    path = init_lora_path(settings.get("init_lora", NO_FILE))
+    if path is None:
+        return model_key
+    return hashlib.sha256(f"{model_key}|{ModelIdentity.of_path(path).key}".encode()).hexdigest()
+
+
+def starting_note(settings: dict) -> str:
+    name = settings.get("init_lora", NO_FILE)
+    return "" if name == NO_FILE else (f"Starting from {name}: its weights, with a new optimizer state (not an exact "
+                                       "resume). ")
 
 
 def node_inputs_as_settings(inputs: dict) -> dict:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -253,8 +254,11 @@ class ComfyServer:
     def post(self, route: str, body: dict) -> dict:
         request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read()
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read()
+        except urllib.error.HTTPError as error:  # say why the server refused (a prompt that did not validate)
+            raise RuntimeError(f"{route}: HTTP {error.code}: {error.read().decode(errors='replace')[:3000]}") from None
         return json.loads(text) if text else {}
 
     def websocket(self):

@@ -432,6 +432,81 @@ def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loa
     print(f"{adapter}: trained through the nodes; Sample Checkpoint, Apply LoRA Stack and core LoraLoader agree")
 
 
+def _widget_defaults(server: ComfyServer, node: str) -> dict:
+    """A node's required widget inputs at their defaults, as the server declares them (the core
+    training nodes' inputs differ between ComfyUI versions)."""
+    required = server.get(f"/object_info/{node}")[node]["input"]["required"]
+    defaults = {}
+    for name, spec in required.items():
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if isinstance(spec[0], list):
+            defaults[name] = options.get("default", spec[0][0])
+        elif "default" in options:
+            defaults[name] = options["default"]
+    return defaults
+
+
+def test_a_run_continues_from_a_lora_trained_by_comfyuis_own_training_nodes(server):
+    """ComfyUI's core TrainLoraNode + SaveLoRA write a file we did not write (ComfyUI's layout:
+    original module names, convolution halves as matrices, full differences of norms and biases).
+    Train LoRA's init_lora starts from it: the run's step 0 is that file in our layout, and core
+    LoraLoader applies the two identically, pixel for pixel; the run trains on from there, and
+    every file it writes loads with no key left over."""
+    core = {**_widget_defaults(server, "TrainLoraNode"), "steps": 2, "rank": 4, "learning_rate": 0.01, "seed": 3,
+            "training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False,
+            "existing_lora": "[None]", "batch_size": 1}
+    save_node = "SaveLoRA" if "SaveLoRA" in server.get("/object_info") else "SaveLoRANode"  # 0.33 / 0.3.64
+    lora_output = server.get("/object_info/TrainLoraNode")["TrainLoraNode"]["output"].index("LORA_MODEL")
+    core_prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_core toy", "clip": ["1", 1]}},
+        "4": {"class_type": "TrainLoraNode", "inputs": {"model": ["1", 0], "latents": ["2", 0],
+                                                         "positive": ["3", 0], **core}},
+        "5": {"class_type": save_node, "inputs": {"lora": ["4", lora_output], "prefix": "loras/core_trained"}},
+    }
+    prompt_id, _ = server.run(core_prompt)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    (saved,) = sorted((server.base / "output" / "loras").glob("core_trained*.safetensors"))
+    from safetensors import safe_open
+
+    with safe_open(str(saved), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.startswith("diffusion_model.") and k.endswith(".lora_up.weight") for k in keys)
+    differences = sum(k.endswith((".diff", ".diff_b")) for k in keys)
+    shutil.copy(saved, server.base / "models" / "loras" / "core_trained.safetensors")
+    name = "from_core"
+    prompt = small_training(CHECKPOINT, name, "zkw_toy", 4, steps=2, save_every=2, init_lora="core_trained.safetensors")
+    since = len(server.log())
+    prompt_id, messages = server.run(prompt)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    statuses = [m["data"].get("message", "") for m in messages if m["type"] == "lora_lab.status"]
+    assert any("not an exact resume" in text for text in statuses), statuses
+    from lora_lab.trainer.files import read_metadata
+
+    step0 = f"lora_lab/{name}/{name}-step000000.safetensors"
+    metadata = read_metadata(server.base / "models" / "loras" / step0)
+    assert (metadata["lora_lab.init_lora"], metadata["lora_lab.init_lora_layout"]) == ("core_trained.safetensors",
+                                                                                       "ComfyUI")
+    sample = dict(seed=5, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal")
+    compare = {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
+               "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+               **core_sample(["1", 0], ["1", 1], 50, "zkw_toy", "", ["9", 0], sample)}
+    for first, lora in ((20, "core_trained.safetensors"), (30, step0), (40, f"lora_lab/{name}/{name}.safetensors")):
+        compare[str(first - 1)] = {"class_type": "LoraLoader", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "lora_name": lora, "strength_model": 1.0, "strength_clip": 1.0}}
+        compare.update(core_sample([str(first - 1), 0], [str(first - 1), 1], first, "zkw_toy", "", ["9", 0], sample))
+    prompt_id, _ = server.run(compare)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    assert not _unloaded_keys(server, since)
+    from_core, ours_at_0, trained, base = (output_images(server, prompt_id, key)[0] for key in ("24", "34", "44", "54"))
+    assert not np.array_equal(from_core, base)  # core's training changed the model ...
+    assert np.array_equal(ours_at_0, from_core)  # ... and our step 0 is that change exactly
+    assert not np.array_equal(trained, from_core)  # the run trained on from it
+    print(f"core TrainLoraNode file ({len(keys)} keys, {differences} weight differences): our step 0 samples as it "
+          "does in core LoraLoader, pixel for pixel; the run trained on from it")
+
+
 def wait_for_job(server: ComfyServer, name: str, condition, timeout: float = 600) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:

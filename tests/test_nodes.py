@@ -22,7 +22,8 @@ EXPECTED_INPUTS = {
                          "resolution", "batch_size", "optimizer", "lr_scheduler", "warmup_steps", "save_every",
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
                          "noise_offset", "bucketing", "resume", "resume_with_changes", "sample_every", "prompts",
-                         "validation_images", "background", "adapter", "lokr_factor"],
+                         "validation_images", "background", "adapter", "lokr_factor",
+                         "init_lora"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
                                 "sampler_name", "scheduler", "width", "height", "training_run", "lora_names",
                                 "checkpoints"],
@@ -190,6 +191,29 @@ def test_resume_choices_keep_the_run_and_stay_inside_the_lora_folder(nodes, tmp_
             node_config({"name": "mine", "resume": hostile}, tmp_path)
 
 
+def test_init_lora_lists_the_loras_folder_and_becomes_the_files_path(nodes, stubs, tmp_path):
+    """init_lora's choice is a file of the loras folder (as LoraLoader lists it), handed to the
+    trainer as its path; a name from a stranger's workflow that points elsewhere is refused; and a
+    file replaced under the same name is another run (queue again trains it)."""
+    from lora_lab.nodes.train_lora import TrainLora, node_config, starting_key
+    from lora_lab.trainer.errors import LoraLabError
+
+    (stubs.loras / "styles").mkdir()
+    start = stubs.loras / "styles" / "mine.safetensors"
+    start.write_bytes(b"x")
+    (widget,) = [i for i in TrainLora.define_schema().inputs if i.id == "init_lora"]
+    assert widget.options["options"] == ["None", "styles/mine.safetensors"] and widget.options["default"] == "None"
+    assert node_config({"name": "a", "init_lora": "styles/mine.safetensors"}, tmp_path).lora.init_lora == str(start)
+    assert node_config({"name": "a", "init_lora": "None"}, tmp_path).lora.init_lora == ""
+    for hostile in ("../elsewhere.safetensors", "styles/gone.safetensors"):
+        with pytest.raises(LoraLabError, match="not in the loras folder"):
+            node_config({"name": "a", "init_lora": hostile}, tmp_path)
+    before = starting_key("model", {"init_lora": "styles/mine.safetensors"})
+    assert starting_key("model", {"init_lora": "None"}) == "model" != before
+    start.write_bytes(b"another file")
+    assert starting_key("model", {"init_lora": "styles/mine.safetensors"}) != before
+
+
 def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
     from lora_lab.nodes.apply_lora_stack import ApplyLoraStack
     from lora_lab.trainer.export import save_lora
@@ -280,8 +304,9 @@ def test_a_setting_added_later_leaves_the_identity_of_older_runs_alone(nodes):
     from lora_lab.nodes.train_lora import SETTINGS, node_inputs_as_settings
 
     old = {name: f"value of {name}" for name in SETTINGS}
-    assert node_inputs_as_settings({**old, "adapter": "lora", "lokr_factor": -1}) == old
-    assert node_inputs_as_settings({**old, "adapter": "loha", "lokr_factor": -1}) == {**old, "adapter": "loha"}
+    assert node_inputs_as_settings({**old, "adapter": "lora", "lokr_factor": -1, "init_lora": "None"}) == old
+    assert node_inputs_as_settings({**old, "adapter": "loha", "lokr_factor": -1, "init_lora": "None"}) == {
+        **old, "adapter": "loha"}
 
 
 def test_load_dataset_reports_and_carries_the_lora_type(nodes, stubs, monkeypatch):

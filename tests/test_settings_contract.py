@@ -51,7 +51,7 @@ EXPLICIT: dict[str, Any] = {
     "resume_with_changes": True, "prompts": ("a {trigger}", "b, with a comma"), "strengths": (0.3, 0.9),
     "sample_steps": 12, "guidance_scale": 3.0, "sample_seed": 9, "sample_every": 5, "validation_images": 3,
     "validation_every": 7, "caption_dropout": 0.1, "shuffle_tags": True, "keep_tokens": 2, "adapter": "lokr",
-    "lokr_factor": 4,
+    "lokr_factor": 4, "init_lora": "/loras/start.safetensors",
 }
 # A setting that belongs to one adapter type is given with that type (alone it is refused, by design).
 COMPANIONS: dict[str, dict[str, Any]] = {"lokr_factor": {"adapter": "lokr"}}
@@ -116,8 +116,8 @@ def test_explicit_node_widgets_survive_every_preset(nodes, preset, tmp_path):
     for name in (n for n in widgets if n in field_specs()):
         values = {**widgets, **COMPANIONS.get(name, {}), "preset": preset,
                   name: EXPLICIT[name] if name != "preset" else preset}
-        if name == "resume":
-            continue  # a combo of the run's checkpoints; test_nodes checks where each choice leads
+        if name in ("resume", "init_lora"):
+            continue  # combos of the run's checkpoints and of the loras folder; test_nodes checks each choice
         config = resolved(node_config(values, tmp_path))
         wanted = EXPLICIT[name] if name not in ("preset", "output_dir") else values[name]
         assert value_of(config, name) == wanted, f"{name} through the node under preset {preset}"

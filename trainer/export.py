@@ -51,7 +51,7 @@ def lora_state_dict(model: LoadedModel, dtype: torch.dtype = torch.float16) -> d
             tensors[f"{name}.{suffix}"] = tensor
     if not tensors:
         raise LoraLabError("The model has no LoRA layers to save; nothing was written.")
-    return tensors
+    return {**tensors, **model.carried}
 
 
 def save_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -70,29 +70,46 @@ def load_into_model(model: LoadedModel, path: Path) -> None:
         tensors = load_file(str(path))
     except Exception as error:
         raise LoraLabError(f"{path} is not a readable LoRA .safetensors file ({error}).") from None
-    updates, expected = [], set()
+    load_tensors(model, tensors, path.name)
+
+
+def load_tensors(model: LoadedModel, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Put named adapter tensors (as `lora_state_dict` names them) into the model's adapter, all
+    checked before any is changed. A convolution's halves written flattened to 2-D (ComfyUI's
+    training nodes do) are taken in the layer's own shape: the product is the same."""
+    updates, expected = [], set(model.carried)
     for name, layer in named_layers(model):
         adapter = adapter_of_layer(layer)
         suffixes = adapter.expected_suffixes(layer, model.family)
         expected.update(f"{name}.{suffix}" for suffix in (*suffixes, "alpha"))
         missing = [suffix for suffix in suffixes if f"{name}.{suffix}" not in tensors]
         if missing:
-            raise LoraLabError(f"{path.name} has no {missing[0]} for layer {name}: it was trained as another "
+            raise LoraLabError(f"{source} has no {missing[0]} for layer {name}: it was trained as another "
                                f"adapter type (this run trains {adapter.title}), with other targets or on another "
                                "model.")
         found = {suffix: tensors[key] for suffix in (*suffixes, "alpha") if (key := f"{name}.{suffix}") in tensors}
-        for target, source in adapter.load_pairs(layer, found, model.family):
-            if target.shape != source.shape:
-                raise LoraLabError(f"{path.name}: layer {name} has a tensor of shape {tuple(source.shape)}, the "
+        pairs = []
+        for target, value in adapter.load_pairs(layer, found, model.family):
+            if target.shape != value.shape and _flattened(value.shape, target.shape):
+                value = value.reshape(target.shape)
+            if target.shape != value.shape:
+                raise LoraLabError(f"{source}: layer {name} has a tensor of shape {tuple(value.shape)}, the "
                                    f"model expects {tuple(target.shape)} (another rank, factor or base model).")
-        updates.append((adapter, layer, found))
+            pairs.append((target, value))
+        updates.append((adapter, layer, found, pairs))
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
-        raise LoraLabError(f"{path.name} has {len(unexpected)} tensors this model's adapter lacks "
+        raise LoraLabError(f"{source} has {len(unexpected)} tensors this model's adapter lacks "
                            f"(e.g. {unexpected[0]}): it was trained as another adapter type, with other targets or "
                            "on another model.")
     with torch.no_grad():
-        for adapter, layer, found in updates:
-            for target, source in adapter.load_pairs(layer, found, model.family):
-                target.copy_(source)
+        for adapter, layer, found, pairs in updates:
+            for target, value in pairs:
+                target.copy_(value)
             adapter.load_alpha(layer, found)
+
+
+def _flattened(shape: torch.Size, target: torch.Size) -> bool:
+    """Whether `shape` is `target` with its trailing dimensions folded into one (or unfolded: a
+    1x1 convolution's half written as a matrix)."""
+    return shape[0] == target[0] and shape.numel() == target.numel() and (len(shape) == 2 or len(target) == 2)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,8 @@ from .eta import RunClock, Schedule
 from .files import atomic_write_text
 from .loop import Checkpoint, SampleSheet, StepReport, TrainingEvents
 from .parallel import processes
+
+log = logging.getLogger(__name__)
 
 LOSS_HEADER = "step,loss,lr,val_loss"
 FORMAT_VERSION = 1
@@ -65,6 +68,12 @@ class RunJournal(TrainingEvents):
         self.writes = processes().main  # with several training processes, the main one alone writes
         self.clock: RunClock | None = None  # the time left (set once the run's schedule is known)
         self._phase: tuple[str, float] | None = None  # work between steps under way, and since when
+        self.flush(force=True)
+
+    def started_from(self, message: str) -> None:
+        """Where a run from an existing file started (trainer/init_lora.py), said once."""
+        log.info(message)
+        self.state["started_from"] = message
         self.flush(force=True)
 
     def plan(self, schedule: Schedule) -> None:

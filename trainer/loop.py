@@ -189,9 +189,9 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
              resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None,
              earlier: list[Checkpoint] | None = None) -> LoopResult:
-    """Train up to `total_steps` optimizer steps, from the start or from `resume` (whose run saved
-    the `earlier` checkpoints); `save(step, final, state)` writes a checkpoint and returns the LoRA
-    file's path;
+    """Train up to `total_steps` optimizer steps, from the start or from `resume`, after the `earlier`
+    checkpoints (those of a resumed run's segments, or a run's step 0 from a file);
+    `save(step, final, state)` writes a checkpoint and returns the LoRA file's path;
     `watch(step, checkpoint_due)` measures between steps (validation, samples) without training."""
     train = config.train
     device = model.device
@@ -210,13 +210,12 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
     generator = torch.Generator().manual_seed(train.seed)
     order = BatchOrder(examples.buckets, examples.repeats, train.batch_size, train.seed)
-    result = LoopResult()
+    result = LoopResult(checkpoints=list(earlier or []))
     first_step, batch_number = 1, 0
     if resume is not None:
         first_step, batch_number = resume.step + 1, resume.batch_number
         _restore(resume, model, optimizer, scheduler, scaler, generator)
         result.losses = [tuple(row) for row in resume.losses]
-        result.checkpoints = list(earlier or [])
 
     def snapshot(step: int) -> RunState:
         return RunState(step=step, batch_number=batch_number,

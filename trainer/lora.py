@@ -21,17 +21,22 @@ ADAPTER = ADAPTER_NAME
 
 
 def add_lora(model: LoadedModel, rank: int, alpha: float, targets: str, train_text_encoder: bool,
-             adapter: str = "lora", **options: Any) -> None:
+             adapter: str = "lora", modules: dict[str, list[str]] | None = None, **options: Any) -> None:
     """Freeze the base model and add an adapter of type `adapter` (trainer/adapters/; `options` are
-    its own settings, e.g. lokr_factor); it starts as a no-op, so the model starts unchanged."""
+    its own settings, e.g. lokr_factor); it starts as a no-op, so the model starts unchanged.
+    `modules` (export prefix -> module paths: a starting file's layers, trainer/init_lora.py) names
+    the layers exactly, in place of the targets."""
     family, kind = model.family, get_adapter(adapter)
     for module in (model.denoiser, *model.encoders.modules()):
         module.requires_grad_(False)
-    jobs = [(model.denoiser, family.targets(targets))]
-    if train_text_encoder:
-        jobs += [(encoder, list(family.text_encoder_targets)) for encoder in model.text_encoders]
+    if modules is not None:
+        jobs = [(module, modules[prefix]) for prefix, module in model.lora_modules() if modules.get(prefix)]
+    else:
+        jobs = [(model.denoiser, family.targets(targets))]
+        if train_text_encoder:
+            jobs += [(encoder, list(family.text_encoder_targets)) for encoder in model.text_encoders]
     for module, target_modules in jobs:
-        excluded = family.excluded_modules if module is model.denoiser else None
+        excluded = family.excluded_modules if module is model.denoiser and modules is None else None
         config = kind.peft_config(rank, alpha, target_modules, excluded, options)
         try:
             # inject_adapter_in_model works for diffusers and transformers modules alike (transformers

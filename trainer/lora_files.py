@@ -97,31 +97,42 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[int
     return start, end, name
 
 
-def check_lora(path: Path) -> dict[str, Any]:
-    """The header of an adapter file whose layers fit together: each layer holds the keys of one
-    adapter type (trainer/adapters/: LoRA's two halves of one rank, LoHa's four
-    factors, LoKr's two), and a scalar alpha if any. Keys of no type we know are left to the
-    loader that reads them (ComfyUI also reads OFT, GLoRA, ...)."""
-    from .adapters import all_adapters  # the adapter types' modules import PEFT: only when a file is checked
+def layer_keys(header: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, list[int]]], list[str]]:
+    """A header's tensors grouped by layer: (layer -> adapter type, layer -> {key suffix: shape},
+    the keys of no adapter type we know, `.alpha` ones left aside)."""
+    from .adapters import all_adapters  # the adapter types' modules import PEFT: only when a file is read
 
-    header = read_header(path)
     suffixes = sorted(((suffix, adapter) for adapter in all_adapters() for suffix in adapter.file_suffixes),
                       key=lambda pair: -len(pair[0]))  # "hada_w1_a" before "w1_a"-like shorter endings
     layers: dict[str, dict[str, list[int]]] = {}
     kinds: dict[str, set] = {}
+    others = []
     for name, entry in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__" or name.endswith(".alpha"):
             continue
-        if name.endswith(".alpha") and math.prod(entry["shape"]) != 1:
-            raise _refuse(path, f"{name} should be one number but has shape {entry['shape']}")
         for suffix, adapter in suffixes:
             if name.endswith(f".{suffix}"):
                 layer = name[:-len(suffix) - 1]
                 layers.setdefault(layer, {})[suffix] = entry["shape"]
                 kinds.setdefault(layer, set()).add(adapter)
                 break
+        else:
+            others.append(name)
+    return kinds, layers, others
+
+
+def check_lora(path: Path) -> dict[str, Any]:
+    """The header of an adapter file whose layers fit together: each layer holds the keys of one
+    adapter type (trainer/adapters/: LoRA's two halves of one rank, LoHa's four
+    factors, LoKr's two), and a scalar alpha if any. Keys of no type we know are left to the
+    loader that reads them (ComfyUI also reads OFT, GLoRA, ...)."""
+    header = read_header(path)
+    for name, entry in header.items():
+        if name.endswith(".alpha") and math.prod(entry["shape"]) != 1:
+            raise _refuse(path, f"{name} should be one number but has shape {entry['shape']}")
     if len(header) == 1:
         raise _refuse(path, "it holds no tensors")
+    kinds, layers, _ = layer_keys(header)
     for layer, shapes in layers.items():
         if len(kinds[layer]) > 1:
             titles = " and ".join(sorted(adapter.title for adapter in kinds[layer]))

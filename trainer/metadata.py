@@ -43,6 +43,7 @@ class RunFacts:
     session_id: str = ""
     resume_history: tuple[dict, ...] = ()  # settings or dataset changes accepted on resume
     graph: dict[str, str] = field(default_factory=dict)  # the training graph: workflow.py's entries
+    started_from: dict[str, str] = field(default_factory=dict)  # the init_lora file (init_lora.starting_record)
 
 
 @dataclass(frozen=True)
@@ -180,6 +181,7 @@ def build_metadata(config: TrainingConfig, facts: RunFacts, step: int,
         "lora_lab.dataset_fingerprint": facts.dataset_fingerprint,
         "lora_lab.config": metadata_json(config.shareable()),
         **({"lora_lab.resume_history": metadata_json(list(facts.resume_history))} if facts.resume_history else {}),
+        **facts.started_from,
         **story(config, facts, step, checkpoint),
         **facts.graph,  # "workflow" and "prompt": ComfyUI's frontend opens them from a dropped file
     }

@@ -33,6 +33,14 @@ from .families import detect_source_family, get_family
 from .families.base import FamilyEncoders, LoadedModel
 from .fp8 import quantize_linear_layers
 from .history import RunJournal
+from .init_lora import (
+    NOT_EXACT,
+    StartingAdapter,
+    apply_starting_weights,
+    read_starting_adapter,
+    starting_record,
+    starting_settings,
+)
 from .loop import Checkpoint, TrainingEvents, run_loop
 from .lora import add_lora
 from .metadata import CheckpointStory, RunFacts, build_metadata, new_session_id
@@ -219,9 +227,10 @@ class Prepared:
 
 
 def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, config: TrainingConfig,
-                     trigger_words: tuple[str, ...]) -> Prepared:
+                     trigger_words: tuple[str, ...], start: StartingAdapter | None = None) -> Prepared:
     """Encode the dataset (and the held-out images and sample prompts), move what is no longer needed
-    off the training device, shrink the base if asked, add the LoRA, and check that the run fits."""
+    off the training device, shrink the base if asked, add the LoRA (from `start`'s weights when the
+    run starts from a file), and check that the run fits."""
     lora, train, data, sample = config.lora, config.train, config.data, config.sample
     torch.manual_seed(train.seed)
     log.info("Encoding %d images at %d px (%d held out for validation)", len(dataset.items), data.resolution,
@@ -248,11 +257,26 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
         saved = quantize_linear_layers(model.denoiser, compute_dtype)
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder, lora.adapter,
-             **lora.adapter_options())
+             modules=start.modules if start else None, **lora.adapter_options())
+    if start is not None:
+        apply_starting_weights(model, start)
     named_layers(model)  # every layer must have a name LoRA loaders map: refused now, not at the first save
     check_memory(model, examples, config, compute_dtype)
     validation = ValidationLoss(model, held, compute_dtype, train.batch_size, train.flow_shift) if held else None
     return Prepared(examples, validation, sampler)
+
+
+def save_start(run_dir: Path, name: str, model: LoadedModel, config: TrainingConfig, facts: RunFacts,
+               events: RunJournal) -> Checkpoint:
+    """A run from a file's first checkpoint, step 0: the file as this run holds it, in our layout,
+    its tensors exactly as they were (fp32 holds any half-precision value exactly), so the sample
+    grid compares the run's checkpoints with where it started."""
+    events.on_phase("saving")
+    path = run_dir / f"{name}-step{0:06d}.safetensors"
+    save_lora(path, lora_state_dict(model, torch.float32), build_metadata(config, facts, 0))
+    checkpoint = Checkpoint(0, path, False)
+    events.on_checkpoint(checkpoint)
+    return checkpoint
 
 
 def stop_message(result: TrainingResult) -> str:
@@ -288,6 +312,9 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         model = load_base_model(config)
     held = validation_count(len(dataset.items), config.data.validation_images)
     train_set, held_out = split_validation(dataset, held)
+    start = read_starting_adapter(Path(config.lora.init_lora), model) if config.lora.init_lora else None
+    if start is not None:
+        config = starting_settings(config, start, model)
     config = resolve_config(build_config({"validation_images": held or -1}, base=config), train_set, model)
     check_family_settings(config, model)
     listing = dataset_listing(dataset)
@@ -307,8 +334,10 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     try:
         graph_entries = graph_metadata(*graph) if graph else graph_metadata(None, cli_prompt(
             build_config({"trigger_word": config.data.trigger_word}, base=given), model.family))
+        if start is not None:
+            journal.started_from(f"Started from {start.describe()}: {NOT_EXACT}.")
         result = _train(config, journal, model, train_set, held_out, run_dir, resume, history, listing, started,
-                        graph_entries)
+                        graph_entries, start)
     except LoraLabError as error:
         journal.finish("failed", str(error))
         raise
@@ -326,7 +355,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
 
 def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, dataset: Dataset, held_out: Dataset,
            run_dir: Path, resume: RunState | None, history: list[dict], listing: list[list],
-           started: float, graph_entries: dict[str, str]) -> TrainingResult:
+           started: float, graph_entries: dict[str, str], start: StartingAdapter | None = None) -> TrainingResult:
     train = config.train
     if config.model.prediction_type != "auto":
         model.prediction_type = config.model.prediction_type
@@ -336,13 +365,14 @@ def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, datas
     repeated = repeated_prompts(dataset.items + held_out.items, prompts)
     if repeated is not None:
         log.warning(repeated.message)
-    prepared = prepare_training(model, dataset, held_out, config, trigger_words)
+    prepared = prepare_training(model, dataset, held_out, config, trigger_words, start)
     check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     facts = RunFacts(family=model.family, base_model=model.identity.name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
                      tag_frequency=dataset.tag_frequency(), dataset_fingerprint=dataset_fingerprint(listing),
                      prediction_type=model.prediction_type, started_at=started, session_id=new_session_id(),
-                     resume_history=tuple(history), graph=graph_entries)
+                     resume_history=tuple(history), graph=graph_entries,
+                     started_from=starting_record(start) if start else {})
     name = config.output.name
     watch = RunWatch(run_dir, name, train.steps, events, prepared.validation, train.validation_every,
                      prepared.sampler, config.sample.sample_every, resume.validation if resume else (),
@@ -370,8 +400,11 @@ def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, datas
         log.debug("Saved %s", path.name)
         return path
 
+    earlier = earlier_checkpoints(run_dir, resume)
+    if start is not None and resume is None:
+        earlier = [save_start(run_dir, name, model, config, facts, events)]
     loop = run_loop(model, prepared.examples, config, train.steps, config.output.save_every, save, events,
-                    resume=resume, watch=watch, earlier=earlier_checkpoints(run_dir, resume))
+                    resume=resume, watch=watch, earlier=earlier)
     diagnosis = diagnose_run(loop.losses, watch.validation, train.steps)
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,

@@ -70,6 +70,7 @@ def diagnose_run(losses: Sequence[tuple[int, float, float]], validation: Sequenc
 def recommend(checkpoints: Sequence[Checkpoint], validation: Sequence[tuple[int, float]],
               diagnosis: Diagnosis) -> Checkpoint | None:
     """The checkpoint to use (see the module docstring)."""
+    checkpoints = [c for c in checkpoints if c.step > 0]  # step 0 of a run from a file is where it started
     if not checkpoints:
         return None
     measured = {step: loss for step, loss in validation}

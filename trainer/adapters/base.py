@@ -58,6 +58,18 @@ class Adapter:
         """ss_network_args beyond the targets, as the type's reference trainer writes them."""
         return {}
 
+    def our_suffix(self, suffix: str, family: Any) -> str:
+        """The key suffix this family's files give what another tool's file calls `suffix`."""
+        return suffix
+
+    def rank_of(self, shapes: dict[str, list[int]]) -> int | None:
+        """The rank of one layer of a file (suffix -> shape), or None where its keys do not say."""
+        raise NotImplementedError
+
+    def options_of(self, layers: list[dict[str, list[int]]]) -> dict[str, Any]:
+        """The type's own settings (e.g. lokr_factor) that a file's layers were made with."""
+        return {}
+
 
 class LycorisAdapter(Adapter):
     """A LyCORIS type (PEFT's LoHa, LoKr): file key suffixes are PEFT's role names, as LyCORIS

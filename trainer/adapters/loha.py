@@ -38,5 +38,8 @@ class LoHa(LycorisAdapter):
             return f"has LoHa factors that do not fit together ({w1_a}, {w1_b}, {w2_a}, {w2_b})"
         return None
 
+    def rank_of(self, shapes: dict[str, list[int]]) -> int | None:
+        return shapes["hada_w1_b"][0]
+
 
 ADAPTER = LoHa()

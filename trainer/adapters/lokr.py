@@ -60,5 +60,17 @@ class LoKr(LycorisAdapter):
     def network_args(self, options: dict[str, Any]) -> dict[str, str]:
         return {"algo": "lokr", "factor": str(options.get("lokr_factor", -1))}
 
+    def rank_of(self, shapes: dict[str, list[int]]) -> int | None:
+        # Only a low-rank factor has a rank; a layer of two full factors does not say.
+        if "lokr_w2_a" in shapes:
+            return shapes["lokr_w2_a"][1]
+        return shapes["lokr_w1_a"][1] if "lokr_w1_a" in shapes else None
+
+    def options_of(self, layers: list[dict[str, list[int]]]) -> dict[str, Any]:
+        # A given factor makes every (large enough) layer's w1 factor x factor; -1 makes them vary.
+        sides = {tuple(shapes["lokr_w1"]) for shapes in layers if "lokr_w1" in shapes}
+        square = {side[0] for side in sides if len(side) == 2 and side[0] == side[1]}
+        return {"lokr_factor": square.pop() if len(sides) == 1 and len(square) == 1 else -1}
+
 
 ADAPTER = LoKr()

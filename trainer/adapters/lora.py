@@ -59,5 +59,12 @@ class Lora(Adapter):
             return f"has rank {down[0]}"
         return None
 
+    def our_suffix(self, suffix: str, family: Any) -> str:
+        down, up = family.lora_suffixes
+        return {"lora_down.weight": down, "lora_A.weight": down, "lora_up.weight": up, "lora_B.weight": up}[suffix]
+
+    def rank_of(self, shapes: dict[str, list[int]]) -> int | None:
+        return shapes.get("lora_down.weight", shapes.get("lora_A.weight"))[0]
+
 
 ADAPTER = Lora()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,6 +125,13 @@ class LoadedModel:
     identity: ModelIdentity
     resolution: int  # the image size the base model was made for
     guidance: float = 1.0  # the distilled-guidance value guidance-distilled models (FLUX.1-dev) train with
+    # The names ComfyUI's files give the denoiser's weights (diffusers key -> "diffusion_model.<original
+    # key>"), where the model came from ComfyUI (nodes/graph_model.py): how a file saved by ComfyUI's own
+    # training nodes is read (trainer/init_lora.py).
+    original_names: dict[str, str] = field(default_factory=dict)
+    # Tensors of a starting file that are not trained but kept (trainer/init_lora.py): written into
+    # every checkpoint unchanged, under the file's own key names.
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -170,6 +177,8 @@ class ModelFamily:
     unsupported_reason: ClassVar[str] = ""
     denoiser_prefix: ClassVar[str]
     text_encoder_prefixes: ClassVar[tuple[str, ...]]
+    # How diffusers' save_lora_weights names the denoiser and each text encoder (a file to start from).
+    diffusers_prefixes: ClassVar[tuple[str, ...]] = ("unet", "text_encoder", "text_encoder_2")
     # Named sets of denoiser module-name endings that get LoRA; "attention" is the default.
     target_sets: ClassVar[dict[str, tuple[str, ...]]]
     text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -61,6 +61,7 @@ class FluxFamily(ModelFamily):
     unsupported_reason = "FLUX trains with rectified flow, and its LoRA trains the transformer only"
     denoiser_prefix = "transformer"
     text_encoder_prefixes = ()
+    diffusers_prefixes = ("transformer",)
     target_sets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP}
     excluded_modules = r"proj_out"  # the final layer shares the single blocks' "proj_out" ending
     key_style = "peft"
