@@ -59,7 +59,7 @@ def started(model, path):
     config = starting_settings(build_config({"family": "sd15"}), start, model)
     lora = config.lora
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder, lora.adapter,
-             modules=start.modules, **lora.adapter_options())
+             modules=start.modules, **lora.adapter_options(), **start.hints)
     apply_starting_weights(model, start)
     return start, config
 

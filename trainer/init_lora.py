@@ -56,6 +56,7 @@ class StartingAdapter:
     rank: int | None  # None where the file does not say (a LoKr of full factors only)
     alpha: float  # the most common layer alpha (each layer keeps its own)
     options: dict[str, Any]  # the type's own settings (lokr_factor)
+    hints: dict[str, Any]  # what the type's PEFT config needs beyond them to rebuild the layers
     modules: dict[str, list[str]]  # export prefix -> adapted module paths
     tensors: dict[str, torch.Tensor] = field(repr=False)  # as lora_state_dict names them, alphas included
     differences: dict[str, tuple[str, torch.Tensor]] = field(repr=False)  # file key -> (parameter path, tensor)
@@ -196,7 +197,8 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
         log.info("init_lora %s names its layers in several layouts (%s)", path.name, ", ".join(sorted(layouts)))
     return StartingAdapter(name=path.name, sha256=_file_sha256(path), layout="/".join(sorted(layouts)),
                            adapter=adapter.name, rank=rank, alpha=alpha,
-                           options=adapter.options_of([shapes[layer] for layer in shapes]),
+                           options=adapter.options_of(list(shapes.values())),
+                           hints=adapter.build_hints(list(shapes.values())),
                            modules=modules, tensors=tensors, differences=differences)
 
 
@@ -270,7 +272,14 @@ def apply_starting_weights(model: LoadedModel, start: StartingAdapter) -> None:
     differences into copies of the base tensors they change (kept in model.carried)."""
     from .export import load_tensors
 
-    load_tensors(model, start.tensors, start.name)
+    try:
+        load_tensors(model, start.tensors, start.name)
+    except LoraLabError as error:
+        hint = (" ComfyUI's training nodes split a convolution's kernel between LoKr's two factors, where PEFT and "
+                "LyCORIS keep it in the second, so such a layer (here the first convolution, with few input "
+                "channels) cannot be rebuilt exactly. Start from a LoRA or LoHa, or a LoKr from another trainer."
+                if start.adapter == "lokr" and "ComfyUI" in start.layout else "")
+        raise LoraLabError(f"init_lora cannot start from this file as it is: {error}{hint}") from None
     with torch.no_grad():
         for key, (parameter_path, difference) in start.differences.items():
             module_path, name = parameter_path.rsplit(".", 1)

@@ -257,7 +257,7 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
         saved = quantize_linear_layers(model.denoiser, compute_dtype)
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder, lora.adapter,
-             modules=start.modules if start else None, **lora.adapter_options())
+             modules=start.modules if start else None, **lora.adapter_options(), **(start.hints if start else {}))
     if start is not None:
         apply_starting_weights(model, start)
     named_layers(model)  # every layer must have a name LoRA loaders map: refused now, not at the first save

@@ -70,6 +70,10 @@ class Adapter:
         """The type's own settings (e.g. lokr_factor) that a file's layers were made with."""
         return {}
 
+    def build_hints(self, layers: list[dict[str, list[int]]]) -> dict[str, Any]:
+        """What peft_config needs beyond the settings to rebuild a file's layers exactly."""
+        return {}
+
 
 class LycorisAdapter(Adapter):
     """A LyCORIS type (PEFT's LoHa, LoKr): file key suffixes are PEFT's role names, as LyCORIS

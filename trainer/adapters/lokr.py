@@ -18,6 +18,8 @@ from peft.tuners.lokr import LoKrLayer
 
 from .base import ADAPTER_NAME, LycorisAdapter
 
+FULL_FACTORS_RANK = 1 << 20  # above half of any layer's side
+
 
 class LoKr(LycorisAdapter):
     name = "lokr"
@@ -28,6 +30,7 @@ class LoKr(LycorisAdapter):
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], exclude_modules: str | None,
                     options: dict[str, Any]) -> LoKrConfig:
         # init_weights: w1 starts at zero, so the model starts unchanged.
+        rank = FULL_FACTORS_RANK if options.get("full_factors") else rank
         return LoKrConfig(r=rank, alpha=alpha, target_modules=target_modules, exclude_modules=exclude_modules,
                           decompose_factor=options.get("lokr_factor", -1), init_weights=True)
 
@@ -67,10 +70,26 @@ class LoKr(LycorisAdapter):
         return shapes["lokr_w1_a"][1] if "lokr_w1_a" in shapes else None
 
     def options_of(self, layers: list[dict[str, list[int]]]) -> dict[str, Any]:
-        # A given factor makes every (large enough) layer's w1 factor x factor; -1 makes them vary.
-        sides = {tuple(shapes["lokr_w1"]) for shapes in layers if "lokr_w1" in shapes}
-        square = {side[0] for side in sides if len(side) == 2 and side[0] == side[1]}
-        return {"lokr_factor": square.pop() if len(sides) == 1 and len(square) == 1 else -1}
+        # The factor whose factorization gives every layer's w1 (PEFT's and LyCORIS's own function;
+        # -1 is as square as each layer allows). The loader's shape check confirms it.
+        from peft.tuners.lokr.layer import factorization
+
+        sizes = []
+        for shapes in layers:
+            w1 = shapes.get("lokr_w1") or [shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1]]
+            w2 = shapes.get("lokr_w2") or [shapes["lokr_w2_a"][0], *shapes["lokr_w2_b"][1:]]
+            sizes.append((w1[0], w1[1], w1[0] * w2[0], w1[1] * w2[1]))  # a convolution's kernel stays in w2
+        for factor in (-1, *sorted({side for w1_out, w1_in, *_ in sizes for side in (w1_out, w1_in) if side > 1})):
+            if all(factorization(out, factor)[0] == a and factorization(inner, factor)[0] == b
+                                  for a, b, out, inner in sizes):
+                return {"lokr_factor": factor}
+        return {"lokr_factor": -1}
+
+    def build_hints(self, layers: list[dict[str, list[int]]]) -> dict[str, Any]:
+        # A file whose every layer holds two full factors: PEFT keeps a factor full only from a rank
+        # of half its side up, so such a file is rebuilt at a rank that always keeps them full (the
+        # rank means nothing else there: their scale is 1, see above).
+        return {"full_factors": True} if all("lokr_w1" in s and "lokr_w2" in s for s in layers) else {}
 
 
 ADAPTER = LoKr()
