@@ -17,7 +17,8 @@ def test_help_documents_every_setting_with_default_and_range(capsys):
     for name in field_specs():
         assert "--" + name.replace("_", "-") in text
     assert "the preset's: 16 for style, 32 otherwise" in text and "Default: 0. Range: 0 to 256." in text  # rank
-    assert "Choices: adamw, adamw8bit, prodigy, adafactor, lion." in text
+    assert ("Choices: adamw, adamw8bit, prodigy, adafactor, lion, adamw_schedulefree, prodigy_schedulefree."
+            in text)
 
 
 def test_demo_writes_checkpoints_loss_curve_and_grid(tmp_path, capsys, monkeypatch):

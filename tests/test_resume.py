@@ -169,7 +169,8 @@ def test_resume_errors_say_what_to_do(make_config, base_model, two_bucket_datase
 
 
 @pytest.mark.parametrize(("adapter", "optimizer"), [("loha", "adamw"), ("lokr", "adamw"), ("lora", "adafactor"),
-                                                    ("lora", "lion")])
+                                                    ("lora", "lion"), ("lora", "adamw_schedulefree"),
+                                                    ("lora", "prodigy_schedulefree")])
 def test_each_adapter_type_and_optimizer_trains_and_resumes_exactly(adapter, optimizer, make_config, base_model,
                                                                     two_bucket_dataset, monkeypatch):
     """The adapter types and the optimizers added with the optimizer table keep the resume contract:
@@ -180,12 +181,41 @@ def test_each_adapter_type_and_optimizer_trains_and_resumes_exactly(adapter, opt
     real = loop.build_optimizer
     monkeypatch.setattr(loop, "build_optimizer", lambda config, model: built.append(real(config, model)) or built[-1])
     settings = {"adapter": adapter, "optimizer": optimizer}
+    if optimizer.endswith("schedulefree"):  # no schedule; the optimizer's own warm-up (Prodigy's has none)
+        settings.update(lr_scheduler="constant", warmup_steps=0 if optimizer.startswith("prodigy") else 3)
     unbroken = _train(make_config, base_model, two_bucket_dataset, name="unbroken", **settings)
     first = _train(make_config, base_model, two_bucket_dataset, StopAt(5), **settings)
     assert first.stopped and first.checkpoints[-1].step == 5
     resumed = _train(make_config, base_model, two_bucket_dataset, resume="latest", **settings)
-    expected = {"adamw": "AdamW", "adafactor": "Adafactor", "lion": "Lion"}[optimizer]
+    expected = {"adamw": "AdamW", "adafactor": "Adafactor", "lion": "Lion", "adamw_schedulefree": "AdamWScheduleFree",
+                "prodigy_schedulefree": "ProdigyPlusScheduleFree"}[optimizer]
     assert {type(o).__name__ for o in built} == {expected}  # the setting takes effect
     assert any(f".{'hada_w1_a' if adapter == 'loha' else 'lokr_w1' if adapter == 'lokr' else 'lora_A'}" in name
                for name in _final_weights(resumed))
     _assert_same(resumed, unbroken)
+
+
+def test_a_schedule_free_run_saves_the_weights_it_evaluates(make_config, base_model, two_bucket_dataset,
+                                                           monkeypatch):
+    """A schedule-free optimizer steps one sequence of weights and evaluates another: the files hold
+    the evaluated ones (the model ends in eval mode with exactly the final file's weights, and its
+    training weights differ), and settings it has no use for are refused, saying why."""
+    from lora_lab.trainer import loop
+    from lora_lab.trainer.lora import named_lora_parameters
+
+    built = []
+    real = loop.build_optimizer
+    monkeypatch.setattr(loop, "build_optimizer", lambda config, model: built.append(real(config, model)) or built[-1])
+    result = _train(make_config, base_model, two_bucket_dataset, name="free", optimizer="adamw_schedulefree",
+                    lr_scheduler="constant", warmup_steps=0)
+    evaluated = {name: p.detach().clone() for name, p in named_lora_parameters(result.model)}
+    saved = _final_weights(result)
+    gap = max((evaluated[name] - saved[name]).abs().max().item() for name in evaluated)
+    built[-1].train()
+    stepped = max((p.detach() - saved[name]).abs().max().item() for name, p in named_lora_parameters(result.model))
+    assert gap < 1e-6 < stepped  # saved: the evaluated weights (to rounding), not the stepped ones
+    for setting, message in [({"lr_scheduler": "cosine"}, "schedule-free .* set lr_scheduler to constant"),
+                             ({"optimizer": "prodigy_schedulefree", "warmup_steps": 3},
+                              "no warm-up; set warmup_steps to 0")]:
+        with pytest.raises(LoraLabError, match=message):
+            make_config(**{"optimizer": "adamw_schedulefree", "lr_scheduler": "constant", **setting})

@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, published as tomli
 from .adapters import ADAPTER_NAMES
 from .errors import LoraLabError
 from .families import FAMILY_NAMES
-from .optimizers import OPTIMIZER_NAMES, optimizer_help
+from .optimizers import OPTIMIZER_NAMES, check_optimizer_settings, optimizer_help
 
 AUTO = 0  # numeric settings where 0 means "work it out" (rank, learning rate, steps, alpha, resolution, ...)
 
@@ -141,6 +141,10 @@ class OptimizerSettings(_Section):
     warmup_steps: int = setting(0, "Steps over which the learning rate ramps up from 0.", low=0, high=100_000)
     weight_decay: float = setting(1e-2, "AdamW weight decay.", low=0, high=1.0)
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 = off).", low=0, high=1000.0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_optimizer_settings(self)
 
 
 @dataclass(frozen=True)

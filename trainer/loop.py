@@ -118,8 +118,11 @@ def build_optimizer(config: TrainingConfig, model: LoadedModel) -> torch.optim.O
 
 
 def lr_factor(config: TrainingConfig, total_steps: int) -> Callable[[int], float]:
-    """Warm-up, then constant, cosine or linear decay, as a multiplier of the learning rate."""
+    """Warm-up, then constant, cosine or linear decay, as a multiplier of the learning rate (a
+    schedule-free optimizer warms up on its own: 1 throughout)."""
     warmup, kind = config.optimizer.warmup_steps, config.optimizer.lr_scheduler
+    if optimizers.OPTIMIZERS[config.optimizer.optimizer].schedule_free:
+        return lambda step: 1.0
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -138,6 +141,20 @@ OUT_OF_MEMORY_ADVICE = ("Out of memory at step {step}; the last saved checkpoint
                         "resumed. To fit: turn on gradient_checkpointing, lower batch_size (raise "
                         "gradient_accumulation to keep the effective batch), lower resolution or rank, or close "
                         "other programs using the GPU.")
+
+
+@contextlib.contextmanager
+def evaluating(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """The weights a schedule-free optimizer evaluates (trainer/optimizers.py) in the model while the
+    block runs (validation, samples, a save), and its training weights back afterwards."""
+    modes = hasattr(optimizer, "eval") and hasattr(optimizer, "train")
+    if modes:
+        optimizer.eval()
+    try:
+        yield
+    finally:
+        if modes:
+            optimizer.train()
 
 
 def seed_noise(generator: torch.Generator, seed: int, batch_number: int) -> torch.Generator:
@@ -227,6 +244,8 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
 
     events.on_start(first_step, total_steps, list(result.checkpoints))
     model.denoiser.train()
+    if hasattr(optimizer, "train"):  # a schedule-free optimizer steps its training weights
+        optimizer.train()
     started = time.perf_counter()
     step = first_step - 1
     try:
@@ -264,9 +283,11 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
             final = step == total_steps
             checkpoint_due = final or stop or step % save_every == 0
             if watch and not stop and group.main:  # a Cancel saves at once, without measuring first
-                watch(step, checkpoint_due)
+                with evaluating(optimizer):
+                    watch(step, checkpoint_due)
             if checkpoint_due:
-                path = save(step, final, snapshot(step)) if group.main else None
+                with evaluating(optimizer):
+                    path = save(step, final, snapshot(step)) if group.main else None
                 group.wait()
                 checkpoint = Checkpoint(step, path or Path(), final)
                 result.checkpoints.append(checkpoint)
@@ -281,6 +302,8 @@ def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, 
         out_of_memory = False
     finally:
         model.denoiser.eval()
+        if hasattr(optimizer, "eval"):  # the model keeps the weights saved last, the evaluated ones
+            optimizer.eval()
         if train.gradient_checkpointing:
             model.denoiser.disable_gradient_checkpointing()
     if out_of_memory:

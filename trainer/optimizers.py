@@ -5,7 +5,14 @@ the loop read this table; a new optimizer is one row here.
 
 Optional ones come from their reference implementations rather than our own maths: Prodigy from
 prodigyopt (its authors'), Lion from lion-pytorch (the paper's reference port), AdamW8bit from
-bitsandbytes; Adafactor is transformers', a dependency already.
+bitsandbytes, schedule-free AdamW from schedulefree (its authors', Meta's), Prodigy schedule-free
+from prodigy-plus-schedule-free (the one kohya and ai-toolkit users pick); Adafactor is
+transformers', a dependency already.
+
+A schedule-free optimizer keeps two sequences of weights: it steps one and evaluates another, so
+the loop switches it to `eval()` around validation, samples and saves (the weights saved are the
+evaluated ones) and back to `train()` to step (loop.evaluating); it needs no learning-rate
+schedule, and warm-up is its own.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ class Optimizer:
     build: Callable[[list[dict], Any], Any]  # (parameter groups, OptimizerSettings) -> torch optimizer
     needs_cuda: bool = False
     package: str = ""  # the pip package it comes from, when optional
+    schedule_free: bool = False  # train()/eval() modes; no learning-rate schedule (see above)
 
 
 def _adamw(groups: list[dict], settings: Any) -> Any:
@@ -66,6 +74,18 @@ def _lion(groups: list[dict], settings: Any) -> Any:
     return Lion(groups, weight_decay=settings.weight_decay)
 
 
+def _adamw_schedulefree(groups: list[dict], settings: Any) -> Any:
+    from schedulefree import AdamWScheduleFree
+
+    return AdamWScheduleFree(groups, weight_decay=settings.weight_decay, warmup_steps=settings.warmup_steps)
+
+
+def _prodigy_schedulefree(groups: list[dict], settings: Any) -> Any:
+    from prodigyplus import ProdigyPlusScheduleFree
+
+    return ProdigyPlusScheduleFree(groups, weight_decay=settings.weight_decay)
+
+
 OPTIMIZERS = {kind.name: kind for kind in (
     Optimizer("adamw", "the usual choice", 8, _adamw),
     Optimizer("adamw8bit", "AdamW with 8-bit state, on a CUDA GPU with bitsandbytes", 2, _adamw8bit, needs_cuda=True,
@@ -75,6 +95,11 @@ OPTIMIZERS = {kind.name: kind for kind in (
     Optimizer("adafactor", "nearly no optimizer memory, the learning rate as for AdamW", 1, _adafactor),
     Optimizer("lion", "one moment, half AdamW's memory: use a learning rate 3-10 times lower than AdamW's",
               4, _lion, package="lion-pytorch"),
+    Optimizer("adamw_schedulefree", "AdamW without a learning-rate schedule: the learning rate as for AdamW, "
+              "lr_scheduler constant", 8, _adamw_schedulefree, package="schedulefree", schedule_free=True),
+    # Its second moment is factored, and it keeps Prodigy's step-size estimate and start point.
+    Optimizer("prodigy_schedulefree", "Prodigy without a schedule: learning_rate 1.0, lr_scheduler constant, no "
+              "warm-up", 12, _prodigy_schedulefree, package="prodigy-plus-schedule-free", schedule_free=True),
 )}
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)
 
@@ -93,3 +118,14 @@ def build_optimizer(name: str, groups: list[dict], settings: Any, cuda_available
     except ImportError:
         raise LoraLabError(f"optimizer = {name} needs the {kind.package} package: pip install {kind.package} "
                            "(or use adamw).") from None
+
+
+def check_optimizer_settings(settings: Any) -> None:
+    """Settings a schedule-free optimizer has no use for are refused, saying why."""
+    kind = OPTIMIZERS[settings.optimizer]
+    if kind.schedule_free and settings.lr_scheduler != "constant":
+        raise LoraLabError(f"lr_scheduler = {settings.lr_scheduler}: {kind.name} is schedule-free (it averages its "
+                           "steps instead of decaying the learning rate); set lr_scheduler to constant.")
+    if kind.name == "prodigy_schedulefree" and settings.warmup_steps:
+        raise LoraLabError(f"warmup_steps = {settings.warmup_steps}: prodigy_schedulefree grows its own step size "
+                           "from a tiny start, so it has no warm-up; set warmup_steps to 0.")
