@@ -28,7 +28,7 @@ from comfy_api.latest import ComfyExtension, io, ui
 from PIL import Image
 
 from ..trainer.errors import LoraLabError
-from ..trainer.loop import StepReport
+from ..trainer.loop import StepReport, TrainingCommands
 from ..trainer.lora_files import check_lora
 from .panel_events import PanelEvents
 
@@ -276,7 +276,7 @@ def encode_pooled(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
     return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
 
-class NodeEvents(PanelEvents):
+class NodeEvents(PanelEvents, TrainingCommands):
     """A foreground run: the panel's events, the progress bar on the node and the queue, and Cancel
     as a stop."""
 

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from ..trainer.errors import LoraLabError
-from ..trainer.loop import Checkpoint, StepReport
+from ..trainer.loop import Checkpoint, StepReport, TrainingCommands
 from ..trainer.run import TrainingResult, finish_message, stop_message
 from .panel_events import PanelEvents
 from .values import TrainingRun
@@ -196,7 +196,7 @@ class TrainingJob:
                 "best_step": self.best_step}
 
 
-class JobEvents(PanelEvents):
+class JobEvents(PanelEvents, TrainingCommands):
     """The loop's events for a background job: the panel's events, the job's state, the stop
     switch, and turns with the prompts."""
 

@@ -126,8 +126,8 @@ def run_case(settings: dict) -> dict:
         def on_samples(self, sheet) -> None:
             self.inner.on_samples(sheet)
 
-        def should_stop(self) -> bool:
-            return self.inner.should_stop()
+        def on_pause(self) -> None:
+            self.inner.on_pause()
 
     def loop(model, examples, config, total_steps, save_every, save, events, **kwargs):
         # The LoRA weights exist before the loop; the estimate counts them with their gradients.

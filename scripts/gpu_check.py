@@ -67,7 +67,7 @@ from lora_lab.trainer.errors import LoraLabError  # noqa: E402
 from lora_lab.trainer.families import get_family  # noqa: E402
 from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity  # noqa: E402
 from lora_lab.trainer.families.flux import CONFIGS, T5_MAX_TOKENS  # noqa: E402
-from lora_lab.trainer.loop import StepReport, TrainingEvents, run_loop  # noqa: E402
+from lora_lab.trainer.loop import StepReport, TrainingCommands, TrainingEvents, run_loop  # noqa: E402
 from lora_lab.trainer.lora import lora_parameters  # noqa: E402
 from lora_lab.trainer.precision import precision_name  # noqa: E402
 
@@ -157,7 +157,7 @@ def one_image_dataset(folder: Path, resolution: int) -> Dataset:
 
 # --- measuring ------------------------------------------------------------------------------
 
-class Recorder(TrainingEvents):
+class Recorder(TrainingEvents, TrainingCommands):
     """Step times and losses; optionally a stop or a pause at a given step."""
 
     def __init__(self, stop_at: int = 0, pause_at: int = 0, on_pause=None) -> None:
@@ -248,7 +248,7 @@ def timing_case(family: str, resolution: int, variant: str, device: Device, work
         if device.cuda:  # the peak of training, not of building the model (fp8 starts from bf16 weights)
             torch.cuda.reset_peak_memory_stats(device.device)
         events = Recorder()
-        run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events)
+        run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events, events)
     except (LoraLabError, torch.OutOfMemoryError) as error:
         message = str(error)
         row["status"] = "out of memory" if "out of memory" in message.lower() else f"refused: {message[:160]}"
@@ -273,7 +273,7 @@ def overfit_check(device: Device, work: Path, tiny_models: TinyModels) -> dict:
     model, config, prepared, _ = prepared_run("sd15", resolution, steps, device, work, tiny_models,
                                               learning_rate=1e-3, name="overfit")
     events = Recorder()
-    run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events)
+    run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events, events)
     fifth = steps // 5
     first, last = statistics.mean(events.losses[:fifth]), statistics.mean(events.losses[-fifth:])
     del model, prepared
@@ -339,7 +339,7 @@ def pause_check(device: Device, work: Path, tiny_models: TinyModels) -> dict:
                                   if isinstance(t, torch.Tensor) and t.is_cuda and id(t) not in base_ids)
 
     events = Recorder(pause_at=3, on_pause=during_pause)
-    run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events)
+    run_loop(model, prepared.examples, config, steps, steps, lambda *a: Path("not-saved"), events, events)
     lora_bytes = sum(p.numel() * p.element_size() for p in lora_parameters(model))
     del model, prepared
     device.free()

@@ -17,7 +17,7 @@ from lora_lab.trainer.config import build_config
 from lora_lab.trainer.errors import LoraLabError
 from lora_lab.trainer.files import read_metadata
 from lora_lab.trainer.history import journal_path, read_journal
-from lora_lab.trainer.init_lora import apply_starting_weights, read_starting_adapter, starting_settings
+from lora_lab.trainer.init_lora import apply_starting_weights, read_starting_adapter, starting_values
 from lora_lab.trainer.lora import ADAPTER, add_lora, lora_layers
 from lora_lab.trainer.run import train_lora
 from peft import LoraConfig, inject_adapter_in_model
@@ -56,7 +56,7 @@ def diffusers_file(tmp_path_factory):
 def started(model, path):
     """The model as a run from `path` holds it at step 0."""
     start = read_starting_adapter(path, model)
-    config = starting_settings(build_config({"family": "sd15"}), start, model)
+    config = build_config({"family": "sd15", **starting_values(build_config({}), start, model)})
     lora = config.lora
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder, lora.adapter,
              modules=start.modules, **lora.adapter_options(), **start.hints)

@@ -211,9 +211,9 @@ def test_a_run_interrupted_by_a_server_stop_reads_as_stopped_and_resumes(nodes, 
     from lora_lab.nodes.jobs import SERVER_SESSION
     from lora_lab.nodes.routes import jobs_route, run_route
     from lora_lab.trainer.history import journal_path
-    from lora_lab.trainer.loop import TrainingEvents
+    from lora_lab.trainer.loop import TrainingCommands, TrainingEvents
 
-    class KilledAfterFourSteps(TrainingEvents):
+    class KilledAfterFourSteps(TrainingEvents, TrainingCommands):
         def should_stop(self) -> bool:
             return self.step >= 4
 

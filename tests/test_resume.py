@@ -12,7 +12,7 @@ from lora_lab.trainer.errors import LoraLabError
 from lora_lab.trainer.examples import TrainingSet
 from lora_lab.trainer.files import read_metadata
 from lora_lab.trainer.history import read_journal
-from lora_lab.trainer.loop import TrainingEvents
+from lora_lab.trainer.loop import TrainingCommands, TrainingEvents
 from lora_lab.trainer.resume import read_state, state_path
 from lora_lab.trainer.run import train_lora
 from PIL import Image, ImageDraw
@@ -23,7 +23,7 @@ SETTINGS = {"steps": STEPS, "rank": 4, "learning_rate": 5e-4, "batch_size": 2, "
             "lr_scheduler": "cosine", "warmup_steps": 3, "noise_offset": 0.05, "min_snr_gamma": 5.0, "name": "run"}
 
 
-class StopAt(TrainingEvents):
+class StopAt(TrainingEvents, TrainingCommands):
     def __init__(self, step: int) -> None:
         self.stop_step, self.step = step, 0
 

@@ -379,3 +379,13 @@ def test_bf16_mixed_precision_computes_in_bf16(make_config, fresh_model, cpu_bf1
             module.register_forward_hook(lambda _, __, output: dtypes.add(output.dtype))
     run.train_lora(make_config(steps=1, mixed_precision="bf16"), model=fresh_model)
     assert dtypes == {torch.bfloat16}
+
+
+def test_a_run_resolves_its_config_once(make_config, base_model, monkeypatch):
+    """The config is resolved once, up front (run.resolve_config), and handed down frozen: the only
+    other config a run builds is its training graph's prompt (trainer/workflow.py)."""
+    built = []
+    real = run.build_config
+    monkeypatch.setattr(run, "build_config", lambda *args, **kwargs: built.append(args) or real(*args, **kwargs))
+    result = run.train_lora(make_config(steps=1, name="once", sample_every=-1), model=copy.deepcopy(base_model))
+    assert len(built) == 2 and result.config.lora.rank == PRESETS["none"]["rank"]

@@ -24,7 +24,7 @@ from .config import build_config, field_specs, load_settings_file  # noqa: E402
 from .doctor import LORA_TYPES  # noqa: E402
 from .errors import LoraLabError  # noqa: E402
 from .families import DEFAULT_FAMILY, FAMILY_NAMES  # noqa: E402
-from .loop import Checkpoint, StepReport, TrainingEvents  # noqa: E402
+from .loop import Checkpoint, StepReport, TrainingCommands, TrainingEvents  # noqa: E402
 
 # The demo must finish in a minute, so its learning rate is ten times the guide's first attempt
 # for real models. Feed-forward targets and Min-SNR weighting (which gives the noisy steps, where
@@ -40,7 +40,7 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 
 
-class ConsoleEvents(TrainingEvents):
+class ConsoleEvents(TrainingEvents, TrainingCommands):
     """A tqdm bar with loss and learning rate; Ctrl+C asks the loop to save and stop."""
 
     def __init__(self, shown: bool = True) -> None:

@@ -220,6 +220,10 @@ class TrainingConfig:
     output: OutputSettings = field(default_factory=OutputSettings)
     sample: SampleSettings = field(default_factory=SampleSettings)
 
+    def value(self, name: str) -> Any:
+        """A setting by its plain name."""
+        return getattr(getattr(self, field_specs()[name][0]), name)
+
     @property
     def alpha(self) -> float:
         """The LoRA's alpha (0 means "same as rank"); meaningful once the rank is resolved."""
@@ -315,12 +319,16 @@ def build_config(settings: dict[str, Any] | None = None, base: TrainingConfig | 
     return TrainingConfig(**{section: SECTIONS[section](**kw) for section, kw in values.items()})
 
 
+def preset_values(config: TrainingConfig, given: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the preset fills in: its values for the settings left at 0 (in `given`, else in `config`)."""
+    given = given or {}
+    return {name: value for name, value in PRESETS[config.train.preset].items()
+            if not given.get(name, config.value(name))}
+
+
 def with_preset_values(config: TrainingConfig) -> TrainingConfig:
     """The config with every setting left at 0 that the preset covers filled in from it."""
-    specs = field_specs()
-    unset = {name: value for name, value in PRESETS[config.train.preset].items()
-             if not getattr(getattr(config, specs[name][0]), name)}
-    return build_config(unset, base=config)
+    return build_config(preset_values(config), base=config)
 
 
 def config_from_dict(nested: dict[str, dict[str, Any]]) -> TrainingConfig:

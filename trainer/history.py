@@ -125,15 +125,9 @@ class RunJournal(TrainingEvents):
         self.flush(force=True)
         self.inner.on_samples(sheet)
 
-    def should_stop(self) -> bool:
-        return self.inner.should_stop()
-
-    def pause_requested(self) -> bool:
-        return self.inner.pause_requested()
-
-    def pause(self) -> None:
+    def on_pause(self) -> None:
         self.flush(force=True)  # a reader sees every step done before the pause
-        self.inner.pause()
+        self.inner.on_pause()
 
     # --- the job's end ----------------------------------------------------------------------
     def conclude(self, diagnosis: Diagnosis | None, best: Checkpoint | None) -> None:

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from .adapters import get_adapter
-from .config import TrainingConfig, build_config
+from .config import TrainingConfig
 from .errors import LoraLabError
 from .families.base import LoadedModel
 from .lora_files import check_lora, layer_keys
@@ -225,9 +225,10 @@ def _does_not_fit(path: Path, layer: str, model: LoadedModel, made_for: str) -> 
                         f"{family.title} LoRA (kohya, diffusers or LyCORIS layout).")
 
 
-def starting_settings(config: TrainingConfig, start: StartingAdapter, model: LoadedModel) -> TrainingConfig:
-    """The config with the file's type, rank, alpha and options; a setting given explicitly that
-    disagrees with the file is refused, naming both values (left at its default, it follows)."""
+def starting_values(config: TrainingConfig, start: StartingAdapter, model: LoadedModel) -> dict[str, Any]:
+    """The settings the file decides (type, rank, alpha, options, targets, text encoder); a setting
+    given explicitly that disagrees with the file is refused, naming both values (left at its
+    default, it follows the file)."""
     lora = config.lora
     taken: dict[str, Any] = {"adapter": start.adapter, **start.options}
     if start.rank:
@@ -249,7 +250,7 @@ def starting_settings(config: TrainingConfig, start: StartingAdapter, model: Loa
     if lora.targets not in ("attention", targets):
         raise LoraLabError(f"targets = {lora.targets!r}, but init_lora {start.name} has the layers of targets = "
                            f"{targets!r}, which the run trains; leave targets at 'attention' to take the file's.")
-    return build_config({**taken, "targets": targets}, base=config)
+    return {**taken, "targets": targets}
 
 
 def targets_of(model: LoadedModel, start: StartingAdapter) -> str:

@@ -1,10 +1,11 @@
 """The training loop, the same for every family: draw a batch, noise it, predict, step the
 optimizer, report, and save on schedule or when asked to stop.
 
-Out: `TrainingEvents` (step, checkpoint). In: `TrainingEvents.should_stop()`, polled every step,
-and `pause_requested()`, asked before every step: a run that shares its device with other work (a
-background job in ComfyUI) parks its own tensors off the device and waits in `pause()`; the RNGs are
-put back afterwards, so a paused run trains exactly what an unpaused one would.
+Out: `TrainingEvents`, what the loop reports (step, checkpoint, samples, ...). In:
+`TrainingCommands`, what it is asked: `should_stop()`, polled every step, and `pause_requested()`,
+asked before every step: a run that shares its device with other work (a background job in
+ComfyUI) parks its own tensors off the device and waits in `pause()`; the RNGs are put back
+afterwards, so a paused run trains exactly what an unpaused one would.
 Every save hands the caller a `RunState` (weights, optimizer, scheduler, RNGs, position in the
 data), and a loop given one continues exactly where it was taken. With several training
 processes (parallel.py) each takes its share of a step's micro-batches and DDP averages the
@@ -64,7 +65,7 @@ class SampleSheet:
 
 
 class TrainingEvents:
-    """Hooks the loop calls; subclass and override what you need (CLI progress bar, ComfyUI node)."""
+    """What the loop reports; subclass and override what you need (CLI progress bar, ComfyUI node)."""
 
     def on_start(self, first_step: int, total_steps: int, checkpoints: list[Checkpoint]) -> None:
         """Once, before the first step: where the run starts (1, or the step after a resumed
@@ -86,7 +87,16 @@ class TrainingEvents:
     def on_samples(self, sheet: SampleSheet) -> None:
         pass
 
+    def on_pause(self) -> None:
+        """The run is about to wait in TrainingCommands.pause() (its tensors are parked)."""
+
+
+class TrainingCommands:
+    """What the loop is asked between steps (the CLI's Ctrl+C, ComfyUI's Cancel, a background job's
+    Stop button and its turns on the device). One object may be both events and commands."""
+
     def should_stop(self) -> bool:
+        """Save a checkpoint now and stop."""
         return False
 
     def pause_requested(self) -> bool:
@@ -202,115 +212,153 @@ def backward_micro_batch(model: LoadedModel, examples: TrainingSet, indices: lis
     return loss.detach().float()
 
 
+NOT_FINITE_ADVICE = ("The loss became {loss} at step {step}; training stopped and the last saved checkpoint is kept. "
+                     "Likely causes: learning rate too high (lower it, e.g. halve it), or fp16 overflow (use "
+                     "mixed_precision bf16, or a lower learning rate). To go on from the last checkpoint, set resume "
+                     "to 'latest' with resume_with_changes on and the new setting.")
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: LoadedModel, config: TrainingConfig) -> Iterator[None]:
+    """Gradient checkpointing on while the block runs, when the run asks for it."""
+    if not config.train.gradient_checkpointing:
+        yield
+        return
+    model.denoiser.enable_gradient_checkpointing()
+    if config.lora.train_text_encoder:
+        for encoder in model.text_encoders:
+            encoder.gradient_checkpointing_enable()
+    try:
+        yield
+    finally:
+        model.denoiser.disable_gradient_checkpointing()
+
+
+class Stepper:
+    """Everything one optimizer step needs, built once per run (or restored from a RunState)."""
+
+    def __init__(self, model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
+                 result: LoopResult) -> None:
+        self.model, self.examples, self.config, self.total_steps, self.result = (model, examples, config,
+                                                                                 total_steps, result)
+        train = config.train
+        self.compute_dtype = resolve_precision(train.mixed_precision, model.device)
+        self.scaler = torch.amp.GradScaler(model.device.type, enabled=self.compute_dtype == torch.float16)
+        self.group = processes()
+        self.denoiser = self.group.wrap(model.denoiser)  # DDP averages the gradients over several processes
+        self.trained = model if self.denoiser is model.denoiser else dataclasses.replace(model, denoiser=self.denoiser)
+        self.parameters = lora_parameters(model)
+        self.optimizer = build_optimizer(config, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, total_steps))
+        self.generator = torch.Generator().manual_seed(train.seed)
+        self.order = BatchOrder(examples.buckets, examples.repeats, train.batch_size, train.seed)
+        self.first_step, self.batch_number = 1, 0
+
+    def restore(self, state: RunState) -> None:
+        self.first_step, self.batch_number = state.step + 1, state.batch_number
+        _restore(state, self.model, self.optimizer, self.scheduler, self.scaler, self.generator)
+        self.result.losses = [tuple(row) for row in state.losses]
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """The model and a schedule-free optimizer in training mode; afterwards the model holds the
+        weights saved last (a schedule-free optimizer's evaluated ones)."""
+        self.model.denoiser.train()
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()
+        try:
+            yield
+        finally:
+            self.model.denoiser.eval()
+            if hasattr(self.optimizer, "eval"):
+                self.optimizer.eval()
+
+    def step(self, step: int) -> StepReport:
+        """One optimizer step: every micro-batch's forward and backward, clipping, the update."""
+        train, group, started = self.config.train, self.group, time.perf_counter()
+        step_loss = torch.zeros((), device=self.model.device)  # read once per step: no host sync per micro-batch
+        for micro in range(train.gradient_accumulation):
+            number = self.batch_number + micro * group.world + group.rank  # see parallel.py
+            with group.accumulating(self.denoiser, last=micro == train.gradient_accumulation - 1):
+                step_loss += backward_micro_batch(self.trained, self.examples, self.order.batch(number), number,
+                                                  self.config, self.compute_dtype, self.generator, self.scaler)
+        self.batch_number += train.gradient_accumulation * group.world
+        loss = group.mean(step_loss.item())
+        if not math.isfinite(loss):
+            raise LoraLabError(NOT_FINITE_ADVICE.format(loss=loss, step=step))
+        if self.config.optimizer.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.optimizer.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.result.losses.append((step, loss, learning_rate))
+        return StepReport(step, self.total_steps, loss, learning_rate, time.perf_counter() - started)
+
+    def snapshot(self, step: int) -> RunState:
+        return RunState(step=step, batch_number=self.batch_number,
+                        lora={name: p.detach() for name, p in named_lora_parameters(self.model)},
+                        optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict(),
+                        scaler=self.scaler.state_dict(), rng=capture_rng(self.generator),
+                        losses=list(self.result.losses),
+                        checkpoints=[{"step": c.step, "file": c.path.name, "final": c.final}
+                                     for c in self.result.checkpoints])
+
+    def checkpoint(self, step: int, final: bool, save: Callable[[int, bool, RunState], Path]) -> Checkpoint:
+        with evaluating(self.optimizer):
+            path = save(step, final, self.snapshot(step)) if self.group.main else None
+        self.group.wait()
+        checkpoint = Checkpoint(step, path or Path(), final)
+        self.result.checkpoints.append(checkpoint)
+        return checkpoint
+
+
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
-             resume: RunState | None = None, watch: Callable[[int, bool], None] | None = None,
-             earlier: list[Checkpoint] | None = None) -> LoopResult:
+             commands: TrainingCommands | None = None, resume: RunState | None = None,
+             watch: Callable[[int, bool], None] | None = None, earlier: list[Checkpoint] | None = None) -> LoopResult:
     """Train up to `total_steps` optimizer steps, from the start or from `resume`, after the `earlier`
-    checkpoints (those of a resumed run's segments, or a run's step 0 from a file);
-    `save(step, final, state)` writes a checkpoint and returns the LoRA file's path;
-    `watch(step, checkpoint_due)` measures between steps (validation, samples) without training."""
-    train = config.train
-    device = model.device
-    compute_dtype = resolve_precision(train.mixed_precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)
-    if train.gradient_checkpointing:
-        model.denoiser.enable_gradient_checkpointing()
-        if config.lora.train_text_encoder:
-            for encoder in model.text_encoders:
-                encoder.gradient_checkpointing_enable()
-    group = processes()
-    denoiser = group.wrap(model.denoiser)  # DDP averages the gradients when there are several processes
-    trained = model if denoiser is model.denoiser else dataclasses.replace(model, denoiser=denoiser)
-    parameters = lora_parameters(model)
-    optimizer = build_optimizer(config, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config, total_steps))
-    generator = torch.Generator().manual_seed(train.seed)
-    order = BatchOrder(examples.buckets, examples.repeats, train.batch_size, train.seed)
-    result = LoopResult(checkpoints=list(earlier or []))
-    first_step, batch_number = 1, 0
-    if resume is not None:
-        first_step, batch_number = resume.step + 1, resume.batch_number
-        _restore(resume, model, optimizer, scheduler, scaler, generator)
-        result.losses = [tuple(row) for row in resume.losses]
-
-    def snapshot(step: int) -> RunState:
-        return RunState(step=step, batch_number=batch_number,
-                        lora={name: p.detach() for name, p in named_lora_parameters(model)},
-                        optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), rng=capture_rng(generator), losses=list(result.losses),
-                        checkpoints=[{"step": c.step, "file": c.path.name, "final": c.final}
-                                     for c in result.checkpoints])
-
-    events.on_start(first_step, total_steps, list(result.checkpoints))
-    model.denoiser.train()
-    if hasattr(optimizer, "train"):  # a schedule-free optimizer steps its training weights
-        optimizer.train()
-    started = time.perf_counter()
-    step = first_step - 1
-    try:
-        for step in range(first_step, total_steps + 1):
-            if events.pause_requested():
-                with parked(parameters, optimizer, generator):
-                    events.pause()
-            step_started = time.perf_counter()
-            step_loss = torch.zeros((), device=device)  # read once per step: no host sync per micro-batch
-            for micro in range(train.gradient_accumulation):
-                number = batch_number + micro * group.world + group.rank  # see parallel.py
-                with group.accumulating(denoiser, last=micro == train.gradient_accumulation - 1):
-                    step_loss += backward_micro_batch(trained, examples, order.batch(number), number, config,
-                                                      compute_dtype, generator, scaler)
-            batch_number += train.gradient_accumulation * group.world
-            step_loss = group.mean(step_loss.item())
-            if not math.isfinite(step_loss):
-                raise LoraLabError(
-                    f"The loss became {step_loss} at step {step}; training stopped and the last saved checkpoint "
-                    "is kept. Likely causes: learning rate too high (lower it, e.g. halve it), or fp16 overflow "
-                    "(use mixed_precision bf16, or a lower learning rate). To go on from the last checkpoint, set "
-                    "resume to 'latest' with resume_with_changes on and the new setting.")
-            if config.optimizer.max_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(parameters, config.optimizer.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            learning_rate = scheduler.get_last_lr()[0]
-            scheduler.step()
-            result.losses.append((step, step_loss, learning_rate))
-            events.on_step(StepReport(step, total_steps, step_loss, learning_rate,
-                                      time.perf_counter() - step_started))
-            stop = group.any(events.should_stop())  # every process stops at the same step
-            final = step == total_steps
-            checkpoint_due = final or stop or step % save_every == 0
-            if watch and not stop and group.main:  # a Cancel saves at once, without measuring first
-                with evaluating(optimizer):
-                    watch(step, checkpoint_due)
-            if checkpoint_due:
-                with evaluating(optimizer):
-                    path = save(step, final, snapshot(step)) if group.main else None
-                group.wait()
-                checkpoint = Checkpoint(step, path or Path(), final)
-                result.checkpoints.append(checkpoint)
-                events.on_checkpoint(checkpoint)
-            if stop and not final:
-                result.stopped = True
-                log.info("Stopped at step %d of %d; checkpoint saved.", step, total_steps)
-                break
-    except torch.OutOfMemoryError:
-        out_of_memory = True  # raised below, outside this block: see there
-    else:
-        out_of_memory = False
-    finally:
-        model.denoiser.eval()
-        if hasattr(optimizer, "eval"):  # the model keeps the weights saved last, the evaluated ones
-            optimizer.eval()
-        if train.gradient_checkpointing:
-            model.denoiser.disable_gradient_checkpointing()
+    checkpoints (those of a resumed run's segments, or a run's step 0 from a file), reporting to
+    `events` and asked by `commands`; `save(step, final, state)` writes a checkpoint and returns
+    the LoRA file's path; `watch(step, checkpoint_due)` measures between steps (validation,
+    samples) without training."""
+    commands = commands or TrainingCommands()
+    with gradient_checkpointing(model, config):  # on before the denoiser is wrapped for several processes
+        run = Stepper(model, examples, config, total_steps, LoopResult(checkpoints=list(earlier or [])))
+        if resume is not None:
+            run.restore(resume)
+        result = run.result
+        events.on_start(run.first_step, total_steps, list(result.checkpoints))
+        started, step, out_of_memory = time.perf_counter(), run.first_step - 1, False
+        with run.training():
+            try:
+                for step in range(run.first_step, total_steps + 1):
+                    if commands.pause_requested():
+                        with parked(run.parameters, run.optimizer, run.generator):
+                            events.on_pause()
+                            commands.pause()
+                    events.on_step(run.step(step))
+                    stop = run.group.any(commands.should_stop())  # every process stops at the same step
+                    final = step == total_steps
+                    checkpoint_due = final or stop or step % save_every == 0
+                    if watch and not stop and run.group.main:  # a Cancel saves at once, without measuring first
+                        with evaluating(run.optimizer):
+                            watch(step, checkpoint_due)
+                    if checkpoint_due:
+                        events.on_checkpoint(run.checkpoint(step, final, save))
+                    if stop and not final:
+                        result.stopped = True
+                        log.info("Stopped at step %d of %d; checkpoint saved.", step, total_steps)
+                        break
+            except torch.OutOfMemoryError:
+                out_of_memory = True  # raised below, outside this block: see there
     if out_of_memory:
         # The out-of-memory error's traceback holds the failed step's activations; raised from
         # here, the advice carries no reference to it, so the memory is free for whatever runs next
         # (ComfyUI keeps the error it shows).
-        optimizer.zero_grad(set_to_none=True)
+        run.optimizer.zero_grad(set_to_none=True)
         raise LoraLabError(OUT_OF_MEMORY_ADVICE.format(step=step))
     result.seconds = time.perf_counter() - started
     return result

@@ -15,13 +15,14 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from . import embedded
 from .budget import check_disk, check_memory, planned_disk_bytes
 from .captions import CaptionVariation
-from .config import TrainingConfig, auto_steps, build_config, field_specs, with_preset_values
+from .config import TrainingConfig, auto_steps, build_config, field_specs, preset_values
 from .data import Dataset, scan_folder, split_validation, validation_count
 from .diagnosis import Diagnosis
 from .doctor import repeated_prompts
@@ -39,9 +40,9 @@ from .init_lora import (
     apply_starting_weights,
     read_starting_adapter,
     starting_record,
-    starting_settings,
+    starting_values,
 )
-from .loop import Checkpoint, TrainingEvents, run_loop
+from .loop import Checkpoint, TrainingCommands, TrainingEvents, run_loop
 from .lora import add_lora
 from .metadata import CheckpointStory, RunFacts, build_metadata, new_session_id
 from .parallel import check_parallel_settings, processes
@@ -138,15 +139,24 @@ def trigger_word_of(config: TrainingConfig, dataset: Dataset) -> str:
     return config.data.trigger_word or (dataset.trigger_words[0] if len(dataset.trigger_words) == 1 else "")
 
 
-def resolve_config(config: TrainingConfig, dataset: Dataset, model: LoadedModel) -> TrainingConfig:
-    """Fill in every 'auto' value so the saved config says exactly what was done."""
-    config = with_preset_values(build_config({"family": model.family.name}, base=config))
+def resolve_config(config: TrainingConfig, dataset: Dataset, model: LoadedModel, held: int | None = None,
+                   start: StartingAdapter | None = None) -> TrainingConfig:
+    """Every 'auto' value filled in, once, up front: the images held out (`held`), a starting file's
+    type, rank, alpha and layers, the preset's rank and learning rate, steps, resolution, trigger
+    word, alpha and checkpoint interval. The saved config says exactly what was done, and what
+    runs after this reads one frozen config."""
+    values: dict[str, Any] = {"family": model.family.name}
+    if held is not None:
+        values["validation_images"] = held or -1
+    if start is not None:
+        values.update(starting_values(config, start, model))
+    values.update(preset_values(config, values))
     steps = config.train.steps or auto_steps(config.train.preset, len(dataset.items))
-    resolution = config.data.resolution or model.resolution
-    trigger = trigger_word_of(config, dataset)
-    save_every = config.output.save_every or max(1, math.ceil(steps / 4))
-    return build_config({"steps": steps, "resolution": resolution, "trigger_word": trigger,
-                         "alpha": config.alpha, "save_every": save_every}, base=config)
+    rank = values.get("rank", config.lora.rank)
+    values.update(steps=steps, resolution=config.data.resolution or model.resolution,
+                  trigger_word=trigger_word_of(config, dataset), alpha=values.get("alpha", config.lora.alpha) or rank,
+                  save_every=config.output.save_every or max(1, math.ceil(steps / 4)))
+    return build_config(values, base=config)
 
 
 def run_dir_of(config: TrainingConfig) -> Path:
@@ -298,12 +308,16 @@ def finish_message(result: TrainingResult) -> str:
 
 def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
                dataset: Dataset | None = None, owner: dict | None = None,
-               graph: tuple[dict | None, dict | None] | None = None) -> TrainingResult:
+               graph: tuple[dict | None, dict | None] | None = None,
+               commands: TrainingCommands | None = None) -> TrainingResult:
     """Train a LoRA as the config says and write its checkpoints; see the module docstring.
+    `events` hear what the run does, `commands` stop or pause it (by default `events` itself, where
+    it is both, as a progress display with a stop button is).
     `owner` (e.g. the ComfyUI node that started the run) is recorded in the run's journal; `graph`
     (the ComfyUI workflow and prompt that started it; by default one built from the config) in
     every file, so the file opens its training graph when dropped onto ComfyUI."""
     events = events or TrainingEvents()
+    commands = commands or (events if isinstance(events, TrainingCommands) else TrainingCommands())
     started = time.time()
     given = config  # what was asked, before the settings left at 0 are filled in
     if dataset is None:
@@ -313,9 +327,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     held = validation_count(len(dataset.items), config.data.validation_images)
     train_set, held_out = split_validation(dataset, held)
     start = read_starting_adapter(Path(config.lora.init_lora), model) if config.lora.init_lora else None
-    if start is not None:
-        config = starting_settings(config, start, model)
-    config = resolve_config(build_config({"validation_images": held or -1}, base=config), train_set, model)
+    config = resolve_config(config, train_set, model, held, start)
     check_family_settings(config, model)
     listing = dataset_listing(dataset)
     resume, history = None, []
@@ -336,8 +348,8 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
             build_config({"trigger_word": config.data.trigger_word}, base=given), model.family))
         if start is not None:
             journal.started_from(f"Started from {start.describe()}: {NOT_EXACT}.")
-        result = _train(config, journal, model, train_set, held_out, run_dir, resume, history, listing, started,
-                        graph_entries, start)
+        result = _train(config, journal, commands, model, train_set, held_out, run_dir, resume, history, listing,
+                        started, graph_entries, start)
     except LoraLabError as error:
         journal.finish("failed", str(error))
         raise
@@ -353,9 +365,10 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     return result
 
 
-def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, dataset: Dataset, held_out: Dataset,
-           run_dir: Path, resume: RunState | None, history: list[dict], listing: list[list],
-           started: float, graph_entries: dict[str, str], start: StartingAdapter | None = None) -> TrainingResult:
+def _train(config: TrainingConfig, events: RunJournal, commands: TrainingCommands, model: LoadedModel,
+           dataset: Dataset, held_out: Dataset, run_dir: Path, resume: RunState | None, history: list[dict],
+           listing: list[list], started: float, graph_entries: dict[str, str],
+           start: StartingAdapter | None = None) -> TrainingResult:
     train = config.train
     if config.model.prediction_type != "auto":
         model.prediction_type = config.model.prediction_type
@@ -403,7 +416,7 @@ def _train(config: TrainingConfig, events: RunJournal, model: LoadedModel, datas
     earlier = earlier_checkpoints(run_dir, resume)
     if start is not None and resume is None:
         earlier = [save_start(run_dir, name, model, config, facts, events)]
-    loop = run_loop(model, prepared.examples, config, train.steps, config.output.save_every, save, events,
+    loop = run_loop(model, prepared.examples, config, train.steps, config.output.save_every, save, events, commands,
                     resume=resume, watch=watch, earlier=earlier)
     diagnosis = diagnose_run(loop.losses, watch.validation, train.steps)
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
