@@ -7,7 +7,8 @@ random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the sh
 
     python scripts/benchmark_trainer.py [--steps 20] [--families sd15,sdxl,flux] [--sizes tiny,reduced]
                                         [--cases plain,no_cache,checkpointing,text_encoder,fp8_base,
-                                                 loha,lokr,adafactor,lion]
+                                                 loha,lokr,adafactor,lion,adamw_schedulefree,
+                                                 prodigy_schedulefree]
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
 
@@ -31,7 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = {"plain": {}, "no_cache": {"cache": False}, "checkpointing": {"gradient_checkpointing": True},
          "text_encoder": {"train_text_encoder": True}, "fp8_base": {"fp8_base": True},
          "loha": {"adapter": "loha"}, "lokr": {"adapter": "lokr"}, "adafactor": {"optimizer": "adafactor"},
-         "lion": {"optimizer": "lion"}}
+         "lion": {"optimizer": "lion"},
+         "adamw_schedulefree": {"optimizer": "adamw_schedulefree", "lr_scheduler": "constant"},
+         "prodigy_schedulefree": {"optimizer": "prodigy_schedulefree", "lr_scheduler": "constant",
+                                  "learning_rate": 1.0}}
 NOT_FOR = {"text_encoder": {"flux"}}  # FLUX LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
@@ -129,13 +133,13 @@ def run_case(settings: dict) -> dict:
         def on_pause(self) -> None:
             self.inner.on_pause()
 
-    def loop(model, examples, config, total_steps, save_every, save, events, **kwargs):
+    def loop(model, examples, config, total_steps, save_every, save, events, *args, **kwargs):
         # The LoRA weights exist before the loop; the estimate counts them with their gradients.
         measured["lora_bytes"] = sum(p.numel() * p.element_size() for p in lora_parameters(model))
         live = budget.LiveTensorBytes()
         live.__enter__()
         return original_loop(model, examples, config, total_steps, save_every, save, Measuring(events, live),
-                             **kwargs)
+                             *args, **kwargs)
 
     run.run_loop, run.check_memory = loop, check
     with tempfile.TemporaryDirectory() as folder:

@@ -212,3 +212,26 @@ def test_comfyui_layout_with_flattened_convolutions_and_weight_differences(base_
     written = lora_state_dict(model, torch.float32)
     assert torch.equal(written["diffusion_model.out.0.diff"], diff)
     assert written["lora_unet_conv_in.lora_down.weight"].shape == (2, in_channels, k, k)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_every_family_continues_from_its_own_layout(family, tmp_path):
+    """SDXL (kohya names, both text encoders) and FLUX (diffusers' names, as ai-toolkit writes
+    them): a run from another run's file starts from exactly its tensors, with its settings."""
+    from lora_lab.trainer.run import load_base_model
+
+    from .tiny_models import build
+
+    folder = build(family, tmp_path / family)
+    model = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
+    text = {"train_text_encoder": True} if family == "sdxl" else {}
+    settings = {"base_model": str(folder), "output_dir": str(tmp_path / "out"), "rank": 4, "alpha": 2,
+                "resolution": 64, **QUICK}
+    source = train_lora(build_config({**settings, "name": "source", **text}), model=copy.deepcopy(model))
+    again = train_lora(build_config({**{k: v for k, v in settings.items() if k not in ("rank", "alpha")},
+                                     "name": "again", "init_lora": str(source.final_path)}), model=copy.deepcopy(model))
+    assert (again.config.lora.rank, again.config.alpha, again.config.lora.train_text_encoder) == (4, 2.0, bool(text))
+    before, step0 = load_file(str(source.final_path)), load_file(str(again.checkpoints[0].path))
+    assert set(before) == set(step0) and all(torch.equal(before[k].float(), step0[k]) for k in before)
+    if family == "sdxl":
+        assert any(k.startswith("lora_te2_") for k in step0)
