@@ -48,4 +48,10 @@ def test_the_plan_line_says_what_each_zero_becomes():
     assert "learning rate 5e-5" in unknown and "run the dataset to see the number" in unknown
     assert "held out" not in unknown and "1024 px for SDXL" in unknown
     assert "leaves no image to train on" in plan_line({"validation_images": 5}, "sd15", 5)
+    started = plan_line({"preset": "character", "init_lora": "styles/core_trained.safetensors"}, "sd15", 22)
+    assert started.startswith("type, rank, alpha and layers from core_trained.safetensors, whose weights train on "
+                              "with a new optimizer state (not an exact resume); learning rate 1e-4 from the "
+                              "character preset")
+    assert "rank 32" not in started and "alpha" not in started.split(";", 2)[-1]
+    assert plan_line({"init_lora": "None"}, "sd15", 22).startswith("rank 32")
     assert [rate(value) for value in (1e-4, 5e-5, 2.5e-4, 1.0)] == ["1e-4", "5e-5", "2.5e-4", "1"]

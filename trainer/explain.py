@@ -7,6 +7,7 @@ rules resolve the run itself (run.resolve_config), so what is shown is what trai
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from .config import STEP_RANGES, STEPS_PER_IMAGE, auto_steps, build_config, with_preset_values
@@ -20,14 +21,18 @@ def plan_line(settings: dict[str, Any], family: str, image_count: int | None) ->
     2,000 steps = 100 x 20 images; alpha 32 (= rank); 512 px (SD 1.5's own); a checkpoint every 500
     steps; 2 of 22 images held out for validation". `image_count` is None while the dataset is
     unknown (Load Dataset has not run yet)."""
-    config = build_config(settings)
+    start = "" if settings.get("init_lora") in (None, "", "None") else Path(str(settings["init_lora"])).name
+    config = build_config({**settings, "init_lora": start})
     resolved = with_preset_values(config)
     preset = config.train.preset
     source = f"the {preset} preset" if preset != "none" else "the defaults (no preset)"
     filled = [f"{label} {value}" for label, value, given in (
-        ("rank", resolved.lora.rank, config.lora.rank),
+        ("rank", resolved.lora.rank, config.lora.rank or start),
         ("learning rate", rate(resolved.optimizer.learning_rate), config.optimizer.learning_rate)) if not given]
     parts = [f"{' and '.join(filled)} from {source}"] if filled else []
+    if start:  # the file decides the adapter's shape (trainer/init_lora.py)
+        parts.insert(0, f"type, rank, alpha and layers from {start}, whose weights train on with a new optimizer "
+                        "state (not an exact resume)")
     held = 0
     if image_count is not None:
         try:
@@ -42,8 +47,9 @@ def plan_line(settings: dict[str, Any], family: str, image_count: int | None) ->
         steps = auto_steps(preset, image_count - held)
         parts.append(f"{steps:,} steps = {STEPS_PER_IMAGE} x {image_count - held} images, within {source}'s "
                      f"{STEP_RANGES[preset][0]:,}-{STEP_RANGES[preset][1]:,}")
-    alpha = config.lora.alpha or resolved.lora.rank
-    parts.append(f"alpha {alpha:g}" + (" (= rank)" if not config.lora.alpha else ""))
+    if not start:
+        alpha = config.lora.alpha or resolved.lora.rank
+        parts.append(f"alpha {alpha:g}" + (" (= rank)" if not config.lora.alpha else ""))
     title = get_family(family).title if family else "the model"
     resolution = config.data.resolution or (get_family(family).default_resolution if family else 0)
     own = ", ".join(f"{f.default_resolution} px for {f.title}" for f in all_families())
