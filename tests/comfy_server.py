@@ -258,7 +258,9 @@ class ComfyServer:
             with urllib.request.urlopen(request, timeout=30) as response:
                 text = response.read()
         except urllib.error.HTTPError as error:  # say why the server refused (a prompt that did not validate)
-            raise RuntimeError(f"{route}: HTTP {error.code}: {error.read().decode(errors='replace')[:3000]}") from None
+            body = error.read()
+            raise urllib.error.HTTPError(error.url, error.code, f"{error.msg}: {body.decode(errors='replace')[:3000]}",
+                                         error.headers, io.BytesIO(body)) from None
         return json.loads(text) if text else {}
 
     def websocket(self):
