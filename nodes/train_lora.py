@@ -194,8 +194,8 @@ class TrainLora(io.ComfyNode):
         try:
             family = graph_model.family_of(model)
             model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
-            identity = RunIdentity(settings, dataset.fingerprint, dataset.lora_type, model_name,
-                                   starting_key(graph_model.model_identity(model, model_name).key, settings))
+            identity = RunIdentity(identity_settings(settings), dataset.fingerprint, dataset.lora_type, model_name,
+                                   graph_model.model_identity(model, model_name).key)
             folder = comfy.lora_root() / comfy.LORA_SUBFOLDER
             plan = plan_run(folder, identity, str(settings["resume"]), jobs.SERVER_SESSION)
         except LoraLabError as error:
@@ -292,13 +292,13 @@ class TrainLora(io.ComfyNode):
         return cls.hand_on(model, clip, run, curve)
 
 
-def starting_key(model_key: str, settings: dict) -> str:
-    """The base model's key, and the init_lora file's (its size and time), where the run starts from
-    one: a file replaced under the same name trains again rather than being handed on."""
+def identity_settings(settings: dict) -> dict:
+    """The settings a run is recognised by: init_lora's file named with a stamp of its size and time,
+    so a file replaced under the same name trains again rather than being handed on."""
     path = init_lora_path(settings.get("init_lora", NO_FILE))
     if path is None:
-        return model_key
-    return hashlib.sha256(f"{model_key}|{ModelIdentity.of_path(path).key}".encode()).hexdigest()
+        return settings
+    return {**settings, "init_lora": f"{settings['init_lora']} ({ModelIdentity.of_path(path).key[:12]})"}
 
 
 def starting_note(settings: dict) -> str:

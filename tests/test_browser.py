@@ -515,6 +515,8 @@ def test_a_background_run_shows_after_a_reload_and_its_stop_button_saves(page, s
     page.wait_for_function(following_the_job, timeout=60_000)
     fit_view(page, 0.8)
     page.evaluate("() => { const c = window.app.canvas; c.ds.offset = [-500, -330]; c.setDirty(true, true); }")
+    # Nodes 2.0 moves its node boxes on the next frames: measure once they have moved.
+    page.evaluate("() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))")
     state = panel_state(page)
     shot(page, screenshots, "background", f"a background run after a reload: {state['numbers']}")
     assert "/ 2000" in state["numbers"]  # the job's state came back from the server after the reload

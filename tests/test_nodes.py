@@ -195,7 +195,7 @@ def test_init_lora_lists_the_loras_folder_and_becomes_the_files_path(nodes, stub
     """init_lora's choice is a file of the loras folder (as LoraLoader lists it), handed to the
     trainer as its path; a name from a stranger's workflow that points elsewhere is refused; and a
     file replaced under the same name is another run (queue again trains it)."""
-    from lora_lab.nodes.train_lora import TrainLora, node_config, starting_key
+    from lora_lab.nodes.train_lora import TrainLora, identity_settings, node_config
     from lora_lab.trainer.errors import LoraLabError
 
     (stubs.loras / "styles").mkdir()
@@ -208,10 +208,11 @@ def test_init_lora_lists_the_loras_folder_and_becomes_the_files_path(nodes, stub
     for hostile in ("../elsewhere.safetensors", "styles/gone.safetensors"):
         with pytest.raises(LoraLabError, match="not in the loras folder"):
             node_config({"name": "a", "init_lora": hostile}, tmp_path)
-    before = starting_key("model", {"init_lora": "styles/mine.safetensors"})
-    assert starting_key("model", {"init_lora": "None"}) == "model" != before
+    before = identity_settings({"init_lora": "styles/mine.safetensors"})
+    assert before["init_lora"].startswith("styles/mine.safetensors (")
+    assert identity_settings({"init_lora": "None"}) == {"init_lora": "None"}
     start.write_bytes(b"another file")
-    assert starting_key("model", {"init_lora": "styles/mine.safetensors"}) != before
+    assert identity_settings({"init_lora": "styles/mine.safetensors"}) != before
 
 
 def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
