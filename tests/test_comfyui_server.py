@@ -44,7 +44,7 @@ pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")]
 sys.path.insert(0, str(REPO / "scripts"))
 from build_example_workflows import EXAMPLES, TRAIN_AND_TEST, example_path  # noqa: E402
-from frontend_rules import FRONTEND_ONLY_NODES, ui_to_api  # noqa: E402
+from frontend_rules import FRONTEND_ONLY_NODES, default_value, ui_to_api, widgets  # noqa: E402
 
 CHECKPOINT = "random_sd15.safetensors"
 
@@ -432,20 +432,6 @@ def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loa
     print(f"{adapter}: trained through the nodes; Sample Checkpoint, Apply LoRA Stack and core LoraLoader agree")
 
 
-def _widget_defaults(server: ComfyServer, node: str) -> dict:
-    """A node's required widget inputs at their defaults, as the server declares them (the core
-    training nodes' inputs differ between ComfyUI versions)."""
-    required = server.get(f"/object_info/{node}")[node]["input"]["required"]
-    defaults = {}
-    for name, spec in required.items():
-        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-        if isinstance(spec[0], list):
-            defaults[name] = options.get("default", spec[0][0])
-        elif "default" in options:
-            defaults[name] = options["default"]
-    return defaults
-
-
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa", "LoKr"])
 def test_a_run_continues_from_a_lora_trained_by_comfyuis_own_training_nodes(server, algorithm):
     """ComfyUI's core TrainLoraNode + SaveLoRA write a file we did not write (ComfyUI's layout:
@@ -453,11 +439,13 @@ def test_a_run_continues_from_a_lora_trained_by_comfyuis_own_training_nodes(serv
     Train LoRA's init_lora starts from it: the run's step 0 is that file in our layout, and core
     LoraLoader applies the two identically, pixel for pixel; the run trains on from there, and
     every file it writes loads with no key left over."""
-    core = {**_widget_defaults(server, "TrainLoraNode"), "steps": 2, "rank": 4, "learning_rate": 0.01, "seed": 3,
+    info = server.get("/object_info/TrainLoraNode")["TrainLoraNode"]  # its inputs differ between versions
+    core = {**{widget.name: default_value(widget, info) for widget in widgets(info)},
+            "steps": 2, "rank": 4, "learning_rate": 0.01, "seed": 3,
             "training_dtype": "fp32", "lora_dtype": "fp32", "gradient_checkpointing": False,
             "existing_lora": "[None]", "batch_size": 1, "algorithm": algorithm}
     save_node = "SaveLoRA" if "SaveLoRA" in server.get("/object_info") else "SaveLoRANode"  # 0.33 / 0.3.64
-    lora_output = server.get("/object_info/TrainLoraNode")["TrainLoraNode"]["output"].index("LORA_MODEL")
+    lora_output = info["output"].index("LORA_MODEL")
     core_prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CHECKPOINT}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},

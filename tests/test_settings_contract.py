@@ -58,14 +58,10 @@ COMPANIONS: dict[str, dict[str, Any]] = {"lokr_factor": {"adapter": "lokr"}}
 SETTINGS = list(field_specs())
 
 
-def value_of(config: TrainingConfig, name: str) -> Any:
-    return getattr(getattr(config, field_specs()[name][0]), name)
-
-
 def test_every_setting_has_a_contract_value():
     assert set(EXPLICIT) == set(SETTINGS)
     defaults = TrainingConfig()
-    assert [name for name in SETTINGS if EXPLICIT[name] == value_of(defaults, name)] == []
+    assert [name for name in SETTINGS if EXPLICIT[name] == defaults.value(name)] == []
 
 
 def resolved(config: TrainingConfig) -> TrainingConfig:
@@ -101,7 +97,7 @@ def test_explicit_values_survive_every_preset_through_cli_and_config_file(preset
         wanted = preset if name == "preset" else EXPLICIT[name]
         for entry, config in (("cli", cli_config(name, EXPLICIT[name], preset)),
                               ("file", file_config(name, EXPLICIT[name], preset, tmp_path))):
-            got = value_of(resolved(config), name)
+            got = resolved(config).value(name)
             if name == "preset":
                 wanted = EXPLICIT["preset"] if entry == "file" else preset
             assert got == wanted, f"{name} through the {entry} under preset {preset}: {got!r}"
@@ -120,7 +116,7 @@ def test_explicit_node_widgets_survive_every_preset(nodes, preset, tmp_path):
             continue  # combos of the run's checkpoints and of the loras folder; test_nodes checks each choice
         config = resolved(node_config(values, tmp_path))
         wanted = EXPLICIT[name] if name not in ("preset", "output_dir") else values[name]
-        assert value_of(config, name) == wanted, f"{name} through the node under preset {preset}"
+        assert config.value(name) == wanted, f"{name} through the node under preset {preset}"
     empty = resolved(node_config({**widgets, "preset": preset}, tmp_path))
     assert (empty.lora.rank, empty.optimizer.learning_rate) == (PRESETS[preset]["rank"],
                                                                 PRESETS[preset]["learning_rate"])

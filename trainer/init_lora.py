@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load as load_tensor_bytes
 
 from .adapters import get_adapter
 from .config import TrainingConfig
@@ -70,14 +70,6 @@ class StartingAdapter:
         extra = f" and {len(self.differences)} weight differences" if self.differences else ""
         return (f"{self.name} ({self.layout} layout, {get_adapter(self.adapter).title} rank {self.rank or '?'}, "
                 f"{layers} layers{extra})")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _layer_aliases(model: LoadedModel) -> dict[str, tuple[str, str, str]]:
@@ -149,7 +141,8 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
         raise LoraLabError(f"init_lora {path.name} holds {found}: start from a file of one adapter type.")
     adapter = get_adapter(types.pop())
     aliases = _layer_aliases(model)
-    tensors_in_file = load_file(str(path))
+    data = path.read_bytes()  # read once: hashed for the record, then parsed
+    tensors_in_file = load_tensor_bytes(data)
     diffusers_alphas = _diffusers_alphas(metadata, path)
     modules: dict[str, list[str]] = {}
     tensors, layouts, alphas, ranks = {}, set(), [], set()
@@ -195,7 +188,7 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
     alpha = Counter(given).most_common(1)[0][0] if given else float(rank or 0)
     if len(layouts) > 1:
         log.info("init_lora %s names its layers in several layouts (%s)", path.name, ", ".join(sorted(layouts)))
-    return StartingAdapter(name=path.name, sha256=_file_sha256(path), layout="/".join(sorted(layouts)),
+    return StartingAdapter(name=path.name, sha256=hashlib.sha256(data).hexdigest(), layout="/".join(sorted(layouts)),
                            adapter=adapter.name, rank=rank, alpha=alpha,
                            options=adapter.options_of(list(shapes.values())),
                            hints=adapter.build_hints(list(shapes.values())),
