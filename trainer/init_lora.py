@@ -230,19 +230,21 @@ def starting_values(config: TrainingConfig, start: StartingAdapter, model: Loade
         taken["alpha"] = start.alpha
     if start.trains_text_encoder:
         taken["train_text_encoder"] = True
-    defaults = {"adapter": "lora", "rank": 0, "alpha": 0.0, "lokr_factor": -1, "train_text_encoder": False}
+    defaults = TrainingConfig()
     for name, value in taken.items():
         given = getattr(lora, name)
-        if given != defaults[name] and given != value:
+        if given != defaults.value(name) and given != value:
             raise LoraLabError(f"{name} = {given!r}, but init_lora {start.name} was trained with {name} = {value!r}; "
-                               f"leave {name} at {defaults[name]!r} to take the file's, or start from another file.")
+                               f"leave {name} at {defaults.value(name)!r} to take the file's, or start from another "
+                               "file.")
     if lora.train_text_encoder and not start.trains_text_encoder:
         raise LoraLabError(f"train_text_encoder is on, but init_lora {start.name} has no text-encoder layers; turn "
                            "it off, or start from a file that has them.")
     targets = targets_of(model, start)
-    if lora.targets not in ("attention", targets):
+    if lora.targets not in (defaults.lora.targets, targets):
         raise LoraLabError(f"targets = {lora.targets!r}, but init_lora {start.name} has the layers of targets = "
-                           f"{targets!r}, which the run trains; leave targets at 'attention' to take the file's.")
+                           f"{targets!r}, which the run trains; leave targets at {defaults.lora.targets!r} to take "
+                           "the file's.")
     return {**taken, "targets": targets}
 
 
@@ -253,12 +255,14 @@ def targets_of(model: LoadedModel, start: StartingAdapter) -> str:
     paths = set(start.modules.get(family.denoiser_prefix, []))
     adaptable = [path for path, module in model.denoiser.named_modules()
                  if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)]
+    def ends(path: str, ending: str) -> bool:  # PEFT's match of a target module name
+        return path == ending or path.endswith(f".{ending}")
+
     for name, endings in family.target_sets.items():
-        if paths == {path for path in adaptable if any(path == e or path.endswith(f".{e}") for e in endings)}:
+        if paths == {path for path in adaptable if any(ends(path, e) for e in endings)}:
             return name
     known = sorted({e for endings in family.target_sets.values() for e in endings}, key=len, reverse=True)
-    return ",".join(sorted({next((e for e in known if path == e or path.endswith(f".{e}")), path.rsplit(".", 1)[-1])
-                            for path in paths}))
+    return ",".join(sorted({next((e for e in known if ends(path, e)), path.rsplit(".", 1)[-1]) for path in paths}))
 
 
 def apply_starting_weights(model: LoadedModel, start: StartingAdapter) -> None:
