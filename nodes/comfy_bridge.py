@@ -7,6 +7,7 @@ decisions are made here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import gc
 import logging
@@ -201,10 +202,12 @@ def training_mode() -> Iterator[None]:
         yield
 
 
-def free_memory_for_training(model: Any) -> None:
-    """Unload every cached model but the one we train, then load that one whole."""
+def free_memory_for_training(model: Any, clip: Any = None) -> None:
+    """Unload every cached model but the one we train, then load that one whole (and the CLIP too,
+    when its text encoder trains: loaded in the same call, so neither evicts the other)."""
     comfy.model_management.unload_all_models()
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    comfy.model_management.load_models_gpu([model, *([clip.patcher] if clip is not None else [])],
+                                           force_full_load=True)
 
 
 def release_training_memory() -> None:
@@ -271,9 +274,44 @@ def prediction_type(model: Any) -> str:
     raise LoraLabError(f"This model predicts with {type(sampling).__name__}, which Train LoRA does not support yet.")
 
 
-def encode_pooled(clip: Any, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A caption's text conditioning and pooled vector, as the graph's CLIP makes them."""
-    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+def encode_pooled(clip: Any, text: str, stage: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A caption's text conditioning and pooled vector, as the graph's CLIP makes them; with `stage`
+    (a copy of its text-encoder modules, `trainable_text_stage`) through that copy, by the same
+    steps as ComfyUI's CLIP.encode_from_tokens: its tokenizer, its clip-skip layer, its weighting."""
+    tokens = clip.tokenize(text)
+    if stage is None:
+        return clip.encode_from_tokens(tokens, return_pooled=True)
+    stage.reset_clip_options()
+    if clip.layer_idx is not None:
+        stage.set_clip_options({"layer": clip.layer_idx})
+    stage.set_clip_options({"execution_device": clip.patcher.load_device})  # older ComfyUI ignores it
+    cond, pooled = stage.encode_token_weights(tokens)[:2]
+    return cond, pooled
+
+
+def trainable_text_stage(clip: Any) -> torch.nn.Module:
+    """A copy of the CLIP's text-encoder modules (`cond_stage_model`) that holds ComfyUI's own
+    tensors (loaded and patched as this graph has them, usable by autograd), not copies of them:
+    adapter layers go into the copy, so the graph's CLIP, its patches and its cache stay as they are."""
+    stage = text_stage(clip)
+    shared = {id(tensor): tensor for tensor in (*stage.parameters(), *stage.buffers())}
+    trainable = copy.deepcopy(stage, shared)
+    for module in trainable.modules():
+        # ComfyUI's CLIP layers add their residuals in place (`x += attention(norm(x))`) into the
+        # tensor the norm has just read, which autograd needs unchanged: the norm reads a copy.
+        if isinstance(module, torch.nn.LayerNorm):
+            module.register_forward_pre_hook(_own_input)
+    return trainable
+
+
+def _own_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].clone(), *args[1:])
+
+
+def text_stage(clip: Any) -> torch.nn.Module:
+    """The CLIP's own text-encoder modules, their tensors usable by autograd (read, not changed)."""
+    _leave_inference_mode(clip.cond_stage_model)
+    return clip.cond_stage_model
 
 
 class NodeEvents(PanelEvents, TrainingCommands):

@@ -130,6 +130,9 @@ class Conversion:
     # The denoiser's keys in ComfyUI's own files (LoadedModel.original_names); none for FLUX, whose
     # original layout fuses projections that diffusers keeps apart.
     original_names: Callable[[Any], dict[str, str]] = lambda model: {}
+    # The text encoders text-encoder LoRA trains: their names in ComfyUI's CLIP (cond_stage_model),
+    # in the order of the family's export prefixes (none: the family trains only its denoiser).
+    text_encoders: tuple[str, ...] = ()
 
 
 # ComfyUI model class -> trainer family, checked in this order. Adding a trainable family means an
@@ -139,9 +142,10 @@ CONVERSIONS = {
     "flux": Conversion("Flux", exact=False, denoiser=shared_diffusers_flux,
                        accepts=lambda c: c.get("in_channels") == 16 and c.get("image_model", "flux") == "flux"),
     "sdxl": Conversion("SDXL", exact=False, denoiser=shared_diffusers_unet,  # Vega, SSD-1B, KOALA too
-                       accepts=lambda c: c.get("in_channels") == 4, original_names=original_unet_names),
+                       accepts=lambda c: c.get("in_channels") == 4, original_names=original_unet_names,
+                       text_encoders=("clip_l", "clip_g")),
     "sd15": Conversion("SD15", exact=True, denoiser=shared_diffusers_unet, accepts=lambda c: c.get("in_channels") == 4,
-                       original_names=original_unet_names),
+                       original_names=original_unet_names, text_encoders=("clip_l",)),
 }
 
 
@@ -158,14 +162,21 @@ def family_of(model: Any) -> ModelFamily:
 
 
 class GraphEncoders(Encoders):
-    """Captions through the graph's CLIP and images through its VAE, shaped as the family wants."""
+    """Captions through the graph's CLIP and images through its VAE, shaped as the family wants.
+    When the text encoder trains, captions go through `stage`, a copy of the CLIP's modules over
+    its own tensors that holds the adapter layers (comfy_bridge.trainable_text_stage), by ComfyUI's
+    own encoding steps: at strength 0 it encodes exactly as the graph's CLIP does."""
 
-    def __init__(self, family: ModelFamily, clip: Any, vae: Any, latent_format: Any) -> None:
-        super().__init__()
-        self.family, self.clip, self.vae, self.latent_format = family, clip, vae, latent_format
+    def __init__(self, family: ModelFamily, clip: Any, vae: Any, latent_format: Any,
+                 stage: torch.nn.Module | None = None, text_encoders: list[torch.nn.Module] | None = None) -> None:
+        super().__init__(text_encoders)
+        self.family, self.clip, self.vae, self.latent_format, self.stage = family, clip, vae, latent_format, stage
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.stage] if self.stage is not None else []  # ComfyUI's CLIP counts only when it trains
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        encoded = [comfy.encode_pooled(self.clip, caption) for caption in captions]
+        encoded = [comfy.encode_pooled(self.clip, caption, self.stage) for caption in captions]
         tokens = self.family.text_tokens
         conditioning = {"prompt_embeds": torch.cat([cond[:, :tokens] for cond, _ in encoded]).clone()}
         if self.family.pooled_conditioning:
@@ -179,6 +190,11 @@ class GraphEncoders(Encoders):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         images = self.vae.decode(self.latent_format.process_out(latents))  # (B, H, W, C) in [0, 1]
         return images.movedim(-1, 1).float() * 2 - 1
+
+
+def text_stage_of(loaded: LoadedModel) -> torch.nn.Module | None:
+    """The copy of the CLIP's modules a run trains the text encoder in (None when it does not)."""
+    return loaded.encoders.stage if isinstance(loaded.encoders, GraphEncoders) else None
 
 
 def weights_key(denoiser: torch.nn.Module, extra: str = "") -> str:
@@ -210,12 +226,18 @@ def model_identity(model: Any, model_name: str) -> ModelIdentity:
     return ModelIdentity(name=model_name, key=key)
 
 
-def loaded_model(model: Any, clip: Any, vae: Any, identity: ModelIdentity) -> LoadedModel:
-    """The trainer's view of a graph's MODEL, CLIP and VAE (see the module docstring)."""
+def loaded_model(model: Any, clip: Any, vae: Any, identity: ModelIdentity,
+                 text_encoder: bool = False) -> LoadedModel:
+    """The trainer's view of a graph's MODEL, CLIP and VAE (see the module docstring); with
+    `text_encoder`, the CLIP's text encoders are the model's too, for text-encoder LoRA (families
+    whose conversion names none train their denoiser only, and the run's settings say so)."""
     family = family_of(model)
-    comfy.free_memory_for_training(model)
+    names = CONVERSIONS[family.name].text_encoders if text_encoder else ()
+    comfy.free_memory_for_training(model, clip if names else None)
+    stage = comfy.trainable_text_stage(clip) if names else None
+    text_encoders = [getattr(stage, name).transformer for name in names]
     return LoadedModel(family=family, denoiser=shared_denoiser(model),
-                       encoders=GraphEncoders(family, clip, vae, comfy.latent_format(model)),
+                       encoders=GraphEncoders(family, clip, vae, comfy.latent_format(model), stage, text_encoders),
                        noise_scheduler=family.training_scheduler(), prediction_type=comfy.prediction_type(model),
                        identity=identity, resolution=family.default_resolution,
                        original_names=CONVERSIONS[family.name].original_names(model))

@@ -15,6 +15,7 @@ from ..trainer.config import TrainingConfig, build_config
 from ..trainer.errors import LoraLabError
 from ..trainer.families.base import ModelIdentity
 from ..trainer.history import journal_path, loss_log_path, read_journal, read_loss_log
+from ..trainer.init_lora import has_text_encoder_layers
 from ..trainer.resume import SUFFIX
 from ..trainer.run import (
     TrainingResult,
@@ -39,13 +40,20 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
             "sample_every", "prompts", "validation_images")
-SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor", "init_lora")  # added after `background`, so they follow it
+SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor", "init_lora", "train_text_encoder",
+                             "text_encoder_lr")  # added after `background`, so they follow it
 NO_FILE = "None"  # init_lora: start from zero
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
 # The preset follows the LoRA type chosen once on Load Dataset unless set here.
 FROM_DATASET = "from dataset"
 WIDGET_OPTIONS = {"alpha": {"step": 1.0}, "learning_rate": {"step": 1e-5, "round": 1e-7},
+                  "text_encoder_lr": {"step": 1e-5, "round": 1e-7},
+                  "train_text_encoder": {"tooltip": "Also train LoRA on the text encoder (SD 1.5: CLIP-L; SDXL: "
+                                                    "CLIP-L and CLIP-G), as kohya's train_text_encoder does: the "
+                                                    "LoRA's clip half, which LoraLoader's strength_clip scales. "
+                                                    "Captions are then encoded at every step (not cached). FLUX "
+                                                    "trains its transformer only."},
                   "seed": {"control_after_generate": False}, "name": {"default": "my_lora"},
                   "preset": {"default": FROM_DATASET, "extra_choices": (FROM_DATASET,),
                              "tooltip": "The guide's scenario: fills in rank, learning rate and the step range for "
@@ -221,8 +229,9 @@ class TrainLora(io.ComfyNode):
                       "dataset ...".strip())
         try:
             with comfy.training_mode():
-                result = train_lora(config, events, model=graph_model.loaded_model(model, clip, vae, model_identity),
-                                    dataset=dataset.dataset, owner=owner, graph=graph)
+                loaded = graph_model.loaded_model(model, clip, vae, model_identity, trains_text_encoder(config))
+                result = train_lora(config, events, model=loaded, dataset=dataset.dataset, owner=owner, graph=graph)
+                del loaded  # result.model alone holds it now, let go of below
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         except LoraLabError as error:
             events.status("failed", str(error))
@@ -292,6 +301,11 @@ class TrainLora(io.ComfyNode):
         return cls.hand_on(model, clip, run, curve)
 
 
+def trains_text_encoder(config: TrainingConfig) -> bool:
+    """Whether the run trains the text encoder: asked for, or the init_lora file has its layers."""
+    return config.lora.train_text_encoder or has_text_encoder_layers(config.lora.init_lora)
+
+
 def identity_settings(settings: dict) -> dict:
     """The settings a run is recognised by: init_lora's file named with a stamp of its size and time,
     so a file replaced under the same name trains again rather than being handed on."""
@@ -333,7 +347,7 @@ def background_training(config: TrainingConfig, model, clip, vae, dataset: Datas
     def train(events: jobs.JobEvents) -> TrainingResult:
         try:
             with comfy.training_mode():
-                loaded.append(graph_model.loaded_model(model, clip, vae, identity))
+                loaded.append(graph_model.loaded_model(model, clip, vae, identity, trains_text_encoder(config)))
                 return train_lora(config, events, model=loaded[0], dataset=dataset.dataset,
                                   owner={**owner, "background": True}, graph=graph)
         finally:
@@ -342,11 +356,16 @@ def background_training(config: TrainingConfig, model, clip, vae, dataset: Datas
 
     def leave_device() -> None:
         if loaded:
-            jobs.release_base_weights(loaded[0].denoiser)
+            for module in (loaded[0].denoiser, graph_model.text_stage_of(loaded[0])):
+                if module is not None:
+                    jobs.release_base_weights(module)
 
     def back_to_training() -> None:
-        comfy.free_memory_for_training(model)
+        stage = graph_model.text_stage_of(loaded[0]) if loaded else None  # when the text encoder trains
+        comfy.free_memory_for_training(model, clip if stage is not None else None)
         if loaded:
             jobs.relink_base_weights(loaded[0].denoiser, graph_model.shared_denoiser(model))
+        if stage is not None:
+            jobs.relink_base_weights(stage, comfy.text_stage(clip))
 
     return jobs.Trainer(train, leave_device, back_to_training)

@@ -321,10 +321,18 @@ def _unloaded_keys(server: ComfyServer, since: int) -> list[str]:
     return [line for line in server.log()[since:].splitlines() if "lora key not loaded" in line or "NOT LOADED" in line]
 
 
+def sdxl_checkpoint(server: ComfyServer) -> str:
+    """The random SDXL checkpoint in the server's checkpoints folder, built the first time."""
+    path = server.base / "models" / "checkpoints" / "random_sdxl.safetensors"
+    if not path.is_file():
+        started = time.time()
+        build_sdxl_checkpoint(path)
+        print(f"SDXL checkpoint built in {time.time() - started:.0f} s")
+    return path.name
+
+
 def test_sdxl_trains_through_the_nodes_and_its_lora_loads(server):
-    started = time.time()
-    build_sdxl_checkpoint(server.base / "models" / "checkpoints" / "random_sdxl.safetensors")
-    print(f"SDXL checkpoint built in {time.time() - started:.0f} s")
+    sdxl_checkpoint(server)
     sample = dict(seed=0, steps=2, cfg=5.0, sampler_name="euler", scheduler="normal", denoise=1.0)
     train = {"preset": "none", "steps": 2, "rank": 4, "alpha": 0.0, "learning_rate": 0.001, "resolution": 64,
              "batch_size": 1, "optimizer": "adamw", "lr_scheduler": "constant", "warmup_steps": 0, "save_every": 1,
@@ -357,6 +365,65 @@ def test_sdxl_trains_through_the_nodes_and_its_lora_loads(server):
     assert sorted(p.name for p in run_dir.glob("*.safetensors")) == ["sdxl_test-step000001.safetensors",
                                                                       "sdxl_test.safetensors"]
     print(f"SDXL train + sample workflow {time.time() - started:.1f} s")
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_text_encoder_trains_through_the_nodes_and_loads_in_core_loraloaders_clip_half(server, family, tmp_path):
+    """Train LoRA with train_text_encoder on: the file's text-encoder layers (SD 1.5: lora_te_; SDXL:
+    lora_te1_ and lora_te2_) all load in core LoraLoader, whose CLIP half alone (strength_model 0)
+    changes the image; Sample Checkpoint's cell equals core LoraLoader's. Against ComfyUI's own code
+    (comfy_text_encoder_check.py): the copy of the CLIP the run trains in encodes exactly as the CLIP
+    does, and the trained layers, started from in that copy, encode as core LoraLoader applies them."""
+    from lora_lab.trainer.files import read_metadata
+    from lora_lab.trainer.lora_files import read_header
+
+    checkpoint = CHECKPOINT if family == "sd15" else sdxl_checkpoint(server)
+    name = f"text_encoder_{family}"
+    prompt = training_graph(checkpoint, train_settings(steps=2, save_every=2, learning_rate=0.01, seed=3, name=name,
+                                                       train_text_encoder=True, text_encoder_lr=0.05),
+                            trigger="zkw_toy")
+    sample = dict(seed=5, steps=2, cfg=7.0, sampler_name="euler", scheduler="normal")
+    prompt.update({
+        "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "10": {"class_type": "LoraLabSampleCheckpoint", "inputs": {
+            "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "training_run": ["3", 2], "prompts": "{trigger}",
+            "negative": "", "strengths": "1", "width": 64, "height": 64, "checkpoints": "latest", **sample}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 1]}},
+        "12": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": ["3", 4],
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+        "13": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": ["3", 4],
+                                                      "strength_model": 0.0, "strength_clip": 1.0}},
+        **core_sample(["12", 0], ["12", 1], 20, "zkw_toy", "", ["9", 0], sample),
+        **core_sample(["13", 0], ["13", 1], 30, "zkw_toy", "", ["9", 0], sample),
+        **core_sample(["1", 0], ["1", 1], 40, "zkw_toy", "", ["9", 0], sample),
+    })
+    since = len(server.log())
+    prompt_id, _ = server.run(prompt)
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    assert not _unloaded_keys(server, since)
+    final = server.base / "models" / "loras" / "lora_lab" / name / f"{name}.safetensors"
+    prefixes = {key.split("_text_model_")[0] for key in read_header(final) if key.startswith("lora_te")}
+    assert prefixes == ({"lora_te"} if family == "sd15" else {"lora_te1", "lora_te2"})
+    metadata = read_metadata(final)
+    assert (metadata["ss_network_train_unet_only"], metadata["ss_text_encoder_lr"]) == ("False", "0.05")
+    cell = output_images(server, prompt_id, "11")[0]
+    core, clip_only, base = (output_images(server, prompt_id, node)[0] for node in ("24", "34", "44"))
+    assert np.array_equal(cell, core)
+    assert not np.array_equal(clip_only, base)  # the text-encoder half alone changes what is drawn
+
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    (packages / "lora_lab").symlink_to(REPO, target_is_directory=True)
+    result = subprocess.run([comfy_python(Path(COMFYUI_DIR)), str(Path(__file__).with_name(
+        "comfy_text_encoder_check.py")), COMFYUI_DIR, str(packages), str(server.base / "models" / "checkpoints" /
+                                                                         checkpoint), str(final), "a zkw_toy"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(f"{family}: {report}")
+    assert report["copy_vs_clip"] == 0.0 and report["unloaded"] == []
+    assert report["text_encoder_layers"] == (48 if family == "sd15" else 176)  # CLIP-L (and CLIP-G): q, k, v, out
+    assert report["core_changed"] > 1e-3 and report["ours_vs_core"] <= 1e-5 * report["core_changed"]
 
 
 def test_flux_lora_from_our_exporter_loads_every_key(server):
@@ -560,6 +627,38 @@ def test_background_training_lets_prompts_sample_its_checkpoints_and_trains_the_
     folder = server.base / "models" / "loras" / "lora_lab"
     background, foreground = load_file(folder / "bg" / "bg.safetensors"), load_file(folder / "fg" / "fg.safetensors")
     assert background.keys() == foreground.keys()
+    assert all((background[key] == foreground[key]).all() for key in background)
+
+
+def test_a_background_run_of_the_text_encoder_takes_turns_and_trains_the_same_lora(server):
+    """A background run that trains the text encoder shares the graph's CLIP with the prompts that
+    take turns with it (each applies its newest checkpoint to that CLIP, text-encoder half included,
+    and encodes); after each turn it takes ComfyUI's tensors anew, and its LoRA equals a foreground
+    run's bit for bit."""
+    settings = train_settings(steps=40, save_every=10, name="bg_text", background=True, train_text_encoder=True)
+    prompt_id, _ = server.run(training_graph(CHECKPOINT, settings))
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    wait_for_job(server, "bg_text", lambda j: j["checkpoints"])
+    sample = {"class_type": "LoraLabSampleCheckpoint", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "prompts": "{trigger}", "negative": "",
+        "strengths": "1", "seed": 0, "steps": 2, "cfg": 7.0, "sampler_name": "euler", "scheduler": "normal",
+        "width": 64, "height": 64, "training_run": ["3", 2], "checkpoints": "latest"}}
+    sampling = training_graph(CHECKPOINT, settings, {"4": sample, "5": {"class_type": "PreviewImage",
+                                                               "inputs": {"images": ["4", 0]}}})
+    for seed in range(2):
+        sampling["4"]["inputs"]["seed"] = seed
+        prompt_id, _ = server.run(sampling)
+        assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    final = wait_for_job(server, "bg_text", lambda j: j["status"] not in ("training", "paused"))
+    assert final["status"] == "finished" and final["paused_seconds"] > 0, final
+    prompt_id, _ = server.run(training_graph(CHECKPOINT, {**settings, "name": "fg_text", "background": False}))
+    assert server.get(f"/history/{prompt_id}")[prompt_id]["status"]["status_str"] == "success", server.log()[-3000:]
+    from safetensors.torch import load_file
+
+    folder = server.base / "models" / "loras" / "lora_lab"
+    background = load_file(folder / "bg_text" / "bg_text.safetensors")
+    foreground = load_file(folder / "fg_text" / "fg_text.safetensors")
+    assert background.keys() == foreground.keys() and any(key.startswith("lora_te_") for key in background)
     assert all((background[key] == foreground[key]).all() for key in background)
 
 

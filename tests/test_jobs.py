@@ -168,9 +168,9 @@ def test_background_node_returns_at_once_and_its_fingerprint_follows_checkpoints
     monkeypatch.setattr(jobs.TURNS, "installed", True)
     monkeypatch.setattr(graph_model, "family_of", lambda model: get_family("sd15"))
     monkeypatch.setattr(graph_model, "model_identity", lambda model, name: ModelIdentity(name, "weights"))
-    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, identity: fresh_model)
+    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, identity, *_: fresh_model)
     monkeypatch.setattr(comfy_bridge, "send", lambda event, data: sent.append((event, data)))
-    monkeypatch.setattr(comfy_bridge, "free_memory_for_training", freed.append)
+    monkeypatch.setattr(comfy_bridge, "free_memory_for_training", lambda model, clip=None: freed.append(model))
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     monkeypatch.setattr(comfy_bridge, "blocked", lambda message: ("blocked", message))
     monkeypatch.setattr(train_lora.TrainLora, "hidden",

@@ -23,7 +23,7 @@ EXPECTED_INPUTS = {
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
                          "noise_offset", "bucketing", "resume", "resume_with_changes", "sample_every", "prompts",
                          "validation_images", "background", "adapter", "lokr_factor",
-                         "init_lora"],
+                         "init_lora", "train_text_encoder", "text_encoder_lr"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
                                 "sampler_name", "scheduler", "width", "height", "training_run", "lora_names",
                                 "checkpoints"],
@@ -87,8 +87,11 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
 
     monkeypatch.setattr(train_lora, "train_lora", fake_train)
     monkeypatch.setattr(graph_model, "model_identity", lambda model, name: ModelIdentity(name, "weights"))
-    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, identity: ("loaded", model,
-                                                                                         identity.name))
+    def loaded_model(model, clip, vae, identity, text_encoder):
+        calls["text_encoder"] = text_encoder
+        return "loaded", model, identity.name
+
+    monkeypatch.setattr(graph_model, "loaded_model", loaded_model)
     monkeypatch.setattr(comfy_bridge, "training_mode", _nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     statuses = []
@@ -112,6 +115,7 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     assert resolved.lora.rank == 8 and resolved.optimizer.learning_rate == 1e-4
     assert config.output.output_dir == str(stubs.loras / "lora_lab")
     assert calls["model"] == ("loaded", "MODEL", "my_model.safetensors")  # the loader's file, through the LoRA
+    assert calls["text_encoder"] is False  # the graph's CLIP is only loaded for training when it trains
     from lora_lab.nodes.jobs import SERVER_SESSION
 
     owner = calls["owner"]
@@ -215,6 +219,36 @@ def test_init_lora_lists_the_loras_folder_and_becomes_the_files_path(nodes, stub
     assert identity_settings({"init_lora": "styles/mine.safetensors"}) != before
 
 
+def test_the_text_encoder_trains_when_asked_or_when_init_lora_has_its_layers(nodes, stubs, tmp_path):
+    """Train LoRA loads the graph's CLIP for training when train_text_encoder is on, or when the
+    starting file has text-encoder layers (the file decides, as it does the rank); the panel's plan
+    line says so, with its learning rate, and says before Queue what a family refuses."""
+    from lora_lab.nodes.train_lora import node_config, trains_text_encoder
+    from lora_lab.trainer.explain import plan_line
+    from lora_lab.trainer.export import save_lora
+
+    layer = "text_model_encoder_layers_0_self_attn_q_proj"
+    save_lora(stubs.loras / "with_te.safetensors", {f"lora_te_{layer}.lora_down.weight": torch.zeros(4, 8),
+                                                     f"lora_te_{layer}.lora_up.weight": torch.zeros(8, 4)}, {})
+    save_lora(stubs.loras / "unet_only.safetensors", {"lora_unet_mid_block_proj_in.lora_down.weight":
+                                                      torch.zeros(4, 8),
+                                                      "lora_unet_mid_block_proj_in.lora_up.weight": torch.zeros(8, 4)},
+              {})
+    config = node_config({"name": "a", "train_text_encoder": True}, tmp_path)
+    assert trains_text_encoder(config)
+    assert trains_text_encoder(node_config({"name": "a", "init_lora": "with_te.safetensors"}, tmp_path))
+    assert not trains_text_encoder(node_config({"name": "a", "init_lora": "unet_only.safetensors"}, tmp_path))
+    assert not trains_text_encoder(node_config({"name": "a"}, tmp_path))
+    line = plan_line({"train_text_encoder": True, "preset": "style"}, "sd15", 12)
+    assert "the text encoder trains too, at learning rate 5e-5 (half the learning rate)" in line
+    assert "at learning rate 2e-5;" in plan_line({"train_text_encoder": True, "text_encoder_lr": 2e-5}, "sdxl", 12)
+    assert plan_line({"train_text_encoder": True}, "flux", 12).startswith("train_text_encoder do(es) not apply to "
+                                                                          "FLUX.1")
+    assert plan_line({"text_encoder_lr": 2e-5}, "sd15", 12) == (
+        "text_encoder_lr = 2e-05 applies only while the text encoder trains; turn train_text_encoder on, or set "
+        "text_encoder_lr to 0.")
+
+
 def test_stack_applies_in_order_without_touching_its_input(nodes, stubs):
     from lora_lab.nodes.apply_lora_stack import ApplyLoraStack
     from lora_lab.trainer.export import save_lora
@@ -302,12 +336,15 @@ def test_compare_lora_stack_samples_each_pair_of_strengths_chained_in_stack_orde
 def test_a_setting_added_later_leaves_the_identity_of_older_runs_alone(nodes):
     """Queue again finds a finished run by its settings' digest: a run trained before `adapter`
     existed must keep its digest while adapter keeps the old behaviour (lora)."""
-    from lora_lab.nodes.train_lora import SETTINGS, node_inputs_as_settings
+    from lora_lab.nodes.train_lora import SETTINGS, SETTINGS_AFTER_BACKGROUND, node_inputs_as_settings
 
     old = {name: f"value of {name}" for name in SETTINGS}
-    assert node_inputs_as_settings({**old, "adapter": "lora", "lokr_factor": -1, "init_lora": "None"}) == old
-    assert node_inputs_as_settings({**old, "adapter": "loha", "lokr_factor": -1, "init_lora": "None"}) == {
-        **old, "adapter": "loha"}
+    later = {"adapter": "lora", "lokr_factor": -1, "init_lora": "None", "train_text_encoder": False,
+             "text_encoder_lr": 0.0}
+    assert set(later) == set(SETTINGS_AFTER_BACKGROUND)
+    assert node_inputs_as_settings({**old, **later}) == old
+    assert node_inputs_as_settings({**old, **later, "adapter": "loha"}) == {**old, "adapter": "loha"}
+    assert node_inputs_as_settings({**old, **later, "train_text_encoder": True}) == {**old, "train_text_encoder": True}
 
 
 def test_load_dataset_reports_and_carries_the_lora_type(nodes, stubs, monkeypatch):

@@ -39,7 +39,7 @@ def node(nodes, stubs, monkeypatch, base_model, concept_dataset):
     monkeypatch.setattr(train_lora, "train_lora", counted_train)
     monkeypatch.setattr(graph_model, "family_of", lambda model: get_family("sd15"))
     monkeypatch.setattr(graph_model, "model_identity", lambda model, name: ModelIdentity(name, state.model_key))
-    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, identity: copy.deepcopy(base_model))
+    monkeypatch.setattr(graph_model, "loaded_model", lambda model, clip, vae, identity, *_: copy.deepcopy(base_model))
     monkeypatch.setattr(comfy_bridge, "training_mode", contextlib.nullcontext)
     monkeypatch.setattr(comfy_bridge, "release_training_memory", lambda: None)
     state.cancel_at = None

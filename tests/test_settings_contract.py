@@ -53,8 +53,10 @@ EXPLICIT: dict[str, Any] = {
     "validation_every": 7, "caption_dropout": 0.1, "shuffle_tags": True, "keep_tokens": 2, "adapter": "lokr",
     "lokr_factor": 4, "init_lora": "/loras/start.safetensors",
 }
-# A setting that belongs to one adapter type is given with that type (alone it is refused, by design).
-COMPANIONS: dict[str, dict[str, Any]] = {"lokr_factor": {"adapter": "lokr"}}
+# A setting that belongs with another is given with it (alone it is refused, by design): the LoKr factor
+# with the lokr type, the text encoder's learning rate with the text encoder trained.
+COMPANIONS: dict[str, dict[str, Any]] = {"lokr_factor": {"adapter": "lokr"},
+                                          "text_encoder_lr": {"train_text_encoder": True}}
 SETTINGS = list(field_specs())
 
 

@@ -146,8 +146,23 @@ def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingC
         base=_size(on_device) - lora_bytes,
         adapters=lora_bytes,
         optimizer=sum(p.numel() for p in lora) * OPTIMIZERS[config.optimizer.optimizer].state_bytes,
-        step=measure_step(model, config, latents, conditioning, compute_dtype),
+        step=measure_step(model, config, latents, conditioning, compute_dtype)
+        + measure_text_step(model, examples, config),
         overhead=CUDA_OVERHEAD if model.device.type == "cuda" else 0)
+
+
+def measure_text_step(model: LoadedModel, examples: TrainingSet, config: TrainingConfig) -> int:
+    """What the text encoders keep for their backward pass while the denoiser steps, when they
+    train: measured on one real encode of a batch of captions (its activations and output, counted
+    while alive). No backward runs, so no gradient is touched; 0 when the text encoder is frozen."""
+    if not config.lora.train_text_encoder:
+        return 0
+    captions = [examples.examples[0].caption] * config.train.batch_size  # every caption pads to the same length
+    counter = LiveTensorBytes()
+    with torch.enable_grad(), counter:
+        conditioning = model.encoders.encode_prompts(captions)
+        del conditioning
+    return counter.peak
 
 
 class LiveTensorBytes(TorchDispatchMode):

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import tomllib
@@ -25,6 +25,9 @@ from .adapters import ADAPTER_NAMES
 from .errors import LoraLabError
 from .families import FAMILY_NAMES
 from .optimizers import OPTIMIZER_NAMES, check_optimizer_settings, optimizer_help
+
+if TYPE_CHECKING:
+    from .families.base import ModelFamily
 
 AUTO = 0  # numeric settings where 0 means "work it out" (rank, learning rate, steps, alpha, resolution, ...)
 
@@ -260,6 +263,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 STEP_RANGES = {"none": (1000, 8000), "style": (1500, 3000), "character": (2000, 4000),
                "object": (1000, 4000), "likeness": (3000, 5000)}
 STEPS_PER_IMAGE = 100
+
+
+def check_family_settings(config: TrainingConfig, family: ModelFamily) -> None:
+    """Settings that mean nothing for this family, or without the setting they belong with, are
+    refused rather than silently ignored (before Queue too: the panel's plan line says it)."""
+    defaults = TrainingConfig()
+    wrong = [name for name in family.unsupported_settings if config.value(name) != defaults.value(name)]
+    if wrong:
+        reset = ", ".join(f"{name} = {defaults.value(name)!r}" for name in wrong)
+        raise LoraLabError(f"{', '.join(wrong)} do(es) not apply to {family.title} ({family.unsupported_reason}); "
+                           f"reset to the default ({reset}).")
+    if config.optimizer.text_encoder_lr and not config.lora.train_text_encoder:
+        raise LoraLabError(f"text_encoder_lr = {config.optimizer.text_encoder_lr:g} applies only while the text "
+                           "encoder trains; turn train_text_encoder on, or set text_encoder_lr to 0.")
 
 
 def auto_steps(preset: str, image_count: int) -> int:

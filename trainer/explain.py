@@ -10,7 +10,14 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .config import STEP_RANGES, STEPS_PER_IMAGE, auto_steps, build_config, with_preset_values
+from .config import (
+    STEP_RANGES,
+    STEPS_PER_IMAGE,
+    auto_steps,
+    build_config,
+    check_family_settings,
+    with_preset_values,
+)
 from .data import validation_count
 from .errors import LoraLabError
 from .families import all_families, get_family
@@ -23,6 +30,11 @@ def plan_line(settings: dict[str, Any], family: str, image_count: int | None) ->
     unknown (Load Dataset has not run yet)."""
     start = "" if settings.get("init_lora") in (None, "", "None") else Path(str(settings["init_lora"])).name
     config = build_config({**settings, "init_lora": start})
+    if family:
+        try:
+            check_family_settings(config, get_family(family))
+        except LoraLabError as error:
+            return str(error)
     resolved = with_preset_values(config)
     preset = config.train.preset
     source = f"the {preset} preset" if preset != "none" else "the defaults (no preset)"
@@ -50,6 +62,10 @@ def plan_line(settings: dict[str, Any], family: str, image_count: int | None) ->
     if not start:
         alpha = config.lora.alpha or resolved.lora.rank
         parts.append(f"alpha {alpha:g}" + (" (= rank)" if not config.lora.alpha else ""))
+    if config.lora.train_text_encoder:
+        text_rate = config.optimizer.text_encoder_lr or resolved.optimizer.learning_rate / 2
+        parts.append(f"the text encoder trains too, at learning rate {rate(text_rate)}"
+                     + ("" if config.optimizer.text_encoder_lr else " (half the learning rate)"))
     title = get_family(family).title if family else "the model"
     resolution = config.data.resolution or (get_family(family).default_resolution if family else 0)
     own = ", ".join(f"{f.default_resolution} px for {f.title}" for f in all_families())

@@ -195,6 +195,17 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
                            modules=modules, tensors=tensors, differences=differences)
 
 
+TEXT_ENCODER_LAYERS = ("lora_te", "text_encoder")  # how kohya's and diffusers' files name text-encoder layers
+
+
+def has_text_encoder_layers(path: str | Path) -> bool:
+    """Whether a starting file also trains the text encoder, read from its header alone (a ComfyUI
+    graph loads its text encoder for training only when the run trains it)."""
+    if not path or not Path(path).is_file():
+        return False
+    return any(layer.startswith(TEXT_ENCODER_LAYERS) for layer in layer_keys(check_lora(Path(path)))[1])
+
+
 def _int(text: str | None) -> int | None:
     try:
         return int(text) if text else None
@@ -204,10 +215,9 @@ def _int(text: str | None) -> int | None:
 
 def _does_not_fit(path: Path, layer: str, model: LoadedModel, made_for: str) -> LoraLabError:
     family = model.family
-    if layer.startswith(("lora_te", "text_encoder")) and not model.text_encoders:
-        return LoraLabError(f"init_lora {path.name} also trains the text encoder ({layer}), which this run cannot: "
-                            "the model's text encoder is ComfyUI's. Start from a file without text-encoder layers, "
-                            "or train from the command line (python -m lora_lab train --init-lora ...).")
+    if layer.startswith(TEXT_ENCODER_LAYERS) and not model.text_encoders:
+        return LoraLabError(f"init_lora {path.name} also trains the text encoder ({layer}), which LoRA Lab does not "
+                            f"train for {family.title}. Start from a file without text-encoder layers.")
     if layer.startswith("diffusion_model.") and not model.original_names:
         return LoraLabError(f"init_lora {path.name} names its layers as ComfyUI does ({layer}). LoRA Lab reads that "
                             "layout for SD 1.5 and SDXL models loaded by ComfyUI (Train LoRA's init_lora), not from "

@@ -226,8 +226,10 @@ def gradient_checkpointing(model: LoadedModel, config: TrainingConfig) -> Iterat
         return
     model.denoiser.enable_gradient_checkpointing()
     if config.lora.train_text_encoder:
+        # transformers' encoders offer it; ComfyUI's CLIP (a graph's) does not, and 77 tokens keep little.
         for encoder in model.text_encoders:
-            encoder.gradient_checkpointing_enable()
+            if hasattr(encoder, "gradient_checkpointing_enable"):
+                encoder.gradient_checkpointing_enable()
     try:
         yield
     finally:

@@ -22,7 +22,7 @@ import torch
 from . import embedded
 from .budget import check_disk, check_memory, planned_disk_bytes
 from .captions import CaptionVariation
-from .config import TrainingConfig, auto_steps, build_config, field_specs, preset_values
+from .config import TrainingConfig, auto_steps, build_config, check_family_settings, preset_values
 from .data import Dataset, scan_folder, split_validation, validation_count
 from .diagnosis import Diagnosis
 from .doctor import repeated_prompts
@@ -178,17 +178,6 @@ def prepare_run_dir(config: TrainingConfig, resuming: bool = False) -> Path:
     return run_dir
 
 
-def check_family_settings(config: TrainingConfig, model: LoadedModel) -> None:
-    """Settings that mean nothing for this model are refused rather than silently ignored."""
-    defaults, specs = TrainingConfig(), field_specs()
-    wrong = [name for name in model.family.unsupported_settings
-             if getattr(getattr(config, specs[name][0]), name) != getattr(getattr(defaults, specs[name][0]), name)]
-    if wrong:
-        reset = ", ".join(f"{name} = {getattr(getattr(defaults, specs[name][0]), name)!r}" for name in wrong)
-        raise LoraLabError(f"{', '.join(wrong)} do(es) not apply to {model.family.title} "
-                           f"({model.family.unsupported_reason}); reset to the default ({reset}).")
-
-
 def resume_file(config: TrainingConfig) -> Path:
     """The resume file that `config.output.resume` names ('latest' or a checkpoint path)."""
     choice = config.output.resume.strip()
@@ -328,7 +317,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     train_set, held_out = split_validation(dataset, held)
     start = read_starting_adapter(Path(config.lora.init_lora), model) if config.lora.init_lora else None
     config = resolve_config(config, train_set, model, held, start)
-    check_family_settings(config, model)
+    check_family_settings(config, model.family)
     listing = dataset_listing(dataset)
     resume, history = None, []
     if config.output.resume:
