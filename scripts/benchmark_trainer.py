@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CASES = {"plain": {}, "no_cache": {"cache": False}, "checkpointing": {"gradient_checkpointing": True},
          "text_encoder": {"train_text_encoder": True}, "fp8_base": {"fp8_base": True},
-         "loha": {"adapter": "loha"}, "lokr": {"adapter": "lokr"}, "adafactor": {"optimizer": "adafactor"},
+         "loha": {"adapter": "loha"}, "lokr": {"adapter": "lokr"}, "dora": {"adapter": "dora"},
+         "adafactor": {"optimizer": "adafactor"},
          "lion": {"optimizer": "lion"},
          "adamw_schedulefree": {"optimizer": "adamw_schedulefree", "lr_scheduler": "constant"},
          "prodigy_schedulefree": {"optimizer": "prodigy_schedulefree", "lr_scheduler": "constant",

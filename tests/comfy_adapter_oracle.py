@@ -5,9 +5,10 @@ keys ComfyUI did not load.
 
     python comfy_adapter_oracle.py <ComfyUI dir> <jobs.json>
 
-jobs.json lists {"file": ..., "shapes": {layer name: weight shape}, "out": ...}; each layer's change
-(at strength 1, on a zero base weight: LoRA, LoHa and LoKr changes do not depend on it) is written
-to `out` as a .safetensors file.
+jobs.json lists {"file": ..., "shapes": {layer name: weight shape}, "out": ..., "base": ...}; each
+layer's change at strength 1 is written to `out` as a .safetensors file, on the layer's base weight
+from `base` (a .safetensors file by layer name: a DoRA's change depends on it) or, without one, on
+a zero weight (LoRA, LoHa and LoKr changes do not depend on it).
 """
 
 import json
@@ -49,9 +50,10 @@ for job in jobs:
     unloaded.keys = []
     lora = comfy.utils.load_torch_file(job["file"], safe_load=True)
     patches = comfy.lora.load_lora(lora, {name: name for name in job["shapes"]})
+    bases = comfy.utils.load_torch_file(job["base"], safe_load=True) if job.get("base") else {}
     deltas = {}
     for name, shape in job["shapes"].items():
-        weight = torch.zeros(shape)
+        weight = bases[name].float() if name in bases else torch.zeros(shape)
         changed = comfy.lora.calculate_weight([(1.0, patches[name], 1.0, None, None)], weight.clone(), name)
         deltas[name] = (changed - weight).contiguous()
     save_file(deltas, job["out"])

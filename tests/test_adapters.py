@@ -34,7 +34,7 @@ from .tiny_models import build
 
 # (adapter, rank): LoKr at rank 2 keeps its large factor low-rank on the tiny layers; at rank 16 both
 # factors are full matrices, where ComfyUI (as LyCORIS) applies scale 1 and the exporter folds the scale in.
-CASES = [("lora", 4), ("loha", 4), ("lokr", 2), ("lokr", 16)]
+CASES = [("lora", 4), ("loha", 4), ("lokr", 2), ("lokr", 16), ("dora", 4)]
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
@@ -53,8 +53,10 @@ def randomised(base, adapter: str, rank: int, text_encoder: bool):
     return model
 
 
-def formula_delta(tensors: dict[str, torch.Tensor], layer: str, shape: torch.Size) -> torch.Tensor:
-    """A layer's weight change from its file tensors, by each format's published formula."""
+def formula_delta(tensors: dict[str, torch.Tensor], layer: str, base: torch.Tensor) -> torch.Tensor:
+    """A layer's weight change from its file tensors, by each format's published formula (DoRA's
+    depends on the base weight)."""
+    shape = base.shape
     keys = {key[len(layer) + 1:]: value.double() for key, value in tensors.items() if key.startswith(f"{layer}.")}
     alpha = keys.get("alpha")
     if "hada_w1_a" in keys:  # LoHa: alpha / rank · (w1_a w1_b) ⊙ (w2_a w2_b)
@@ -70,6 +72,9 @@ def formula_delta(tensors: dict[str, torch.Tensor], layer: str, shape: torch.Siz
         down = keys.get("lora_down.weight", keys.get("lora_A.weight"))
         up = keys.get("lora_up.weight", keys.get("lora_B.weight"))
         delta = (up.flatten(1) @ down.flatten(1)) * alpha / down.shape[0]
+        if "dora_scale" in keys:  # DoRA, input axis: m · (W + ΔW) / ‖W + ΔW‖, the norm over each column
+            merged = base.double().flatten(1) + delta
+            delta = keys["dora_scale"] * merged / merged.norm(dim=0, keepdim=True) - base.double().flatten(1)
     return delta.reshape(shape)
 
 
@@ -89,13 +94,14 @@ def test_the_file_means_what_peft_trained(family_model, adapter, rank, tmp_path)
     tensors = load_file(str(path))
     check_lora(path)  # the header check knows the type
     kind = get_adapter(adapter)
-    known = (*kind.file_suffixes, "alpha")
+    extended = get_adapter(kind.extends).file_suffixes if kind.extends else ()  # DoRA: LoRA's halves too
+    known = (*kind.file_suffixes, *extended, "alpha")
     worst, layers, full = 0.0, 0, 0
     for name, layer in named_layers(model):
         assert adapter_of_layer(layer) is kind
         weight = layer.get_base_layer().weight
         peft_delta = layer.get_delta_weight(ADAPTER).double().reshape(weight.shape)
-        ours = formula_delta(tensors, name, weight.shape)
+        ours = formula_delta(tensors, name, weight)
         worst = max(worst, ((ours - peft_delta).abs().max() / peft_delta.abs().max()).item())
         layers += 1
         full += f"{name}.lokr_w2" in tensors
@@ -162,7 +168,7 @@ def test_the_header_check_refuses_broken_lycoris_layers(tmp_path):
             check_lora(path)
 
 
-@pytest.mark.parametrize("adapter", ["loha", "lokr"])
+@pytest.mark.parametrize("adapter", ["loha", "lokr", "dora"])
 def test_a_run_trains_the_type_and_its_metadata_names_it(make_config, fresh_model, adapter):
     settings = {"adapter": adapter, "rank": 4, "steps": 3, "resolution": 64, "batch_size": 2, "name": adapter,
                 "learning_rate": 1e-2, "sample_every": -1, "validation_images": -1,
@@ -175,12 +181,20 @@ def test_a_run_trains_the_type_and_its_metadata_names_it(make_config, fresh_mode
     metadata = read_metadata(result.final_path)
     assert metadata["ss_network_module"] == "lycoris.kohya"
     arguments = json.loads(metadata["ss_network_args"])
-    assert arguments["algo"] == adapter and arguments["targets"] == "attention"
+    # LyCORIS writes a DoRA as its LoRA ("lora", LoCon) with the decomposition on the input axis.
+    assert arguments["algo"] == ("lora" if adapter == "dora" else adapter) and arguments["targets"] == "attention"
+    assert (arguments.get("dora_wd"), arguments.get("wd_on_output")) == (("True", "False") if adapter == "dora"
+                                                                         else (None, None))
     assert (arguments.get("factor") == "4") == (adapter == "lokr")
     assert json.loads(metadata["lora_lab.config"])["lora"]["adapter"] == adapter
     assert f"A {get_adapter(adapter).title} for" in metadata["modelspec.description"]
     tensors = load_file(str(result.final_path))
-    assert any(key.endswith(".hada_w1_a" if adapter == "loha" else ".lokr_w1") for key in tensors)
+    assert any(key.endswith({"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".dora_scale"}[adapter])
+               for key in tensors)
+    if adapter == "dora":  # trained: the magnitudes moved off the base's column norms
+        layer = layers[0]
+        norms = layer.get_base_layer().weight.float().norm(dim=0, keepdim=True)
+        assert not torch.equal(layer.dora_scale[ADAPTER].detach(), norms)
 
 
 def test_settings_of_one_type_are_refused_for_another():

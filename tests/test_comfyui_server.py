@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from lora_lab.trainer import embedded
+from safetensors.torch import save_file
 
 from .comfy_server import (
     REPO,
@@ -274,10 +275,46 @@ def test_compare_lora_stack_cells_equal_chained_core_lora_loaders(server):
     assert done == list(range(1, 7))  # progress and the k-of-n preview, per cell
 
 
+def _peft_output_axis_dora(base, tmp_path: Path) -> tuple[Path, dict, dict]:
+    """PEFT's own DoRA (use_dora: the magnitude on the output axis) on `base`, written with its
+    magnitude as dora_scale (out, 1), as converters write it: the file, and each layer's change
+    by PEFT's own merge, for the oracle to read."""
+    import copy
+
+    from lora_lab.trainer.export import named_layers
+    from lora_lab.trainer.lora import ADAPTER
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = copy.deepcopy(base)
+    config = LoraConfig(r=4, lora_alpha=3.0, target_modules=list(model.family.targets("attention")), use_dora=True)
+    inject_adapter_in_model(config, model.denoiser, adapter_name=ADAPTER)
+    tensors, expected, shapes = {}, {}, {}
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, layer in named_layers(model):
+            down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            torch.nn.init.normal_(down, std=0.1)
+            torch.nn.init.normal_(up, std=0.1)
+            magnitude = layer.lora_magnitude_vector[ADAPTER].weight
+            magnitude.mul_(1 + 0.1 * torch.randn_like(magnitude))
+            weight = layer.get_base_layer().weight
+            before = weight.detach().clone()
+            tensors.update({f"{name}.lora_down.weight": down.clone(), f"{name}.lora_up.weight": up.clone(),
+                            f"{name}.alpha": torch.tensor(3.0), f"{name}.dora_scale": magnitude.reshape(-1, 1).clone()})
+            layer.merge(adapter_names=[ADAPTER])
+            expected[name], shapes[name] = weight.detach() - before, list(weight.shape)
+            weight.copy_(before)
+    path = tmp_path / "peft-use_dora.safetensors"
+    save_file(tensors, str(path))
+    return path, shapes, expected
+
+
 def test_comfyui_weight_adapter_computes_the_change_each_adapter_type_trained(tmp_path):
     """The oracle: ComfyUI's own LoRA code (comfy.lora and its weight_adapter types, run with
     ComfyUI's Python) reads each adapter type's file, on each family's tiny model and in both LoKr
-    scale cases, as the weight change PEFT trained, loading every key."""
+    scale cases, as the weight change PEFT trained (DoRA's on the layer's real base weight), loading
+    every key. And why DoRA is LyCORIS's input axis: PEFT's own use_dora, whose magnitude is on the
+    output axis, is not what ComfyUI computes from its file."""
     from lora_lab.trainer.config import build_config
     from lora_lab.trainer.export import lora_state_dict, named_layers, save_lora
     from lora_lab.trainer.families import FAMILY_NAMES
@@ -289,6 +326,17 @@ def test_comfyui_weight_adapter_computes_the_change_each_adapter_type_trained(tm
     from .tiny_models import build
 
     jobs, expected = [], {}
+
+    def add_job(path: Path, shapes: dict, deltas: dict, bases: dict | None = None) -> None:
+        """Ask the oracle for a file's changes: on the base weights for a DoRA (its change depends on
+        them), on zero weights otherwise (no cancellation against a large base in fp32)."""
+        job = {"file": str(path), "shapes": shapes, "out": str(path.with_suffix(".comfy.safetensors"))}
+        if bases is not None:
+            job["base"] = str(path.with_suffix(".base.safetensors"))
+            save_file({name: weight.detach().float().contiguous() for name, weight in bases.items()}, job["base"])
+        expected[str(path)] = deltas
+        jobs.append(job)
+
     for family in FAMILY_NAMES:
         folder = build(family, tmp_path / family)
         base = load_base_model(build_config({"family": family, "base_model": str(folder)}), torch.device("cpu"))
@@ -298,9 +346,13 @@ def test_comfyui_weight_adapter_computes_the_change_each_adapter_type_trained(tm
             save_lora(path, lora_state_dict(model, torch.float32), {})
             layers = named_layers(model)
             shapes = {name: list(layer.get_base_layer().weight.shape) for name, layer in layers}
-            expected[str(path)] = {name: layer.get_delta_weight(ADAPTER).detach().reshape(shapes[name])
-                                   for name, layer in layers}
-            jobs.append({"file": str(path), "shapes": shapes, "out": str(path.with_suffix(".comfy.safetensors"))})
+            add_job(path, shapes, {name: layer.get_delta_weight(ADAPTER).detach().reshape(shapes[name])
+                                   for name, layer in layers},
+                    {name: layer.get_base_layer().weight for name, layer in layers} if adapter == "dora" else None)
+        if family == "sd15":
+            path, shapes, deltas = _peft_output_axis_dora(base, tmp_path)
+            add_job(path, shapes, deltas, {name: layer.get_base_layer().weight
+                                           for name, layer in named_layers(randomised(base, "lora", 4, False))})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run([comfy_python(Path(COMFYUI_DIR)), str(Path(__file__).with_name("comfy_adapter_oracle.py")),
                              COMFYUI_DIR, str(tmp_path / "jobs.json")], capture_output=True, text=True, timeout=600)
@@ -314,7 +366,10 @@ def test_comfyui_weight_adapter_computes_the_change_each_adapter_type_trained(tm
                     for name, delta in expected[job["file"]].items())
         print(f"{Path(job['file']).stem}: {len(job['shapes'])} layers, largest relative difference between "
               f"ComfyUI's change and PEFT's {worst:.1e}")
-        assert worst < 1e-5, job["file"]
+        if "use_dora" in job["file"]:  # ComfyUI divides by the base weight's norm on this axis
+            assert worst > 1e-3, job["file"]
+        else:
+            assert worst < 1e-5, job["file"]
 
 
 def _unloaded_keys(server: ComfyServer, since: int) -> list[str]:
@@ -454,7 +509,7 @@ EMPTY_SLOTS = {key: value for n in (1, 2, 3) for key, value in (
     (f"lora_{n}", "None"), (f"model_strength_{n}", 1.0), (f"clip_strength_{n}", 1.0), (f"enabled_{n}", True))}
 
 
-@pytest.mark.parametrize("adapter", ["loha", "lokr"])
+@pytest.mark.parametrize("adapter", ["loha", "lokr", "dora"])
 def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loader(server, adapter):
     """Train LoRA with `adapter` set: the file loads in core LoraLoader with no key left over, and
     Sample Checkpoint's cell and Apply LoRA Stack's image equal core LoraLoader's, pixel for pixel;
@@ -490,7 +545,9 @@ def test_each_adapter_type_trains_through_the_nodes_and_samples_as_core_lora_loa
     final = server.base / "models" / "loras" / "lora_lab" / name / f"{name}.safetensors"
     from lora_lab.trainer.files import read_metadata
 
-    assert json.loads(read_metadata(final)["ss_network_args"])["algo"] == adapter
+    arguments = json.loads(read_metadata(final)["ss_network_args"])  # LyCORIS's: a DoRA is its LoRA, decomposed
+    assert arguments["algo"] == ("lora" if adapter == "dora" else adapter)
+    assert arguments.get("dora_wd") == ("True" if adapter == "dora" else None)
     base, at_zero, at_one = output_images(server, prompt_id, "44")[0], *output_images(server, prompt_id, "11")
     core, stacked = output_images(server, prompt_id, "24")[0], output_images(server, prompt_id, "34")[0]
     assert np.array_equal(at_zero, base)  # strength 0 is the base

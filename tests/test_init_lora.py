@@ -113,7 +113,7 @@ def test_a_run_from_a_file_starts_from_its_weights_and_says_so(diffusers_file, b
     assert "not an exact resume" in journal["started_from"]
 
 
-@pytest.mark.parametrize(("adapter", "settings"), [("loha", {}), ("lokr", {"lokr_factor": 4})])
+@pytest.mark.parametrize(("adapter", "settings"), [("loha", {}), ("lokr", {"lokr_factor": 4}), ("dora", {})])
 def test_a_lycoris_file_gives_the_run_its_type_rank_and_factor(adapter, settings, base_model, make_config):
     source = train_lora(make_config(adapter=adapter, rank=4, alpha=2, name="source", **settings, **QUICK),
                         model=copy.deepcopy(base_model))
@@ -124,6 +124,14 @@ def test_a_lycoris_file_gives_the_run_its_type_rank_and_factor(adapter, settings
     assert lora.lokr_factor == settings.get("lokr_factor", -1)
     before, step0 = load_file(str(source.final_path)), load_file(str(again.checkpoints[0].path))
     assert set(before) == set(step0) and all(torch.equal(before[k].float(), step0[k]) for k in before)
+    if adapter == "dora":  # a magnitude on the output axis (LyCORIS's default, PEFT's) is refused, saying why
+        outputs = dict(before)
+        for key in [key for key in before if key.endswith("lora_up.weight")]:
+            outputs[key.replace("lora_up.weight", "dora_scale")] = torch.ones(before[key].shape[0], 1)
+        path = source.final_path.with_name("output_axis.safetensors")
+        save_file(outputs, str(path))
+        with pytest.raises(LoraLabError, match="keeps its DoRA magnitude on the output axis"):
+            train_lora(make_config(init_lora=str(path), name="output_axis", **QUICK), model=copy.deepcopy(base_model))
 
 
 def test_settings_that_disagree_with_the_file_are_refused_naming_both(diffusers_file, base_model, make_config):
@@ -156,7 +164,8 @@ def test_files_that_do_not_fit_are_refused_before_training(diffusers_file, base_
                        lambda key: key, {"unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(8, 64),
                                          "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(64, 8)})
     cases = [(other, "has layer unet.down_blocks.7.* does not have.*another model family"),
-             (dora, "is a DoRA"), (comfy, "names its layers as ComfyUI does.*Train LoRA's init_lora"),
+             (dora, "dora_scale of shape .1, 32. that fits neither"),
+             (comfy, "names its layers as ComfyUI does.*Train LoRA's init_lora"),
              (ranks, "layers of ranks 4, 8"), (tmp_path / "missing.safetensors", "no such file")]
     for path, message in cases:
         with pytest.raises(LoraLabError, match=message):

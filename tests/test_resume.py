@@ -168,7 +168,8 @@ def test_resume_errors_say_what_to_do(make_config, base_model, two_bucket_datase
         _train(make_config, base_model, two_bucket_dataset)
 
 
-@pytest.mark.parametrize(("adapter", "optimizer"), [("loha", "adamw"), ("lokr", "adamw"), ("lora", "adafactor"),
+@pytest.mark.parametrize(("adapter", "optimizer"), [("loha", "adamw"), ("lokr", "adamw"), ("dora", "adamw"),
+                                                    ("lora", "adafactor"),
                                                     ("lora", "lion"), ("lora", "adamw_schedulefree"),
                                                     ("lora", "prodigy_schedulefree")])
 def test_each_adapter_type_and_optimizer_trains_and_resumes_exactly(adapter, optimizer, make_config, base_model,
@@ -190,8 +191,8 @@ def test_each_adapter_type_and_optimizer_trains_and_resumes_exactly(adapter, opt
     expected = {"adamw": "AdamW", "adafactor": "Adafactor", "lion": "Lion", "adamw_schedulefree": "AdamWScheduleFree",
                 "prodigy_schedulefree": "ProdigyPlusScheduleFree"}[optimizer]
     assert {type(o).__name__ for o in built} == {expected}  # the setting takes effect
-    assert any(f".{'hada_w1_a' if adapter == 'loha' else 'lokr_w1' if adapter == 'lokr' else 'lora_A'}" in name
-               for name in _final_weights(resumed))
+    role = {"loha": "hada_w1_a", "lokr": "lokr_w1", "dora": "dora_scale"}.get(adapter, "lora_A")
+    assert any(f".{role}" in name for name in _final_weights(resumed))
     _assert_same(resumed, unbroken)
 
 

@@ -109,7 +109,9 @@ class LoraSettings(_Section):
     train_text_encoder: bool = setting(False, "Also train LoRA on the text encoder(s) (turns off caption caching).")
     adapter: str = setting("lora", "Adapter type: lora (plain LoRA, loads everywhere); loha (LyCORIS LoHa: a Hadamard "
                            "product of two low-rank pairs, more reach per parameter); lokr (LyCORIS LoKr: a Kronecker "
-                           "product, very small files). ComfyUI's LoraLoader and A1111/Forge load all three.",
+                           "product, very small files); dora (weight-decomposed LoRA: a LoRA plus a trained magnitude "
+                           "per input channel, closer to full fine-tuning; linear layers only; needs pip install "
+                           "lycoris-lora). ComfyUI's LoraLoader and A1111/Forge load all four.",
                            choices=ADAPTER_NAMES)
     lokr_factor: int = setting(-1, "LoKr only: the Kronecker factor, the size of its small matrix along each side "
                                "(-1 = as square as the layer allows, LyCORIS's default; 4-16 make larger, more "

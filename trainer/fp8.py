@@ -44,6 +44,13 @@ class Float8Linear(torch.nn.Linear):
         return _Float8Matmul.apply(x, self.weight, self.weight_scale, bias)
 
 
+def dense_weight(linear: torch.nn.Module) -> torch.Tensor:
+    """A linear layer's weight as numbers (a float8 one dequantized with its row scales)."""
+    if isinstance(linear, Float8Linear):
+        return linear.weight.to(linear.compute_dtype) * linear.weight_scale.to(linear.compute_dtype)[:, None]
+    return linear.weight
+
+
 def to_float8(linear: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
     """Convert one linear layer in place (its weight is frozen from now on)."""
     weight = linear.weight.detach().float()

@@ -130,8 +130,8 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
     for key in others:
         suffix = key.rsplit(".", 1)[-1]
         if suffix == "dora_scale":
-            raise LoraLabError(f"init_lora {path.name} is a DoRA ({key}); LoRA Lab does not train DoRA yet. Start "
-                               "from a LoRA, LoHa or LoKr file.")
+            raise LoraLabError(f"init_lora {path.name} holds DoRA's magnitude beside LyCORIS factors ({key}); LoRA "
+                               "Lab trains DoRA on LoRA layers only. Start from a LoRA, DoRA, LoHa or LoKr file.")
         if suffix not in DIFFERENCES:
             raise LoraLabError(f"init_lora {path.name} holds {key}, a kind of tensor LoRA Lab does not train (it "
                                "trains LoRA, LoHa and LoKr).")
@@ -150,6 +150,9 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
         place = aliases.get(layer)
         if place is None:
             raise _does_not_fit(path, layer, model, made_for)
+        problem = adapter.start_problem(layer_shapes)
+        if problem:
+            raise LoraLabError(f"init_lora {path.name}: layer {layer} {problem}. Start from another file.")
         prefix, module_path, layout = place
         layouts.add(layout)
         modules.setdefault(prefix, []).append(module_path)

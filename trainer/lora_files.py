@@ -118,6 +118,15 @@ def layer_keys(header: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[s
                 break
         else:
             others.append(name)
+    for layer, found in kinds.items():
+        for adapter in [adapter for adapter in found if adapter.extends]:
+            if adapter.extends in {other.name for other in found}:  # DoRA's magnitude beside LoRA's halves: DoRA
+                kinds[layer] = found = {adapter, *(other for other in found if other.name != adapter.extends)}
+            elif len(found) > 1:  # beside another type (a LyCORIS LoHa with a magnitude): left to the loader
+                found.discard(adapter)
+                others.extend(f"{layer}.{suffix}" for suffix in adapter.file_suffixes if suffix in layers[layer])
+                for suffix in adapter.file_suffixes:
+                    layers[layer].pop(suffix, None)
     return kinds, layers, others
 
 

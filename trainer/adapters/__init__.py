@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from .base import Adapter
 
 # name -> module; kept free of imports so the config can list the choices cheaply.
-ADAPTER_MODULES = {"lora": "lora", "loha": "loha", "lokr": "lokr"}
+ADAPTER_MODULES = {"lora": "lora", "loha": "loha", "lokr": "lokr", "dora": "dora"}
 ADAPTER_NAMES = tuple(ADAPTER_MODULES)
 
 
@@ -29,8 +29,9 @@ def all_adapters() -> list[Adapter]:
 
 
 def adapter_of_layer(layer: Any) -> Adapter:
-    """The adapter type of an adapted PEFT layer."""
-    for adapter in all_adapters():
-        if isinstance(layer, adapter.layer_class):
-            return adapter
-    raise ValueError(f"{type(layer).__name__} is not a layer of any LoRA Lab adapter type")
+    """The adapter type of an adapted PEFT layer: the most specific one (a DoRA layer is a LoRA
+    layer too)."""
+    found = [adapter for adapter in all_adapters() if isinstance(layer, adapter.layer_class)]
+    if not found:
+        raise ValueError(f"{type(layer).__name__} is not a layer of any LoRA Lab adapter type")
+    return max(found, key=lambda adapter: len(adapter.layer_class.__mro__))

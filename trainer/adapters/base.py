@@ -1,7 +1,8 @@
 """What every adapter type provides (one subclass per module in trainer/adapters/): its PEFT
-config, the trainable tensors of an adapted layer by role, those tensors as file keys (the
-layout ComfyUI's weight_adapter, A1111/Forge and kohya tools read) and back, the check of a
-layer's keys in a file header, and the kohya metadata that names the type.
+config (PEFT injects every type; DoRA's layer is PEFT's LoRA layer with LyCORIS's decomposition),
+the trainable tensors of an adapted layer by role, those tensors as file keys (the layout
+ComfyUI's weight_adapter, A1111/Forge and kohya tools read) and back, the check of a layer's keys
+in a file header, and the kohya metadata that names the type.
 
 A role is what PEFT calls the layer's parameter ("lora_A", "hada_w1_a", "lokr_w1"); LyCORIS files
 use the same names as key suffixes, LoRA files use kohya's or diffusers' (family.lora_suffixes).
@@ -24,6 +25,9 @@ class Adapter:
     # Every key suffix a file of this type may hold for a layer (besides "alpha"): how the header
     # check tells the types apart (expected_suffixes says which a model layer needs).
     file_suffixes: ClassVar[tuple[str, ...]]
+    # The type whose keys this one adds to (DoRA: LoRA's halves plus dora_scale): a layer holding
+    # both types' keys is of this one.
+    extends: ClassVar[str | None] = None
 
     def peft_config(self, rank: int, alpha: float, target_modules: list[str], exclude_modules: str | None,
                     options: dict[str, Any]) -> Any:
@@ -73,6 +77,10 @@ class Adapter:
     def build_hints(self, layers: list[dict[str, list[int]]]) -> dict[str, Any]:
         """What peft_config needs beyond the settings to rebuild a file's layers exactly."""
         return {}
+
+    def start_problem(self, shapes: dict[str, list[int]]) -> str | None:
+        """Why a run cannot train on from one layer of a file that loaders read fine, or None."""
+        return None
 
 
 class LycorisAdapter(Adapter):
