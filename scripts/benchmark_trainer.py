@@ -7,7 +7,7 @@ random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the sh
 
     python scripts/benchmark_trainer.py [--steps 20] [--families sd15,sdxl,flux] [--sizes tiny,reduced]
                                         [--cases plain,no_cache,checkpointing,text_encoder,fp8_base,
-                                                 loha,lokr,adafactor,lion,adamw_schedulefree,
+                                                 loha,lokr,dora,adafactor,lion,adamw_schedulefree,
                                                  prodigy_schedulefree]
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
@@ -17,6 +17,10 @@ Absolute times on shared machines are noisy: compare the ratios between cases of
 prints instead the trainer's own memory estimate (budget.py, on the meta device: no weights, no
 arithmetic, seconds on any machine) for full-size FLUX.1-dev on a GPU: 512 and 1024 px, bf16 and
 fp8 base, with and without gradient checkpointing, batch 1, rank 16 and 32.
+
+    python scripts/benchmark_trainer.py --file-sizes
+
+prints each adapter type's file size at rank 32 on each family's full-size denoiser (meta device).
 """
 
 from __future__ import annotations
@@ -201,6 +205,36 @@ def real_size_flux() -> None:
               f"{estimate.total / gib:>8.2f}")
 
 
+def file_sizes(rank: int = 32) -> None:
+    """Each adapter type's file size on each family's full-size denoiser (the shipped configs, on
+    the meta device: no weights), at `rank` on the default targets, as the exporter writes it
+    (fp16 tensors, an fp32 alpha per layer)."""
+    import torch
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from lora_lab.trainer.adapters import ADAPTER_NAMES, adapter_of_layer
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
+    from lora_lab.trainer.families.sd15 import CONFIGS
+    from lora_lab.trainer.lora import add_lora, lora_layers
+
+    classes = {"sd15": (UNet2DConditionModel, "unet"), "sdxl": (UNet2DConditionModel, "unet"),
+               "flux": (FluxTransformer2DModel, "transformer")}
+    print(f"MiB per file at rank {rank}, default targets, denoiser only ({', '.join(ADAPTER_NAMES)})")
+    for name, (cls, folder) in classes.items():
+        sizes = []
+        for adapter in ADAPTER_NAMES:
+            with torch.device("meta"):
+                denoiser = cls.from_config(cls.load_config(CONFIGS / name / folder))
+            model = LoadedModel(family=get_family(name), denoiser=denoiser, encoders=Encoders(), noise_scheduler=None,
+                                prediction_type="flow", identity=ModelIdentity(name, "meta"), resolution=1024)
+            add_lora(model, rank, rank, "attention", train_text_encoder=False, adapter=adapter)
+            layers = lora_layers(denoiser)
+            numbers = sum(p.numel() for _, layer in layers for _, p in adapter_of_layer(layer).roles(layer))
+            sizes.append((2 * numbers + 4 * len(layers)) / 2**20)
+        cells = zip(ADAPTER_NAMES, sizes, strict=True)
+        print(f"{name:<6}" + "".join(f"{adapter:>7} {size:7.1f}" for adapter, size in cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
@@ -209,9 +243,13 @@ def main() -> None:
     parser.add_argument("--cases", default="plain,checkpointing,fp8_base")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--real-size", choices=["flux"], help="print the full-size memory table instead")
+    parser.add_argument("--file-sizes", action="store_true", help="print each adapter type's full-size file sizes")
     args = parser.parse_args()
     if args.real_size:
         real_size_flux()
+        return
+    if args.file_sizes:
+        file_sizes()
         return
     if args.child:
         print(json.dumps(run_case(json.loads(args.child))))

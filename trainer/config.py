@@ -116,10 +116,10 @@ class LoraSettings(_Section):
     lokr_factor: int = setting(-1, "LoKr only: the Kronecker factor, the size of its small matrix along each side "
                                "(-1 = as square as the layer allows, LyCORIS's default; 4-16 make larger, more "
                                "expressive files).", low=-1, high=64)
-    init_lora: str = setting("", "Start from an existing LoRA, LoHa or LoKr file (kohya, diffusers, LyCORIS, ComfyUI's "
-                             "own training nodes or LoRA Lab) instead of from zero: its type, rank, alpha and layers "
-                             "become the run's. Its weights go on training, but not its optimizer state, so this is "
-                             "not an exact resume (resume is). Empty = start from zero.", path=True)
+    init_lora: str = setting("", "Start from an existing LoRA, DoRA, LoHa or LoKr file (kohya, diffusers, LyCORIS, "
+                             "ComfyUI's own training nodes or LoRA Lab) instead of from zero: its type, rank, alpha "
+                             "and layers become the run's. Its weights go on training, but not its optimizer state, so "
+                             "this is not an exact resume (resume is). Empty = start from zero.", path=True)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 NOT_EXACT = ("it continues the file's weights with a new optimizer state, learning-rate schedule and data order: "
              "not an exact resume")
 DIFFERENCES = {"diff": "weight", "diff_b": "bias"}  # ComfyUI's full differences -> the parameter they change
+TEXT_ENCODER_LAYERS = ("lora_te", "text_encoder")  # how kohya's and diffusers' files name text-encoder layers
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
                                "Lab trains DoRA on LoRA layers only. Start from a LoRA, DoRA, LoHa or LoKr file.")
         if suffix not in DIFFERENCES:
             raise LoraLabError(f"init_lora {path.name} holds {key}, a kind of tensor LoRA Lab does not train (it "
-                               "trains LoRA, LoHa and LoKr).")
+                               "trains LoRA, DoRA, LoHa and LoKr).")
     types = {adapter.name for layer_kinds in kinds.values() for adapter in layer_kinds}
     if len(types) != 1:
         found = " and ".join(sorted(get_adapter(name).title for name in types)) or "no adapter layers"
@@ -196,9 +197,6 @@ def read_starting_adapter(path: Path, model: LoadedModel) -> StartingAdapter:
                            options=adapter.options_of(list(shapes.values())),
                            hints=adapter.build_hints(list(shapes.values())),
                            modules=modules, tensors=tensors, differences=differences)
-
-
-TEXT_ENCODER_LAYERS = ("lora_te", "text_encoder")  # how kohya's and diffusers' files name text-encoder layers
 
 
 def has_text_encoder_layers(path: str | Path) -> bool:

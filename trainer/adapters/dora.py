@@ -4,11 +4,11 @@ magnitude per input column, W' = m · (W + ΔW) / ‖W + ΔW‖ with the norm ov
 
 Why the input axis (LyCORIS's wd_on_output = False) and lycoris-lora rather than PEFT's use_dora:
 PEFT decomposes along the output axis, which ComfyUI's weight_adapter applies with the base
-weight's norm in place of the merged weight's (not PEFT's maths: measured in
-tests/test_comfyui_server.py), and A1111/Forge read the input axis only. ComfyUI, A1111 and LyCORIS all
-apply the input axis exactly, so the maths is LyCORIS's own (`weight_decompose`, its reference
-implementation, which ComfyUI's loader follows); PEFT still injects the layers and holds the two
-LoRA halves. Strength s is ComfyUI's: W + s · (W' − W), so 0 is the base exactly.
+weight's norm in place of the merged weight's (57% off PEFT's change, measured with ComfyUI's own
+code in tests/test_comfyui_server.py), and A1111/Forge read the input axis only. ComfyUI, A1111
+and LyCORIS all apply the input axis exactly, so the maths is LyCORIS's own (`weight_decompose`,
+its reference implementation, which ComfyUI's loader follows); PEFT still injects the layers and
+holds the two LoRA halves. Strength s is ComfyUI's: W + s · (W' − W), so 0 is the base exactly.
 
 DoRA trains linear layers (attention and feed-forward projections, the text encoders'); a
 convolution among the targets is refused with what to change.
