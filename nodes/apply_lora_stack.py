@@ -8,6 +8,7 @@ from ..trainer.errors import LoraLabError
 from ..trainer.files import read_metadata
 from ..trainer.metadata import trigger_words
 from . import comfy_bridge as comfy
+from . import graph_model
 from .comfy_bridge import RUN, STACK, io
 from .values import StackEntry, TrainingRun
 
@@ -84,7 +85,7 @@ class ApplyLoraStack(io.ComfyNode):
             raise LoraLabError("lora_stack must be a LORA_STACK list of (name, model strength, clip strength).")
         stack = build_stack(lora_stack, training_run, slot_values, auto_strengths, checkpoint, run_strength)
         paths = [comfy.lora_path(name) for name, _, _ in stack]
-        model, clip = comfy.apply_loras(model, clip, [(comfy.load_lora_file(path), model_strength, clip_strength)
+        model, clip = comfy.apply_loras(model, clip, [(graph_model.lora_for(model, path), model_strength, clip_strength)
                                                       for path, (_, model_strength, clip_strength)
                                                       in zip(paths, stack, strict=True)])
         words = stack_trigger_words(paths)

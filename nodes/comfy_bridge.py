@@ -231,8 +231,24 @@ def unet_to_diffusers(unet_config: dict) -> dict:
     return comfy.utils.unet_to_diffusers(unet_config)
 
 
-def flux_to_diffusers(config: dict) -> dict:
-    return comfy.utils.flux_to_diffusers(config)
+def to_diffusers_table(name: str, config: dict, needs: str) -> dict:
+    """ComfyUI's own table from diffusers names to its model's (comfy.utils.<name>_to_diffusers):
+    a key, (key, (dim, start, length)) for a slice of a fused tensor, or (key, None, fn) for a
+    reordered one. `needs` names the ComfyUI release that brought it, for older ones."""
+    table = getattr(comfy.utils, f"{name}_to_diffusers", None)
+    if table is None:
+        raise LoraLabError(f"This ComfyUI ({comfy_version()}) cannot map its model to diffusers for training; "
+                           f"update ComfyUI to {needs} or later.")
+    return table(config)
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+
+        return f"version {comfyui_version.__version__}"
+    except ImportError:
+        return "an unknown version"
 
 
 def latent_format(model: Any) -> Any:

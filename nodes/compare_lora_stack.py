@@ -13,6 +13,7 @@ import torch
 from ..trainer.errors import LoraLabError
 from ..trainer.sampling import fill_trigger
 from . import comfy_bridge as comfy
+from . import graph_model
 from .apply_lora_stack import stack_trigger_words
 from .comfy_bridge import STACK, io
 from .grid_cells import GridCells, Sampling, grid_output, parse_strengths, prompt_lines, sampling_inputs
@@ -96,7 +97,7 @@ class CompareLoraStack(io.ComfyNode):
         axis_a = parse_strengths(strengths_a, DEFAULT_STRENGTHS_A)
         axis_b = parse_strengths(strengths_b, DEFAULT_STRENGTHS_B)
         paths = [comfy.lora_path(name) for name, _, _ in stack]
-        loras = [comfy.load_lora_file(path) for path in paths]
+        loras = [graph_model.lora_for(model, path) for path in paths]
         words = stack_trigger_words(paths)
         grid = cells_to_sample(axis_a, axis_b, bool(rest))
         wanted = {cell for row in grid for cell in row}

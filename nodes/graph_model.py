@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ import torch
 from ..trainer.errors import LoraLabError
 from ..trainer.families import get_family
 from ..trainer.families.base import Encoders, LoadedModel, ModelFamily, ModelIdentity
-from ..trainer.fp8 import FLOAT8, Float8Linear
+from ..trainer.fp8 import FLOAT8, Float8Linear, quantizable_layers
+from ..trainer.lora_files import check_lora, layer_keys, other_family
 from . import comfy_bridge as comfy
 
 
@@ -90,34 +92,92 @@ def shared_diffusers_flux(model: Any) -> torch.nn.Module:
             attention_head_dim=config["hidden_size"] // config["num_heads"],
             joint_attention_dim=config["context_in_dim"], pooled_projection_dim=config["vec_in_dim"],
             guidance_embeds=config["guidance_embed"], axes_dims_rope=tuple(config["axes_dim"]))
+    return _share_tensors(model, transformer, comfy.to_diffusers_table("flux", config, "0.3.0"), "FLUX")
+
+
+def shared_diffusers_zimage(model: Any) -> torch.nn.Module:
+    """A diffusers Z-Image transformer over the ComfyUI model's tensors (its fused q/k/v sliced)."""
+    from diffusers import ZImageTransformer2DModel
+
+    config = comfy.model_config(model).unet_config
+    heads = config["n_heads"]
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel(
+            in_channels=config["in_channels"], dim=config["dim"], n_layers=config["n_layers"],
+            n_refiner_layers=config.get("n_refiner_layers", 2), n_heads=heads, n_kv_heads=config["n_kv_heads"],
+            cap_feat_dim=config["cap_feat_dim"], rope_theta=config["rope_theta"], t_scale=config["time_scale"],
+            axes_dims=list(config["axes_dims"]), axes_lens=list(config["axes_lens"]))
+    table = comfy.to_diffusers_table("z_image", config, "0.3.76")
+    return _share_tensors(model, transformer, table, "Z-Image", get_family("zimage").fp8_kept)
+
+
+# FLUX.2's global modulation and time embedders: ComfyUI's table (made for FLUX.1's names) has no
+# diffusers name for them.
+FLUX2_EXTRA_NAMES = {
+    "double_stream_modulation_img.linear.weight": "double_stream_modulation_img.lin.weight",
+    "double_stream_modulation_txt.linear.weight": "double_stream_modulation_txt.lin.weight",
+    "single_stream_modulation.linear.weight": "single_stream_modulation.lin.weight",
+    "time_guidance_embed.timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+    "time_guidance_embed.timestep_embedder.linear_2.weight": "time_in.out_layer.weight",
+    "time_guidance_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+    "time_guidance_embed.guidance_embedder.linear_2.weight": "guidance_in.out_layer.weight",
+}
+
+
+def shared_diffusers_flux2(model: Any) -> torch.nn.Module:
+    """A diffusers FLUX.2 transformer over the ComfyUI model's tensors (fused q/k/v sliced)."""
+    from diffusers import Flux2Transformer2DModel
+
+    config = comfy.model_config(model).unet_config
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=config["in_channels"], num_layers=config["depth"],
+            num_single_layers=config["depth_single_blocks"], num_attention_heads=config["num_heads"],
+            attention_head_dim=config["hidden_size"] // config["num_heads"],
+            joint_attention_dim=config["context_in_dim"], mlp_ratio=config["mlp_ratio"],
+            axes_dims_rope=tuple(config["axes_dim"]), rope_theta=config["theta"],
+            guidance_embeds=config["guidance_embed"])
+    table = {**comfy.to_diffusers_table("flux", config, "0.11"), **FLUX2_EXTRA_NAMES}
+    return _share_tensors(model, transformer, table, "FLUX.2")
+
+
+def _share_tensors(model: Any, transformer: torch.nn.Module, table: dict, title: str,
+                   kept: str | None = None) -> torch.nn.Module:
+    """Give a meta-device diffusers transformer the ComfyUI model's tensors by ComfyUI's own
+    diffusers-name table: the same tensors, or views of their slices. Linear weights ComfyUI holds
+    in fp8 stay fp8 (Float8Linear), but for those the family keeps precise (`kept`)."""
     transformer.requires_grad_(False)
-    bfl = comfy.trainable_state_dict(model)
+    original = comfy.trainable_state_dict(model)
     wanted = transformer.state_dict().keys()
     state = {}
-    for name, source in comfy.flux_to_diffusers(config).items():
+    for name, source in table.items():
         if name not in wanted:
             continue
         if isinstance(source, str):
-            state[name] = bfl[source]
+            state[name] = original[source]
         elif source[1] is None:  # a reordered tensor (the final norm's scale/shift halves): a small copy
-            state[name] = source[2](bfl[source[0]].detach())
+            state[name] = source[2](original[source[0]].detach())
         else:
             dim, start, length = source[1]
-            state[name] = bfl[source[0]].detach().narrow(dim, start, length)
+            state[name] = original[source[0]].detach().narrow(dim, start, length)
     missing = sorted(set(wanted) - set(state))
     if missing:
-        raise LoraLabError(f"Could not map this FLUX model to diffusers (e.g. {missing[0]} missing); please report "
+        raise LoraLabError(f"Could not map this {title} model to diffusers (e.g. {missing[0]} missing); please report "
                            "the model file.")
     transformer.load_state_dict(state, strict=True, assign=True)
-    for module in transformer.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == FLOAT8:
+    for module in quantizable_layers(transformer, kept):
+        if module.weight.dtype == FLOAT8:
             module.register_buffer("weight_scale", torch.ones(module.out_features, device=module.weight.device))
             module.compute_dtype = torch.bfloat16
             module.__class__ = Float8Linear
-    for module in transformer.modules():  # other fp8 tensors (norms, embedders) are small: upcast them
-        for key, tensor in list(module.named_parameters(recurse=False)):
-            if tensor.dtype == FLOAT8 and not isinstance(module, Float8Linear):
-                setattr(module, key, torch.nn.Parameter(tensor.to(torch.bfloat16), requires_grad=False))
+    for module in transformer.modules():  # other fp8 tensors (norms, embedders) are small: upcast them,
+        if isinstance(module, Float8Linear):  # to their module's other tensors' dtype (a bias's)
+            continue
+        tensors = dict(module.named_parameters(recurse=False))
+        dtype = next((t.dtype for t in tensors.values() if t.dtype != FLOAT8), torch.bfloat16)
+        for key, tensor in tensors.items():
+            if tensor.dtype == FLOAT8:
+                setattr(module, key, torch.nn.Parameter(tensor.to(dtype), requires_grad=False))
     return transformer
 
 
@@ -133,12 +193,18 @@ class Conversion:
     # The text encoders text-encoder LoRA trains: their names in ComfyUI's CLIP (cond_stage_model),
     # in the order of the family's export prefixes (none: the family trains only its denoiser).
     text_encoders: tuple[str, ...] = ()
+    needs: str = ""  # the first ComfyUI release that loads this model class and maps its LoRA keys
 
 
-# ComfyUI model class -> trainer family, checked in this order. Adding a trainable family means an
-# entry here (and its family module in trainer/families/). Inpainting and edit variants (more input
-# channels) and FLUX.2 (a subclass of ComfyUI's Flux with another layout) are not accepted.
+# ComfyUI model class -> trainer family, checked in this order (FLUX.2's class is a subclass of
+# FLUX.1's, so it comes first). Adding a trainable family means an entry here (and its family module
+# in trainer/families/). Inpainting and edit variants (more input channels) and FLUX.2 dev (Mistral
+# text encoder, guidance embedding) are not accepted.
 CONVERSIONS = {
+    "flux2": Conversion("Flux2", exact=True, denoiser=shared_diffusers_flux2, needs="0.11",
+                        accepts=lambda c: c.get("in_channels") == 128 and not c.get("guidance_embed")),
+    "zimage": Conversion("ZImage", exact=True, denoiser=shared_diffusers_zimage, needs="0.3.76",
+                         accepts=lambda c: c.get("in_channels") == 16 and not c.get("siglip_feat_dim")),
     "flux": Conversion("Flux", exact=False, denoiser=shared_diffusers_flux,
                        accepts=lambda c: c.get("in_channels") == 16 and c.get("image_model", "flux") == "flux"),
     "sdxl": Conversion("SDXL", exact=False, denoiser=shared_diffusers_unet,  # Vega, SSD-1B, KOALA too
@@ -157,8 +223,10 @@ def family_of(model: Any) -> ModelFamily:
         found = lineage[0] == conversion.model_class if conversion.exact else conversion.model_class in lineage
         if found and conversion.accepts(unet_config):
             return get_family(name)
-    titles = ", ".join(get_family(name).title for name in reversed(CONVERSIONS))
-    raise LoraLabError(f"Train LoRA trains {titles} models; this graph's model is {lineage[0]}. Load one of those.")
+    titles = ", ".join(get_family(name).title + (f" (ComfyUI {conversion.needs} or later)" if conversion.needs else "")
+                       for name, conversion in reversed(CONVERSIONS.items()))
+    raise LoraLabError(f"Train LoRA trains {titles} models; this graph's model is {lineage[0]} (ComfyUI "
+                       f"{comfy.comfy_version()}). Load one of those.")
 
 
 class GraphEncoders(Encoders):
@@ -177,11 +245,14 @@ class GraphEncoders(Encoders):
 
     def encode_prompts(self, captions: list[str]) -> dict[str, torch.Tensor]:
         encoded = [comfy.encode_pooled(self.clip, caption, self.stage) for caption in captions]
-        tokens = self.family.text_tokens
-        conditioning = {"prompt_embeds": torch.cat([cond[:, :tokens] for cond, _ in encoded]).clone()}
+        rows = self.family.text_rows([cond for cond, _ in encoded])
+        conditioning = {key: value.clone() for key, value in rows.items()}
         if self.family.pooled_conditioning:
             conditioning[self.family.pooled_conditioning] = torch.cat([pooled for _, pooled in encoded]).clone()
         return conditioning
+
+    def pixels_per_latent(self) -> int:
+        return getattr(self.latent_format, "spacial_downscale_ratio", 8)  # FLUX.2's latents are 16 px a side
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         raw = self.vae.encode(((pixels + 1) / 2).clamp(0, 1).movedim(1, -1))
@@ -241,6 +312,23 @@ def loaded_model(model: Any, clip: Any, vae: Any, identity: ModelIdentity,
                        noise_scheduler=family.training_scheduler(), prediction_type=comfy.prediction_type(model),
                        identity=identity, resolution=family.default_resolution,
                        original_names=CONVERSIONS[family.name].original_names(model))
+
+
+def lora_for(model: Any, path: Path) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors for a graph's MODEL; one whose layers are all another family's (a FLUX
+    LoRA given to a Z-Image model) is refused naming both, before ComfyUI drops its every key."""
+    tensors = comfy.load_lora_file(path)
+    try:
+        family = family_of(model)
+    except (LoraLabError, AttributeError):  # a model LoRA Lab does not train, or another pack's wrapper of
+        return tensors  # a MODEL: ComfyUI's loader says what it drops
+    _, layers, _ = layer_keys(check_lora(path))
+    other = other_family(sorted(layers), family)
+    if other is not None:
+        raise LoraLabError(f"{path.name} is a {other.title} LoRA (its layers are {other.title}'s, e.g. "
+                           f"{sorted(layers)[0]}), and this model is {family.title}: none of its layers would load. "
+                           f"Pick a {family.title} LoRA, or load the {other.title} model it was trained for.")
+    return tensors
 
 
 LOADER_INPUTS = ("ckpt_name", "unet_name", "model_name")  # the file widgets of ComfyUI's model loaders

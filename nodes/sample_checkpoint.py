@@ -10,6 +10,7 @@ import torch
 from ..trainer.errors import LoraLabError
 from ..trainer.sampling import fill_trigger
 from . import comfy_bridge as comfy
+from . import graph_model
 from .comfy_bridge import RUN, io
 from .grid_cells import GridCells, Sampling, grid_output, prompt_lines, sampling_inputs
 from .grid_cells import parse_strengths as parse_strength_list
@@ -81,7 +82,7 @@ class SampleCheckpoint(io.ComfyNode):
         base: dict[str, torch.Tensor] = {}
         rows = []
         for label, path, triggers in rows_to_sample:
-            lora = comfy.load_lora_file(path)
+            lora = graph_model.lora_for(model, path)
             for prompt in prompt_texts:
                 text = fill_trigger(prompt, triggers)
                 images = []

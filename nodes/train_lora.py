@@ -258,7 +258,7 @@ class TrainLora(io.ComfyNode):
     def hand_on(cls, model, clip, run: TrainingRun, curve) -> io.NodeOutput:
         """The outputs: MODEL and CLIP with the run's recommended checkpoint at strength 1, the run,
         the loss curve (also shown on the node) and the checkpoint's name as LoraLoader lists it."""
-        model_out, clip_out = comfy.apply_lora(model, clip, comfy.load_lora_file(run.best), 1.0, 1.0)
+        model_out, clip_out = comfy.apply_lora(model, clip, graph_model.lora_for(model, run.best), 1.0, 1.0)
         # The panel draws the loss curve; the curve image is an output only (one chart on the node).
         return io.NodeOutput(model_out, clip_out, run, curve, comfy.lora_display_name(run.best))
 

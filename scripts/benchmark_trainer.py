@@ -5,17 +5,17 @@ counter, `budget.LiveTensorBytes`: what training adds, not RSS) and the trainer'
 of that same quantity. Each case runs in its own process, side by side in one run. Models are
 random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the shipped demo model.
 
-    python scripts/benchmark_trainer.py [--steps 20] [--families sd15,sdxl,flux] [--sizes tiny,reduced]
+    python scripts/benchmark_trainer.py [--steps 20] [--families sd15,sdxl,flux,zimage] [--sizes tiny,reduced]
                                         [--cases plain,no_cache,checkpointing,text_encoder,fp8_base,
                                                  loha,lokr,dora,adafactor,lion,adamw_schedulefree,
                                                  prodigy_schedulefree]
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
 
-    python scripts/benchmark_trainer.py --real-size flux
+    python scripts/benchmark_trainer.py --real-size flux|zimage
 
 prints instead the trainer's own memory estimate (budget.py, on the meta device: no weights, no
-arithmetic, seconds on any machine) for full-size FLUX.1-dev on a GPU: 512 and 1024 px, bf16 and
+arithmetic, seconds on any machine) for full-size FLUX.1-dev or Z-Image on a GPU: 512 and 1024 px, bf16 and
 fp8 base, with and without gradient checkpointing, batch 1, rank 16 and 32.
 
     python scripts/benchmark_trainer.py --file-sizes
@@ -41,7 +41,7 @@ CASES = {"plain": {}, "no_cache": {"cache": False}, "checkpointing": {"gradient_
          "adamw_schedulefree": {"optimizer": "adamw_schedulefree", "lr_scheduler": "constant"},
          "prodigy_schedulefree": {"optimizer": "prodigy_schedulefree", "lr_scheduler": "constant",
                                   "learning_rate": 1.0}}
-NOT_FOR = {"text_encoder": {"flux"}}  # FLUX LoRAs train the transformer only
+NOT_FOR = {"text_encoder": {"flux", "zimage"}}  # their LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
 
@@ -153,48 +153,65 @@ def run_case(settings: dict) -> dict:
     return {**measured, "s_per_step": statistics.median(times), "peak": measured["peak_live"] + measured["lora_bytes"]}
 
 
-def real_size_flux() -> None:
-    """The memory table of full-size FLUX.1-dev from the trainer's estimate (see the module docstring)."""
+# The text conditioning of one caption at full size, per transformer family: what a real step sees.
+REAL_SIZE_TEXT = {"flux": {"prompt_embeds": (512, 4096), "pooled_projections": (768,)},
+                  "zimage": {"prompt_embeds": (512, 2560), "prompt_mask": (512,)}}
+
+
+def full_size_denoiser(name: str):
+    """A family's full-size denoiser (its shipped config) on the meta device."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families.sd15 import CONFIGS
+
+    family = get_family(name)
+    transformer = getattr(family, "pipeline_class_transformer", None)
+    cls, folder = (transformer(), "transformer") if transformer else (UNet2DConditionModel, "unet")
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(CONFIGS / name / folder))
+
+
+def real_size(name: str) -> None:
+    """The memory table of a full-size transformer family from the trainer's estimate (see the
+    module docstring)."""
     import itertools
 
     import torch
-    from diffusers import FluxTransformer2DModel
     from lora_lab.trainer import budget
     from lora_lab.trainer.config import build_config
     from lora_lab.trainer.families import get_family
     from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
-    from lora_lab.trainer.families.sd15 import CONFIGS
     from lora_lab.trainer.fp8 import float8_bytes_saved
     from lora_lab.trainer.lora import add_lora, lora_parameters
 
-    family = get_family("flux")
-    with torch.device("meta"):
-        shipped = FluxTransformer2DModel.load_config(CONFIGS / "flux" / "transformer")  # FLUX.1-dev's own
-        denoiser = FluxTransformer2DModel.from_config(shipped)
+    family = get_family(name)
+    denoiser = full_size_denoiser(name)
     linear = sum(m.weight.numel() for m in denoiser.modules() if type(m) is torch.nn.Linear)
     everything = sum(p.numel() for p in denoiser.parameters())
     # bf16 weights; fp8: one byte per linear weight plus its per-row fp32 scale, the rest in bf16.
-    base = {"bf16": 2 * everything, "fp8": 2 * everything - float8_bytes_saved(denoiser, element_size=2)}
+    base = {"bf16": 2 * everything,
+            "fp8": 2 * everything - float8_bytes_saved(denoiser, element_size=2, kept=family.fp8_kept)}
     gib = 2**30
-    print(f"FLUX.1-dev transformer: {everything / 1e9:.2f} B parameters, {linear / everything:.1%} in linear layers; "
-          "text encoders not counted (their encodings are cached before training, and ComfyUI offloads them).")
+    print(f"{family.title} transformer: {everything / 1e9:.2f} B parameters, {linear / everything:.1%} in linear "
+          "layers; text encoders not counted (their encodings are cached before training, and ComfyUI offloads them).")
     print("GiB on a CUDA GPU, batch 1, AdamW (8-bit AdamW: optimizer column / 4), runtime 0.59 GiB included")
     print(f"{'px':>5}{'base':>6}{'checkpointing':>15}{'rank':>6}{'base GiB':>10}{'LoRA':>7}{'optimizer':>11}"
           f"{'step':>7}{'total':>8}")
     for resolution, dtype, checkpointing, rank in itertools.product((512, 1024), ("bf16", "fp8"), (False, True),
                                                                     (16, 32)):
-        config = build_config({"family": "flux", "rank": rank, "resolution": resolution, "batch_size": 1,
+        config = build_config({"family": name, "rank": rank, "resolution": resolution, "batch_size": 1,
                                "gradient_checkpointing": checkpointing, "fp8_base": dtype == "fp8"})
         with torch.device("meta"):
-            model = LoadedModel(family=family, denoiser=FluxTransformer2DModel.from_config(denoiser.config),
+            model = LoadedModel(family=family, denoiser=type(denoiser).from_config(denoiser.config),
                                 encoders=Encoders(), noise_scheduler=None, prediction_type="flow",
-                                identity=ModelIdentity("FLUX.1-dev", "meta"), resolution=1024, guidance=3.5)
+                                identity=ModelIdentity(family.title, "meta"), resolution=1024, guidance=3.5)
         add_lora(model, rank, config.alpha, config.lora.targets, train_text_encoder=False)
         lora = lora_parameters(model)
         side = resolution // 8
         latents = torch.empty((1, 16, side, side), device="meta")
-        conditioning = {"prompt_embeds": torch.empty((1, 512, 4096), dtype=torch.bfloat16, device="meta"),
-                        "pooled_projections": torch.empty((1, 768), dtype=torch.bfloat16, device="meta")}
+        conditioning = {key: torch.empty((1, *shape), dtype=torch.bfloat16, device="meta")
+                        for key, shape in REAL_SIZE_TEXT[name].items()}
         step = budget.measure_step(model, config, latents, conditioning, torch.bfloat16)
         estimate = budget.MemoryEstimate(
             base=base[dtype], adapters=sum(p.numel() for p in lora) * 4,
@@ -209,22 +226,16 @@ def file_sizes(rank: int = 32) -> None:
     """Each adapter type's file size on each family's full-size denoiser (the shipped configs, on
     the meta device: no weights), at `rank` on the default targets, as the exporter writes it
     (fp16 tensors, an fp32 alpha per layer)."""
-    import torch
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
     from lora_lab.trainer.adapters import ADAPTER_NAMES, adapter_of_layer
-    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.families import FAMILY_NAMES, get_family
     from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity
-    from lora_lab.trainer.families.sd15 import CONFIGS
     from lora_lab.trainer.lora import add_lora, lora_layers
 
-    classes = {"sd15": (UNet2DConditionModel, "unet"), "sdxl": (UNet2DConditionModel, "unet"),
-               "flux": (FluxTransformer2DModel, "transformer")}
     print(f"MiB per file at rank {rank}, default targets, denoiser only ({', '.join(ADAPTER_NAMES)})")
-    for name, (cls, folder) in classes.items():
+    for name in FAMILY_NAMES:
         sizes = []
         for adapter in ADAPTER_NAMES:
-            with torch.device("meta"):
-                denoiser = cls.from_config(cls.load_config(CONFIGS / name / folder))
+            denoiser = full_size_denoiser(name)
             model = LoadedModel(family=get_family(name), denoiser=denoiser, encoders=Encoders(), noise_scheduler=None,
                                 prediction_type="flow", identity=ModelIdentity(name, "meta"), resolution=1024)
             add_lora(model, rank, rank, "attention", train_text_encoder=False, adapter=adapter)
@@ -242,11 +253,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,reduced")
     parser.add_argument("--cases", default="plain,checkpointing,fp8_base")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--real-size", choices=["flux"], help="print the full-size memory table instead")
+    parser.add_argument("--real-size", choices=sorted(REAL_SIZE_TEXT), help="print a full-size memory table instead")
     parser.add_argument("--file-sizes", action="store_true", help="print each adapter type's full-size file sizes")
     args = parser.parse_args()
     if args.real_size:
-        real_size_flux()
+        real_size(args.real_size)
         return
     if args.file_sizes:
         file_sizes()

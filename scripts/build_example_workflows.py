@@ -205,7 +205,54 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
         Node(17, "SaveImage", {"filename_prefix": "lora_lab_flux"}, {"images": (16, 0)}, extra_height=260),
     ]], colour="#3f7f4f"),
 ])
-EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX]
+# Z-Image as ComfyUI's own Z-Image templates load it (Comfy-Org/z_image: the diffusion model, Qwen3-4B
+# through CLIPLoader's lumina2 type, FLUX.1's VAE). The base model trains (musubi-tuner's advice: the
+# distilled Turbo loses its few-step sampling when trained directly) and samples with classifier-free
+# guidance and a negative prompt.
+ZIMAGE_NEGATIVE = "blurry, low quality"  # the grid's and your sampler's, so the two agree
+ZIMAGE_SAMPLE = {"seed": 0, "steps": 30, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"}
+TRAIN_ZIMAGE = Example("Train a Z-Image LoRA", opens_on=2, groups=[
+    Group("1 · Dataset", [[
+        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick the Z-Image model "
+                "(z_image_bf16), qwen_3_4b (type lumina2) and ae.safetensors. Needs ComfyUI 0.3.76 or later.\n2. "
+                "Z-Image likes long sentences: Caption (connected to the model) turns tags into them, the trigger "
+                "word (typed once, on Load Dataset) first.\n3. Read the report on Load Dataset, then Queue "
+                "(gradient checkpointing is on, to fit 24 GB GPUs).\n4. Test: Sample Checkpoint compares "
+                "checkpoints and strengths; Apply LoRA Stack feeds your own sampler with the trigger word in front."),
+        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
+             {"model": (1, 0)}, width=DATASET_WIDTH, extra_height=DATASET_SHEET_ROOM),
+    ], [
+        Node(1, "UNETLoader", {"unet_name": "z_image_bf16.safetensors", "weight_dtype": "default"}),
+        Node(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"}),
+        Node(3, "VAELoader", {"vae_name": "ae.safetensors"}),
+        Node(5, "LoraLabCaption", {}, {"dataset": (4, 0), "model": (1, 0)}),
+    ]]),
+    Group("2 · Train", [[
+        Node(6, "LoraLabTrainLora", {"name": "xyz_person_zimage", "gradient_checkpointing": True},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=440),
+    ]], colour="#8a6d3b"),
+    Group("3 · Test", [[
+        Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
+                                                       "astronaut", "negative": ZIMAGE_NEGATIVE, "cfg": 4.0,
+                                            "width": 1024, "height": 1024, "scheduler": "simple"},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
+             extra_height=GRID_ROOM),
+    ], [
+        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
+             extra_height=STACK_ROOM),
+        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
+             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
+        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+        Node(12, "CLIPTextEncode", {"text": ZIMAGE_NEGATIVE}, {"clip": (9, 1)}, title="Negative"),
+    ], [
+        Node(14, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        Node(15, "KSampler", ZIMAGE_SAMPLE, {"model": (9, 0), "positive": (11, 0), "negative": (12, 0),
+                                             "latent_image": (14, 0)}),
+        Node(16, "VAEDecode", {}, {"samples": (15, 0), "vae": (3, 0)}),
+        Node(17, "SaveImage", {"filename_prefix": "lora_lab_zimage"}, {"images": (16, 0)}, extra_height=260),
+    ]], colour="#3f7f4f"),
+])
+EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX, TRAIN_ZIMAGE]
 
 
 def example_nodes(example: Example) -> list[Node]:

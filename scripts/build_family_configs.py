@@ -1,6 +1,6 @@
 """Write the configs that let single-file checkpoints load offline (diffusers' `from_single_file`
 needs a local `config=` folder or it goes to the hub), into trainer/families/configs/<family>/
-(SD 1.5 and SDXL: every component; FLUX: the transformer, VAE and scheduler).
+(SD 1.5 and SDXL: every component; FLUX, Z-Image and FLUX.2: the transformer, VAE and scheduler).
 
 The configs are the published architecture values of each base model. The CLIP tokenizer files
 are derived from the CLIP BPE merges file that the `open-clip-torch` wheel carries:
@@ -111,6 +111,40 @@ FLUX = {
         "use_dynamic_shifting": True,
     },
 }
+# Z-Image-Turbo's published transformer (Tongyi-MAI/Z-Image src/config/model.py and the diffusers
+# folder's transformer/config.json), the FLUX.1 VAE it uses, and its fixed-shift scheduler.
+ZIMAGE = {
+    "transformer/config.json": {
+        "_class_name": "ZImageTransformer2DModel", "all_patch_size": [2], "all_f_patch_size": [1], "in_channels": 16,
+        "dim": 3840, "n_layers": 30, "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-05,
+        "qk_norm": True, "cap_feat_dim": 2560, "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48],
+        "axes_lens": [1536, 512, 512],
+    },
+    "vae/config.json": FLUX["vae/config.json"],
+    "scheduler/scheduler_config.json": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+        "use_dynamic_shifting": False,
+    },
+}
+# FLUX.2 [klein] 4B's published transformer (diffusers' scripts/convert_flux2_to_diffusers.py:
+# 5 double and 20 single blocks, 3072 wide, Qwen3-4B's three layers as text), FLUX.2's VAE and its
+# scheduler (dynamic shift, FLUX.1-dev's base and max).
+FLUX2 = {
+    "transformer/config.json": {
+        "_class_name": "Flux2Transformer2DModel", "patch_size": 1, "in_channels": 128, "num_layers": 5,
+        "num_single_layers": 20, "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680,
+        "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": [32, 32, 32, 32], "rope_theta": 2000,
+        "eps": 1e-06, "guidance_embeds": False,
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKLFlux2", "in_channels": 3, "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "act_fn": "silu", "latent_channels": 32,
+        "norm_num_groups": 32, "sample_size": 1024, "use_quant_conv": True, "use_post_quant_conv": True,
+        "mid_block_add_attention": True, "batch_norm_eps": 0.0001, "batch_norm_momentum": 0.1, "patch_size": [2, 2],
+    },
+    "scheduler/scheduler_config.json": FLUX["scheduler/scheduler_config.json"],
+}
 
 TOKENIZER_CONFIG = {
     "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
@@ -139,7 +173,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--open-clip-wheel", type=Path, required=True)
     args = parser.parse_args()
-    for name, files in {"sd15": SD15, "sdxl": SDXL, "flux": FLUX}.items():
+    for name, files in {"sd15": SD15, "sdxl": SDXL, "flux": FLUX, "zimage": ZIMAGE,
+                                                         "flux2": FLUX2}.items():
         for relative, content in files.items():
             path = CONFIGS / name / relative
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,7 +66,8 @@ from lora_lab.trainer.data import Dataset, scan_folder  # noqa: E402
 from lora_lab.trainer.errors import LoraLabError  # noqa: E402
 from lora_lab.trainer.families import get_family  # noqa: E402
 from lora_lab.trainer.families.base import Encoders, LoadedModel, ModelIdentity  # noqa: E402
-from lora_lab.trainer.families.flux import CONFIGS, T5_MAX_TOKENS  # noqa: E402
+from lora_lab.trainer.families.dit import CONFIGS  # noqa: E402
+from lora_lab.trainer.families.flux import T5_MAX_TOKENS  # noqa: E402
 from lora_lab.trainer.loop import StepReport, TrainingCommands, TrainingEvents, run_loop  # noqa: E402
 from lora_lab.trainer.lora import lora_parameters  # noqa: E402
 from lora_lab.trainer.precision import precision_name  # noqa: E402

@@ -6,8 +6,8 @@ name as both title and description, so the picture has to say the rest).
 
 The pictures are real results of the trainer the nodes call, on the embedded demo model (a ring
 LoRA trained in a minute on a CPU): its checkpoint x strength grid, the same checkpoints compared by
-strength, and two of its LoRAs stacked. FLUX.1-dev cannot run on a machine without a GPU of its
-size, so its card shows the workflow's steps instead of a result.
+strength, and two of its LoRAs stacked. FLUX.1-dev and Z-Image cannot run on a machine without a
+GPU of their size, so their cards show the workflow's steps instead of a result.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from build_example_workflows import COMPARE_LORAS, STACK_TWO, TRAIN_AND_TEST, TRAIN_FLUX, example_path
+from build_example_workflows import (
+    COMPARE_LORAS,
+    STACK_TWO,
+    TRAIN_AND_TEST,
+    TRAIN_FLUX,
+    TRAIN_ZIMAGE,
+    example_path,
+)
 from PIL import Image, ImageDraw, ImageFont
 
 THUMBNAIL_SIDE = 768  # square, as the Templates browser's cards are
@@ -87,6 +94,11 @@ def main() -> None:
          steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA (fp8 base)", "Sample Checkpoint (grid)",
                         "Apply LoRA Stack", "Your sampler (guidance 3.5)"]),
          example_path(TRAIN_FLUX).with_suffix(".jpg"))
+    card(TRAIN_ZIMAGE.name, "From the separate Z-Image model, Qwen3-4B (type lumina2) and VAE files: dataset, "
+         "sentence captions, training, a grid, then the LoRA in your own sampler (cfg 4, with a negative).",
+         steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA", "Sample Checkpoint (grid)",
+                        "Apply LoRA Stack", "Your sampler (cfg 4)"]),
+         example_path(TRAIN_ZIMAGE).with_suffix(".jpg"))
 
 
 if __name__ == "__main__":

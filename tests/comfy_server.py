@@ -195,6 +195,85 @@ def flux_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Path]
     return files
 
 
+def build_zimage_transformer(path: Path) -> None:
+    """Z-Image's transformer at full width (3840, as ComfyUI requires to load it as Z-Image) with
+    one main block and its two noise and two context refiners, random, in bf16 and in Tongyi's and
+    ComfyUI's layout (fused q/k/v): 0.9 B parameters, 1.8 GB."""
+    from diffusers import ZImageTransformer2DModel
+    from lora_lab.trainer.families.dit import CONFIGS
+    from safetensors.torch import save_file
+
+    from .ldm_layout import zimage_original_layout
+
+    generator = torch.Generator().manual_seed(0)
+    config = ZImageTransformer2DModel.load_config(CONFIGS / "zimage" / "transformer")
+    with torch.device("meta"):
+        transformer = ZImageTransformer2DModel.from_config({**config, "n_layers": 1})
+    state = {}
+    for key, value in transformer.state_dict().items():
+        ones = value.ndim == 1 and ("norm" in key.rsplit(".", 2)[-2] or key.startswith("cap_embedder.0"))
+        state[key] = torch.ones(value.shape) if ones else torch.randn(value.shape, generator=generator) * 0.02
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in zimage_original_layout(state).items()}, str(path))
+
+
+def build_qwen3_4b_fp8(path: Path) -> None:
+    """Qwen3-4B (36 layers, 2560 wide, ComfyUI's fixed config for Z-Image's and FLUX.2 Klein 4B's
+    text encoder) with random weights in float8_e4m3fn, transformers' layout as ComfyUI's
+    qwen_3_4b.safetensors holds it: 4.0 GB, built layer by layer."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    width, feed_forward, heads, kv_heads, head_dim, layers, vocabulary = 2560, 9728, 32, 8, 128, 36, 151936
+
+    def random(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * std).to(torch.float8_e4m3fn)
+
+    def ones(size: int = width) -> torch.Tensor:
+        return torch.ones(size, dtype=torch.float8_e4m3fn)
+
+    tensors = {"model.embed_tokens.weight": random(vocabulary, width, std=1.0), "model.norm.weight": ones()}
+    for layer in range(layers):
+        prefix = f"model.layers.{layer}."
+        tensors.update({
+            prefix + "input_layernorm.weight": ones(), prefix + "post_attention_layernorm.weight": ones(),
+            prefix + "self_attn.q_proj.weight": random(heads * head_dim, width),
+            prefix + "self_attn.k_proj.weight": random(kv_heads * head_dim, width),
+            prefix + "self_attn.v_proj.weight": random(kv_heads * head_dim, width),
+            prefix + "self_attn.o_proj.weight": random(width, heads * head_dim),
+            prefix + "self_attn.q_norm.weight": ones(head_dim), prefix + "self_attn.k_norm.weight": ones(head_dim),
+            prefix + "mlp.gate_proj.weight": random(feed_forward, width),
+            prefix + "mlp.up_proj.weight": random(feed_forward, width),
+            prefix + "mlp.down_proj.weight": random(width, feed_forward)})
+    save_file(tensors, str(path))
+
+
+def zimage_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Path]:
+    """A ComfyUI base folder holding a Z-Image install ComfyUI 0.33 loads as Z-Image (the files
+    built into the folder `kept` names, else into `scratch`, and linked into models/), and the
+    dataset folder input/my_dataset with two captioned images: {role: path} of the files."""
+    from lora_lab.trainer import embedded
+
+    folder = Path(kept) if kept else scratch
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"transformer": folder / "z_image_1block.safetensors", "qwen": folder / "qwen_3_4b_fp8_e4m3fn.safetensors",
+             "vae": folder / "ae.safetensors"}
+    if not files["transformer"].exists():
+        build_zimage_transformer(files["transformer"])
+    if not files["qwen"].exists():
+        build_qwen3_4b_fp8(files["qwen"])
+    if not files["vae"].exists():
+        build_flux_clip_l_and_vae(folder / "clip_l.safetensors", files["vae"])  # Z-Image uses FLUX.1's VAE
+    for role, kind in (("transformer", "diffusion_models"), ("qwen", "text_encoders"), ("vae", "vae")):
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        (base / "models" / kind / files[role].name).symlink_to(files[role])
+    dataset = base / "input" / "my_dataset"
+    dataset.mkdir(parents=True)
+    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:
+        shutil.copy(image, dataset)
+        shutil.copy(image.with_suffix(".txt"), dataset)
+    return files
+
+
 class ComfyServer:
     """`python main.py --cpu` in its own base directory, with this repository as a custom node."""
 

@@ -120,3 +120,69 @@ def write_ldm_checkpoint(unet, vae, text_encoder, path: Path, text_encoder_2=Non
         for key, value in open_clip_tensors(text_encoder_2).items():
             tensors["conditioner.embedders.1.model." + key] = value
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def zimage_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers Z-Image transformer's tensors as Tongyi's and ComfyUI's files hold them (q, k and
+    v fused; written here from the two layouts' names, apart from the loader's converter)."""
+    renames = {"all_x_embedder.2-1.": "x_embedder.", "all_final_layer.2-1.": "final_layer.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_q.": ".attention.q_norm.",
+               ".attention.norm_k.": ".attention.k_norm."}
+    original = {}
+    for key, value in state.items():
+        if key.endswith((".attention.to_k.weight", ".attention.to_v.weight")):
+            continue
+        if key.endswith(".attention.to_q.weight"):
+            block = key.removesuffix(".to_q.weight")
+            original[f"{block}.qkv.weight"] = torch.cat([state[f"{block}.to_{p}.weight"] for p in "qkv"])
+            continue
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        original[key] = value
+    return original
+
+
+def flux2_original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers FLUX.2 transformer's tensors as BFL's and ComfyUI's files hold them (double-block
+    q/k/v fused, the final modulation's halves swapped; written apart from the loader's converter)."""
+    block_names = {"attn.to_out.0.weight": "img_attn.proj.weight", "attn.to_add_out.weight": "txt_attn.proj.weight",
+                   "ff.linear_in.weight": "img_mlp.0.weight", "ff.linear_out.weight": "img_mlp.2.weight",
+                   "ff_context.linear_in.weight": "txt_mlp.0.weight",
+                   "ff_context.linear_out.weight": "txt_mlp.2.weight",
+                   "attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+                   "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+                   "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+                   "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}
+    single_names = {"attn.to_qkv_mlp_proj.weight": "linear1.weight", "attn.to_out.weight": "linear2.weight",
+                    "attn.norm_q.weight": "norm.query_norm.scale", "attn.norm_k.weight": "norm.key_norm.scale"}
+    top_names = {"x_embedder.weight": "img_in.weight", "context_embedder.weight": "txt_in.weight",
+                 "time_guidance_embed.timestep_embedder.linear_1.weight": "time_in.in_layer.weight",
+                 "time_guidance_embed.timestep_embedder.linear_2.weight": "time_in.out_layer.weight",
+                 "time_guidance_embed.guidance_embedder.linear_1.weight": "guidance_in.in_layer.weight",
+                 "time_guidance_embed.guidance_embedder.linear_2.weight": "guidance_in.out_layer.weight",
+                 "double_stream_modulation_img.linear.weight": "double_stream_modulation_img.lin.weight",
+                 "double_stream_modulation_txt.linear.weight": "double_stream_modulation_txt.lin.weight",
+                 "single_stream_modulation.linear.weight": "single_stream_modulation.lin.weight",
+                 "proj_out.weight": "final_layer.linear.weight"}
+    original = {}
+    for key, value in state.items():
+        if key in top_names:
+            original[top_names[key]] = value
+        elif key == "norm_out.linear.weight":  # diffusers keeps (scale, shift), BFL (shift, scale)
+            scale, shift = value.chunk(2)
+            original["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+        elif key.startswith("transformer_blocks."):
+            _, number, rest = key.split(".", 2)
+            prefix = f"double_blocks.{number}."
+            if rest in ("attn.to_q.weight", "attn.add_q_proj.weight"):
+                names = ("to_q", "to_k", "to_v") if rest.startswith("attn.to_q") else ("add_q_proj", "add_k_proj",
+                                                                                         "add_v_proj")
+                stream = "img" if names[0] == "to_q" else "txt"
+                original[f"{prefix}{stream}_attn.qkv.weight"] = torch.cat(
+                    [state[f"transformer_blocks.{number}.attn.{name}.weight"] for name in names])
+            elif rest in block_names:
+                original[prefix + block_names[rest]] = value
+        elif key.startswith("single_transformer_blocks."):
+            _, number, rest = key.split(".", 2)
+            original[f"single_blocks.{number}.{single_names[rest]}"] = value
+    return original

@@ -159,9 +159,98 @@ def test_flux_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
         state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
     path = tmp_path / "flux1-tiny.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(LoraLabError, match="holds only the FLUX transformer. Set model_config"):
+    with pytest.raises(LoraLabError, match="holds only the FLUX.1-dev transformer. Set model_config"):
         load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
     loaded = load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
     expected = reference.denoiser.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in loaded.denoiser.state_dict().items())
     assert loaded.denoiser.config.guidance_embeds and load_file(str(path))
+
+
+@pytest.mark.parametrize("layout", ["original", "original with prefix", "diffusers"])
+def test_zimage_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
+    from .ldm_layout import zimage_original_layout
+    from .tiny_models import build_zimage
+
+    folder = build_zimage(tmp_path / "tiny-zimage")
+    reference = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
+    assert reference.family.name == "zimage"
+    state = reference.denoiser.state_dict()
+    if layout != "diffusers":
+        state = zimage_original_layout(state)
+        assert "layers.0.attention.qkv.weight" in state and "layers.0.attention.to_q.weight" not in state
+    if layout == "original with prefix":  # as in full checkpoints
+        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    path = tmp_path / "z_image_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert detect_family({key: tuple(value.shape) for key, value in state.items()}) == "zimage"
+    with pytest.raises(LoraLabError, match="holds only the Z-Image transformer. Set model_config"):
+        load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
+    loaded = load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
+    expected = reference.denoiser.state_dict()
+    assert loaded.denoiser.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.denoiser.state_dict().items())
+    assert loaded.denoiser.config.n_layers == reference.denoiser.config.n_layers
+
+
+def test_a_zimage_folder_is_not_read_as_another_family(tmp_path):
+    from .tiny_models import build_zimage
+
+    folder = build_zimage(tmp_path / "tiny-zimage")
+    with pytest.raises(LoraLabError, match="not FLUX.1-dev"):
+        load_base_model(build_config({"base_model": str(folder), "family": "flux"}), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_qwen3_families_encode_as_their_own_pipelines_do(tmp_path, family):
+    """Captions and images become exactly what diffusers' ZImagePipeline / Flux2KleinPipeline feed
+    their transformers (chat template, hidden layers, padding; FLUX.2's folded, normalised latents)."""
+    from .tiny_models import build
+
+    model = load_base_model(build_config({"base_model": str(build(family, tmp_path / family)),
+                                          "mixed_precision": "no"}), torch.device("cpu"))
+    pipe = model.family.pipeline(model)
+    captions = ["zkw_toy, a ring on a table", "a gray square"]
+    ours = model.encoders.encode_prompts(captions)
+    with torch.no_grad():
+        if family == "zimage":
+            theirs, _ = pipe.encode_prompt(list(captions), do_classifier_free_guidance=False)
+            mine = [row[mask > 0.5] for row, mask in zip(ours["prompt_embeds"], ours["prompt_mask"], strict=True)]
+            assert [t.shape for t in theirs] == [m.shape for m in mine]
+            assert all(torch.equal(t, m) for t, m in zip(theirs, mine, strict=True))
+        else:
+            depth = model.text_encoders[0].config.num_hidden_layers
+            theirs, _ = pipe.encode_prompt(prompt=captions, text_encoder_out_layers=(depth // 4, depth // 2,
+                                                                                      3 * depth // 4))
+            assert torch.equal(theirs, ours["prompt_embeds"])
+            pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+            vae = model.encoders.vae
+            folded = pipe._patchify_latents(vae.encode(pixels).latent_dist.mode())
+            std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+            expected = (folded - vae.bn.running_mean.view(1, -1, 1, 1)) / std
+            torch.testing.assert_close(model.encoders.encode_images(pixels), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["original", "original with prefix", "diffusers"])
+def test_flux2_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
+    from .ldm_layout import flux2_original_layout
+    from .tiny_models import build_flux2
+
+    folder = build_flux2(tmp_path / "tiny-flux2")
+    reference = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
+    assert reference.family.name == "flux2"
+    state = reference.denoiser.state_dict()
+    if layout != "diffusers":
+        state = flux2_original_layout(state)
+        assert "double_blocks.0.img_attn.qkv.weight" in state and len(state) < len(reference.denoiser.state_dict())
+    if layout == "original with prefix":
+        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
+    path = tmp_path / "flux-2-klein-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    assert detect_family({key: tuple(value.shape) for key, value in state.items()}) == "flux2"
+    with pytest.raises(LoraLabError, match=r"holds only the FLUX.2 \[klein\] transformer. Set model_config"):
+        load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
+    loaded = load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
+    expected = reference.denoiser.state_dict()
+    assert loaded.denoiser.state_dict().keys() == expected.keys()
+    assert all(torch.equal(value, expected[key]) for key, value in loaded.denoiser.state_dict().items())

@@ -15,6 +15,7 @@ from lora_lab.trainer.embedded import CONCEPT_DATASET
 from lora_lab.trainer.examples import TrainingSet
 from lora_lab.trainer.export import load_into_model, lora_state_dict, save_lora
 from lora_lab.trainer.families import FAMILY_NAMES
+from lora_lab.trainer.fp8 import quantizable_layers
 from lora_lab.trainer.lora import add_lora, lora_parameters, set_strength
 from lora_lab.trainer.objectives import noise_batch
 from lora_lab.trainer.run import load_base_model, train_lora
@@ -79,7 +80,7 @@ def test_loss_falls_on_a_fixed_batch(family_model):
 def test_export_reloads_through_diffusers_with_the_same_outputs(family_model, tmp_path):
     name, _, base = family_model
     model = copy.deepcopy(base)
-    train_text = name != "flux"  # FLUX LoRAs train the transformer only
+    train_text = bool(model.family.text_encoder_prefixes)  # FLUX's and Z-Image's train the transformer only
     add_lora(model, 4, 2.0, "attention_mlp", train_text)
     torch.manual_seed(1)
     for parameter in lora_parameters(model):
@@ -117,7 +118,7 @@ def test_export_reloads_through_diffusers_with_the_same_outputs(family_model, tm
 def test_fp8_base_trains_with_a_quarter_of_the_fp32_linear_memory(family_model, tmp_path):
     name, folder, base = family_model
     model = copy.deepcopy(base)
-    linear_bytes = sum(m.weight.numel() * 4 for m in model.denoiser.modules() if type(m) is torch.nn.Linear)
+    linear_bytes = sum(m.weight.numel() * 4 for m in quantizable_layers(model.denoiser, model.family.fp8_kept))
     before = sum(t.numel() * t.element_size() for t in model.denoiser.state_dict().values())
     config = build_config({"family": name, "base_model": str(folder), "steps": 3, "rank": 4, "batch_size": 2,
                            "resolution": RESOLUTION, "output_dir": str(tmp_path), "name": name, "fp8_base": True})

@@ -164,14 +164,48 @@ def test_family_of_the_graphs_model(nodes):
     assert family_of(graph_model(models.SD15)).name == "sd15"
     assert family_of(graph_model(models.Segmind_Vega)).name == "sdxl"  # reduced SDXLs train as SDXL
     assert family_of(graph_model(models.Flux, 16)).name == "flux"
-    with pytest.raises(LoraLabError, match="trains SD 1.5, SDXL, FLUX.1-dev models; this graph's model is SDXL"):
+    assert family_of(graph_model(type("ZImage", (), {}), 16)).name == "zimage"
+    with pytest.raises(LoraLabError, match=r"trains SD 1.5, SDXL, FLUX.1-dev, Z-Image \(ComfyUI 0.3.76 or later\), "
+                                           r"FLUX.2 \[klein\] \(ComfyUI 0.11 or later\) models; this graph's "
+                                           "model is SDXL"):
         family_of(graph_model(models.SDXL, 9))  # an inpainting model
     with pytest.raises(LoraLabError, match="this graph's model is SD3"):
         family_of(graph_model(type("SD3", (), {})))
-    flux2 = graph_model(type("Flux2", (models.Flux,), {}), 16)
-    flux2.model.model_config.unet_config["image_model"] = "flux2"  # ComfyUI 0.33's FLUX.2: another layout
+    with pytest.raises(LoraLabError, match=r"this graph's model is Lumina2 \(ComfyUI "):  # 0.3.64 has no ZImage
+        family_of(graph_model(type("Lumina2", (), {}), 16))
+    flux2 = graph_model(type("Flux2", (models.Flux,), {}), 128)
+    flux2.model.model_config.unet_config["image_model"] = "flux2"  # ComfyUI 0.33's FLUX.2: a subclass of Flux
+    assert family_of(flux2).name == "flux2"
+    flux2.model.model_config.unet_config["guidance_embed"] = True  # FLUX.2 dev: Mistral and a guidance embedding
     with pytest.raises(LoraLabError, match="this graph's model is Flux2"):
         family_of(flux2)
+
+
+def test_a_lora_of_another_family_is_refused_naming_both(nodes, tmp_path, monkeypatch):
+    import comfy.supported_models as models
+    from lora_lab.nodes import comfy_bridge, graph_model
+    from lora_lab.trainer.families import get_family
+    from lora_lab.trainer.lora_files import other_family
+
+    zimage = ["diffusion_model.layers.0.attention.to_q", "diffusion_model.layers.0.feed_forward.w2"]
+    flux = ["transformer.transformer_blocks.0.attn.to_q"]
+    assert other_family(zimage, get_family("flux")).name == "zimage"
+    assert other_family(flux, get_family("zimage")).name == "flux"
+    assert other_family(zimage, get_family("zimage")) is None
+    assert other_family(["lora_unet_double_blocks_0_img_attn_qkv"], get_family("zimage")) is None  # a layout not ours
+    tensors = {f"{layer}.{half}.weight": torch.zeros(2, 2) for layer in zimage for half in ("lora_A", "lora_B")}
+    save_file(tensors, str(tmp_path / "x.safetensors"))
+    monkeypatch.setattr(comfy_bridge, "load_lora_file", lambda path: tensors)
+    config = models.Flux()
+    config.unet_config = {"in_channels": 16}
+    flux_model = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+    with pytest.raises(LoraLabError, match="x.safetensors is a Z-Image LoRA .* and this model is FLUX.1-dev: none of "
+                                           "its layers would load. Pick a FLUX.1-dev LoRA"):
+        graph_model.lora_for(flux_model, tmp_path / "x.safetensors")
+    config = type("ZImage", (), {})()
+    config.unet_config = {"in_channels": 16}
+    zimage_model = types.SimpleNamespace(model=types.SimpleNamespace(model_config=config))
+    assert graph_model.lora_for(zimage_model, tmp_path / "x.safetensors") is tensors
 
 
 def test_resume_choices_keep_the_run_and_stay_inside_the_lora_folder(nodes, tmp_path):

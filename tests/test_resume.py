@@ -220,3 +220,27 @@ def test_a_schedule_free_run_saves_the_weights_it_evaluates(make_config, base_mo
                               "no warm-up; set warmup_steps to 0")]:
         with pytest.raises(LoraLabError, match=message):
             make_config(**{"optimizer": "adamw_schedulefree", "lr_scheduler": "constant", **setting})
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage", "flux2"])
+def test_each_transformer_family_resumes_exactly(family, two_bucket_dataset, tmp_path):
+    """The transformer families' own state (their text rows, their flow shift) resumes as SD's does."""
+    from lora_lab.trainer.config import build_config
+    from lora_lab.trainer.run import load_base_model
+
+    from .tiny_models import build
+
+    folder = build(family, tmp_path / family)
+    model = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
+    settings = {**SETTINGS, "steps": 6, "save_every": 3, "min_snr_gamma": 0.0, "resolution": 64,
+                "base_model": str(folder), "dataset": str(two_bucket_dataset)}
+
+    def run(out: str, events=None, **extra):
+        config = build_config({**settings, "output_dir": str(tmp_path / out), **extra})
+        return train_lora(config, events, model=copy.deepcopy(model))
+
+    unbroken = run("unbroken")
+    assert run("stopped", StopAt(2)).stopped
+    resumed = run("stopped", resume="latest")
+    assert resumed.checkpoints[-1].step == 6
+    _assert_same(resumed, unbroken)

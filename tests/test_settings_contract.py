@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +280,22 @@ def test_flux_settings_reach_the_flow_objective(traced, tmp_path):
     assert {c["flow_shift"] for c in trace.noise_calls} == {2.0} and {p["guidance"] for p in trace.predictions} == {3.5}
     check_metadata(trace.result, ["flow_shift", "train_guidance", "base_model"], {
         "flow_shift": 2.0, "train_guidance": 3.5, "base_model": str(folder)})
+
+
+# Each flow family's own shift at 64 px: FLUX.1-dev's and FLUX.2's dynamic one at 16 tokens (2x2 patches of
+# 8x8 latents; FLUX.2's 4x4 latents are a token each), Z-Image's fixed 3.
+DYNAMIC_AT_16_TOKENS = math.exp(0.5 + (1.15 - 0.5) * (16 - 256) / (4096 - 256))
+OWN_FLOW_SHIFT = {"flux": DYNAMIC_AT_16_TOKENS, "zimage": 3.0, "flux2": DYNAMIC_AT_16_TOKENS}
+
+
+@pytest.mark.parametrize("family", sorted(OWN_FLOW_SHIFT))
+@pytest.mark.parametrize("flow_shift", [0.0, 2.0])
+def test_the_flow_shift_is_the_models_own_unless_set(traced, tmp_path, family, flow_shift):
+    folder = build(family, tmp_path / family)
+    config = build_config({"base_model": str(folder), "flow_shift": flow_shift, "steps": 1, "rank": 4,
+                           "resolution": 64, "output_dir": str(tmp_path / "out")})
+    trace = traced(config, run.load_base_model(config, torch.device("cpu")))
+    assert [c["flow_shift"] for c in trace.noise_calls] == pytest.approx([flow_shift or OWN_FLOW_SHIFT[family]])
 
 
 def test_model_settings_choose_what_is_loaded(monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """Random-weight models of every family, built from configs as diffusers folders (no downloads):
 "tiny" for the test suite, "reduced" (wider, more blocks) for benchmarks. They share the embedded
 model's own small CLIP tokenizer; FLUX's T5 slot reuses it too (any tokenizer with the same call
-works there, and T5's relative positions take any length)."""
+works there, and T5's relative positions take any length). The Qwen3-conditioned families get a
+byte-level BPE tokenizer built here with Qwen3's special tokens and chat template."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from lora_lab.trainer import embedded
 from transformers import (
@@ -24,9 +30,14 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 SIZES = {"tiny": 1, "reduced": 4}  # width multiplier
 
@@ -93,7 +104,74 @@ def build_flux(folder: Path, size: str = "tiny") -> Path:
     return folder
 
 
-BUILDERS = {"sdxl": build_sdxl, "flux": build_flux}
+# Qwen3's chat template, reduced to what the pipelines use: user turns, the assistant's turn opened,
+# and the empty thinking block that enable_thinking=False adds.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+
+
+def _qwen_tokenizer() -> Qwen2Tokenizer:
+    vocab = {symbol: i for i, symbol in enumerate(sorted(set(bytes_to_unicode().values()), key=ord))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġ", "a")]
+    for first, second in merges:
+        vocab[first + second] = len(vocab)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    for token in specials:
+        vocab[token] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _qwen3(hidden: int, layers: int, vocab: int) -> Qwen3Model:
+    return Qwen3Model(Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                                  num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                                  head_dim=hidden // 2, max_position_embeddings=1024))
+
+
+def build_zimage(folder: Path, size: str = "tiny") -> Path:
+    k = SIZES[size]
+    torch.manual_seed(0)
+    tokenizer = _qwen_tokenizer()
+    transformer = ZImageTransformer2DModel(in_channels=16, dim=32 * k, n_layers=2 * k, n_refiner_layers=1, n_heads=2,
+                                           n_kv_heads=2, cap_feat_dim=16 * k, axes_dims=[8 * k, 4 * k, 4 * k],
+                                           axes_lens=[1024, 64, 64])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=_vae(16, 8 * k, shift=0.1159), tokenizer=tokenizer,
+                          text_encoder=_qwen3(16 * k, 2, len(tokenizer)), transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def build_flux2(folder: Path, size: str = "tiny") -> Path:
+    k = SIZES[size]
+    torch.manual_seed(0)
+    tokenizer = _qwen_tokenizer()
+    hidden = 16 * k
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=hidden // 2, max_position_embeddings=1024))
+    vae = AutoencoderKLFlux2(block_out_channels=(8 * k, 16 * k, 16 * k, 16 * k), latent_channels=4, layers_per_block=1,
+                             norm_num_groups=8)
+    vae.bn.running_mean.copy_(torch.randn(16) * 0.1)  # statistics of its own, so normalising them is tested
+    vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    transformer = Flux2Transformer2DModel(in_channels=16, num_layers=k, num_single_layers=k, attention_head_dim=16,
+                                          num_attention_heads=2 * k, joint_attention_dim=3 * hidden,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+BUILDERS = {"sdxl": build_sdxl, "flux": build_flux, "zimage": build_zimage, "flux2": build_flux2}
 
 
 def build(family: str, folder: Path, size: str = "tiny") -> Path:

@@ -222,7 +222,7 @@ def _alternatives(model: LoadedModel, config: TrainingConfig) -> list[tuple[str,
         changes.append((" and ".join(text for text, _ in changes), {k: v for _, c in changes for k, v in c.items()}))
     options = [(text, build_config(change, base=config), 0) for text, change in changes]
     if not train.fp8_base:  # the base shrinks to one byte per linear weight
-        freed = float8_bytes_saved(model.denoiser)
+        freed = float8_bytes_saved(model.denoiser, kept=model.family.fp8_kept)
         all_changes = {k: v for _, c in changes for k, v in c.items()}
         options.append(("turn on fp8_base" + (" and " + " and ".join(t for t, _ in changes[:2]) if changes else ""),
                         build_config({**all_changes, "fp8_base": True}, base=config), freed))

@@ -173,8 +173,9 @@ class TrainSettings(_Section):
                                   low=0, high=1.0)
     check_memory: bool = setting(True, "Estimate peak memory before training and refuse a run that will not fit, "
                                  "saying which settings would (off = try anyway).")
-    flow_shift: float = setting(0.0, "FLUX: timestep shift of the flow objective (0 = FLUX.1-dev's own shift at "
-                                "the image's size: 3.16 at 1024 px, 1.9 at 512 px; 1 = no shift).", low=0, high=100.0)
+    flow_shift: float = setting(0.0, "FLUX, Z-Image, FLUX.2: timestep shift of the flow objective (0 = the "
+                                "model's own: FLUX.1-dev 3.16 at 1024 px and 1.9 at 512 px, Z-Image 3; 1 = no shift).",
+                                low=0, high=100.0)
     train_guidance: float = setting(1.0, "FLUX.1-dev: the distilled guidance value the model sees while training "
                                     "(1.0, as kohya and ai-toolkit recommend; sample with 3-4).", low=0, high=30.0)
     seed: int = setting(42, "Random seed: the same seed and settings give the same LoRA.", low=0, high=2**31 - 1)

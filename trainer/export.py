@@ -8,8 +8,9 @@ for FLUX `transformer.<module path>`. What each layer holds is the adapter type'
 LoraLoader and A1111/Forge read them all; diffusers reads the LoRAs.
 
 The exporter is strict: a layer it cannot name uniquely raises before anything is written, and
-the true alpha is always written (a file whose alpha silently equals
-its rank would change the LoRA's effect whenever they differ).
+the true alpha is always written (a file whose alpha silently equals its rank would change the
+LoRA's effect whenever they differ), or, for a family whose loaders refuse alphas (FLUX.2), it is
+multiplied into the LoRA's up half.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ layer for optimum-quanto's modules; this file is small and runs the same on CPU 
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -61,17 +63,24 @@ def to_float8(linear: torch.nn.Linear, compute_dtype: torch.dtype) -> None:
     linear.__class__ = Float8Linear
 
 
-def float8_bytes_saved(module: torch.nn.Module, element_size: int | None = None) -> int:
+def quantizable_layers(module: torch.nn.Module, kept: str | None = None) -> list[torch.nn.Linear]:
+    """The plain nn.Linear layers of `module`, except those whose full name matches `kept` (a
+    family's `fp8_kept`: layers whose weight dtype the model reads to pick its compute dtype)."""
+    return [layer for name, layer in module.named_modules()
+            if type(layer) is torch.nn.Linear and not (kept and re.fullmatch(kept, name))]
+
+
+def float8_bytes_saved(module: torch.nn.Module, element_size: int | None = None, kept: str | None = None) -> int:
     """What quantize_linear_layers frees on `module`: each plain linear weight goes from
     `element_size` bytes an element (default: its dtype's) to one, plus a 4-byte scale per row.
     Also the memory estimate's and the real-size benchmark's (on the meta device) figure."""
     return sum(layer.weight.numel() * ((element_size or layer.weight.element_size()) - 1) - 4 * layer.weight.shape[0]
-               for layer in module.modules() if type(layer) is torch.nn.Linear)
+               for layer in quantizable_layers(module, kept))
 
 
-def quantize_linear_layers(module: torch.nn.Module, compute_dtype: torch.dtype) -> int:
-    """Every plain nn.Linear of `module` to float8 storage; returns the bytes saved."""
-    saved = float8_bytes_saved(module)
-    for layer in [m for m in module.modules() if type(m) is torch.nn.Linear]:
+def quantize_linear_layers(module: torch.nn.Module, compute_dtype: torch.dtype, kept: str | None = None) -> int:
+    """Every plain nn.Linear of `module` (but those `kept` names) to float8 storage; returns the bytes saved."""
+    saved = float8_bytes_saved(module, kept=kept)
+    for layer in quantizable_layers(module, kept):
         to_float8(layer, compute_dtype)
     return saved

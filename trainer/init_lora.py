@@ -222,8 +222,8 @@ def _does_not_fit(path: Path, layer: str, model: LoadedModel, made_for: str) -> 
     if layer.startswith("diffusion_model.") and not model.original_names:
         return LoraLabError(f"init_lora {path.name} names its layers as ComfyUI does ({layer}). LoRA Lab reads that "
                             "layout for SD 1.5 and SDXL models loaded by ComfyUI (Train LoRA's init_lora), not from "
-                            "the command line, and not for FLUX, whose original layout fuses the q, k and v layers "
-                            "that LoRA Lab trains apart. Start from a file in diffusers' or kohya's layout.")
+                            "the command line, and not for FLUX or Z-Image, whose original layouts fuse the q, k and "
+                            "v layers that LoRA Lab trains apart. Start from a file in diffusers' or kohya's layout.")
     return LoraLabError(f"init_lora {path.name} has layer {layer}, which this {family.title} model does not have"
                         f"{made_for}: it was trained for another model family or layout. Start from a "
                         f"{family.title} LoRA (kohya, diffusers or LyCORIS layout).")

@@ -204,7 +204,7 @@ def backward_micro_batch(model: LoadedModel, examples: TrainingSet, indices: lis
     latents, conditioning = examples.batch(indices, compute_dtype, number)
     noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type,
                          seed_noise(generator, train.seed, number), train.noise_offset, train.min_snr_gamma,
-                         train.flow_shift)
+                         model.flow_shift(tuple(latents.shape[-2:]), train.flow_shift))
     with autocast_for(latents.device, compute_dtype):
         prediction = model.family.predict(model, noised.noisy.to(compute_dtype), noised.timesteps, conditioning)
     loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation

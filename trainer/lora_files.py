@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import LoraLabError
+
+if TYPE_CHECKING:
+    from .families.base import ModelFamily
 
 MAX_HEADER_BYTES = 32 * 2**20  # real LoRA headers are well under 1 MiB, metadata included
 MAX_METADATA_BYTES = 16 * 2**20
@@ -151,3 +155,18 @@ def check_lora(path: Path) -> dict[str, Any]:
         if problem:
             raise _refuse(path, f"{adapter.title} layer {layer} {problem}")
     return header
+
+
+def other_family(layers: list[str], family: ModelFamily) -> ModelFamily | None:
+    """The family a LoRA's layers belong to when none is `family`'s: each family's files name their
+    layers by its `layer_patterns`. None when a layer is `family`'s, or when no family we know
+    names them all (a layout we do not write: left to the loader, which lists what it drops)."""
+    from .families import all_families
+
+    def names(candidate: ModelFamily, layer: str) -> bool:
+        return any(re.fullmatch(pattern, layer) for pattern in candidate.layer_patterns)
+
+    if not layers or any(names(family, layer) for layer in layers):
+        return None
+    return next((candidate for candidate in all_families()
+                 if candidate.name != family.name and all(names(candidate, layer) for layer in layers)), None)

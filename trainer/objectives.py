@@ -4,14 +4,13 @@ what the denoiser must predict, and how each sample's loss is weighted.
 - epsilon / v_prediction (SD 1.5, SDXL): DDPM noising at a uniformly drawn timestep.
 - flow (FLUX): rectified flow, x_t = (1 - σ) x + σ ε, predict ε - x. σ is drawn as a shifted
   sigmoid of a standard normal ("shifted logit-normal"): σ = s·u / (1 + (s - 1)·u), u = sigmoid(n).
-  The shift s defaults to the one FLUX.1-dev itself samples with at the image's token count
-  (exp(μ), μ linear from 0.5 at 256 tokens to 1.15 at 4096), so training spends its steps on
-  the noise levels inference visits; at 1024 px that is 3.16, kohya's recommended value.
+  The shift s is the model's own (its family's `flow_shift`: the shift its scheduler samples
+  with at the image's token count), so training spends its steps on the noise levels inference
+  visits, unless the flow_shift setting gives another.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -35,13 +34,6 @@ def make_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: 
     return noise
 
 
-def flux_shift(latent_height: int, latent_width: int) -> float:
-    """FLUX.1-dev's own sampling shift for an image of this latent size (2x2 latent patches per token)."""
-    tokens = (latent_height // 2) * (latent_width // 2)
-    mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
-    return math.exp(mu)
-
-
 def apply_noise(latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
                 prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(noisy latents, target) for given noise and timesteps (σ in [0, 1] for flow)."""
@@ -62,13 +54,14 @@ def flow_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def noise_batch(latents: torch.Tensor, scheduler, prediction_type: str, generator: torch.Generator,
-                noise_offset: float = 0.0, min_snr_gamma: float = 0.0, flow_shift: float = 0.0) -> NoisedBatch:
-    """Noise a batch of clean latents for the model's objective, drawing noise and timesteps."""
+                noise_offset: float = 0.0, min_snr_gamma: float = 0.0, flow_shift: float = 1.0) -> NoisedBatch:
+    """Noise a batch of clean latents for the model's objective, drawing noise and timesteps (for
+    flow, σ under `flow_shift`)."""
     noise = make_noise(latents, generator, noise_offset)
     weights = torch.ones(latents.shape[0], device=latents.device)
     if prediction_type == "flow":
         u = torch.sigmoid(torch.randn(latents.shape[0], generator=generator))
-        timesteps = flow_sigmas(u, flow_shift or flux_shift(*latents.shape[-2:])).to(latents.device, latents.dtype)
+        timesteps = flow_sigmas(u, flow_shift).to(latents.device, latents.dtype)
     else:
         count = scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, count, (latents.shape[0],), generator=generator).to(latents.device)
@@ -78,13 +71,12 @@ def noise_batch(latents: torch.Tensor, scheduler, prediction_type: str, generato
     return NoisedBatch(noisy, timesteps, target, weights)
 
 
-def fixed_timesteps(count: int, scheduler, prediction_type: str, latent_size: tuple[int, int],
-                    flow_shift: float = 0.0) -> torch.Tensor:
+def fixed_timesteps(count: int, scheduler, prediction_type: str, flow_shift: float = 1.0) -> torch.Tensor:
     """`count` timesteps spread evenly over the range training draws from (σ for flow), for
     measurements that must compare from one evaluation to the next."""
     u = (torch.arange(count, dtype=torch.float32) + 0.5) / count
     if prediction_type == "flow":
-        return flow_sigmas(u, flow_shift or flux_shift(*latent_size))
+        return flow_sigmas(u, flow_shift)
     return (u * scheduler.config.num_train_timesteps).long().clamp(max=scheduler.config.num_train_timesteps - 1)
 
 

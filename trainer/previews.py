@@ -12,7 +12,6 @@ number generators back as they were, so a run with samples trains exactly as one
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -21,7 +20,6 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 
 from .families.base import LoadedModel
-from .objectives import flux_shift
 from .precision import autocast_for
 
 
@@ -85,7 +83,8 @@ class PreviewSampler:
         config = self.model.noise_scheduler.config
         if self.model.prediction_type == "flow":
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-            mu = math.log(flux_shift(*latent_size)) if scheduler.config.get("use_dynamic_shifting") else None
+            dynamic = scheduler.config.get("use_dynamic_shifting")
+            mu = self.model.family.sampling_mu(self.model, latent_size, self.steps) if dynamic else None
             scheduler.set_timesteps(self.steps, mu=mu)
         else:
             scheduler = EulerDiscreteScheduler.from_config(config, prediction_type=self.model.prediction_type)

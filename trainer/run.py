@@ -253,7 +253,7 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
         # Encoded once: the training device needs only the denoiser (and the VAE, to decode samples).
         model.encoders.place(torch.device("cpu"), keep_decoder=sampler is not None)
     if train.fp8_base:
-        saved = quantize_linear_layers(model.denoiser, compute_dtype)
+        saved = quantize_linear_layers(model.denoiser, compute_dtype, model.family.fp8_kept)
         log.info("Base model linear layers held in 8-bit float (%.2f GiB saved)", saved / 2**30)
     add_lora(model, lora.rank, config.alpha, lora.targets, lora.train_text_encoder, lora.adapter,
              modules=start.modules if start else None, **lora.adapter_options(), **(start.hints if start else {}))

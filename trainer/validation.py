@@ -30,7 +30,7 @@ class ValidationLoss:
             with torch.no_grad():
                 latents, conditioning = examples.batch([index], torch.float32)
             timesteps = fixed_timesteps(TIMESTEPS_PER_IMAGE, model.noise_scheduler, model.prediction_type,
-                                        tuple(latents.shape[-2:]), flow_shift)
+                                        model.flow_shift(tuple(latents.shape[-2:]), flow_shift))
             noise = torch.randn((TIMESTEPS_PER_IMAGE, *latents.shape[1:]), generator=generator)
             self.cases.append((latents.cpu(), {k: v.cpu() for k, v in conditioning.items()}, noise, timesteps))
 

@@ -32,9 +32,13 @@ class Lora(Adapter):
 
     def export(self, layer: Any, family: Any, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         down, up = family.lora_suffixes
+        alpha = float(layer.lora_alpha[ADAPTER_NAME])
+        up_weight = layer.lora_B[ADAPTER_NAME].weight.detach().to("cpu", torch.float32)
+        if not family.lora_alpha_in_file:  # alpha / rank moves into the up half; read back, alpha = rank
+            return {down: layer.lora_A[ADAPTER_NAME].weight.detach().to("cpu", dtype).contiguous(),
+                    up: (up_weight * (alpha / layer.r[ADAPTER_NAME])).to(dtype).contiguous()}
         return {down: layer.lora_A[ADAPTER_NAME].weight.detach().to("cpu", dtype).contiguous(),
-                up: layer.lora_B[ADAPTER_NAME].weight.detach().to("cpu", dtype).contiguous(),
-                "alpha": torch.tensor(float(layer.lora_alpha[ADAPTER_NAME]), dtype=torch.float32)}
+                up: up_weight.to(dtype).contiguous(), "alpha": torch.tensor(alpha, dtype=torch.float32)}
 
     def load_pairs(self, layer: Any, found: dict[str, torch.Tensor], family: Any) -> list[tuple[Any, torch.Tensor]]:
         down, up = family.lora_suffixes

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from .base import ModelFamily
 
 # name -> "module:class". Adding a family means a module in this folder and a line here.
-REGISTRY = {"sd15": "sd15:StableDiffusionFamily", "sdxl": "sdxl:StableDiffusionXLFamily", "flux": "flux:FluxFamily"}
+REGISTRY = {"sd15": "sd15:StableDiffusionFamily", "sdxl": "sdxl:StableDiffusionXLFamily", "flux": "flux:FluxFamily",
+            "zimage": "zimage:ZImageFamily", "flux2": "flux2:Flux2KleinFamily"}
 FAMILY_NAMES = tuple(REGISTRY)
 # Where no model says otherwise (a dataset checked or captioned without one): the most trained family.
 DEFAULT_FAMILY = FAMILY_NAMES[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,18 +87,13 @@ class FamilyEncoders(Encoders):
         return self.family.encode_prompts(self, captions)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
-        shift = vae.config.get("shift_factor") or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return self.family.vae_encode(self.vae, pixels)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        shift = vae.config.get("shift_factor") or 0.0
-        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+        return self.family.vae_decode(self.vae, latents)
 
     def pixels_per_latent(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.family.vae_pixels_per_latent(self.vae)
 
     def place(self, device: torch.device, keep_decoder: bool = False) -> None:
         for module in self.text_encoders if keep_decoder else self.modules():
@@ -141,6 +137,11 @@ class LoadedModel:
     def text_encoders(self) -> list[torch.nn.Module]:
         return self.encoders.text_encoders
 
+    def flow_shift(self, latent_size: tuple[int, int], setting: float = 0.0) -> float:
+        """The σ shift of the flow objective for latents of this size: the flow_shift setting's
+        when it gives one, else the family's own."""
+        return setting or self.family.flow_shift(self, latent_size)
+
     def lora_modules(self) -> list[tuple[str, torch.nn.Module]]:
         """(export prefix, module) for the denoiser and each text encoder."""
         prefixes = self.family.text_encoder_prefixes
@@ -182,11 +183,20 @@ class ModelFamily:
     # Named sets of denoiser module-name endings that get LoRA; "attention" is the default.
     target_sets: ClassVar[dict[str, tuple[str, ...]]]
     text_encoder_targets: ClassVar[tuple[str, ...]] = ("q_proj", "k_proj", "v_proj", "out_proj")
+    # Latent pixels per denoiser token along a side (flow families: the token count sets the shift).
+    latent_patch: ClassVar[int] = 2
+    # Linear layers fp8_base leaves in the compute dtype (a regex on the full name): those whose
+    # weight dtype the model reads to choose what its input is cast to.
+    fp8_kept: ClassVar[str | None] = None
     # Modules never given LoRA although a target ending matches them (a regex on the full name).
     excluded_modules: ClassVar[str | None] = None
     # How LoRA files name layers: "kohya" (`lora_unet_down_blocks_0_..` + lora_down/lora_up) or
     # "peft" (`transformer.transformer_blocks.0.attn.to_q` + lora_A/lora_B); always with `.alpha`.
     key_style: ClassVar[str] = "kohya"
+    # False where a loader this family's users rely on refuses `.alpha` keys (diffusers' FLUX.2 loader):
+    # a LoRA's alpha / rank is then multiplied into its up half and no alpha is written, as ai-toolkit
+    # writes them; every loader applies the same change (without an alpha they scale by 1).
+    lora_alpha_in_file: ClassVar[bool] = True
     # Every layer name this family's LoRA files may hold: the names ComfyUI's LoraLoader maps for
     # it (comfy/lora.py), which A1111/Forge and diffusers read too. A layer outside them would be
     # dropped with "lora key not loaded", so such a LoRA is refused before training starts.
@@ -210,6 +220,28 @@ class ModelFamily:
             return sample_size * encoders.pixels_per_latent()
         return self.default_resolution
 
+    # --- the flow objective -------------------------------------------------------------------
+    def latent_tokens(self, latent_size: tuple[int, int]) -> int:
+        height, width = latent_size
+        return (height // self.latent_patch) * (width // self.latent_patch)
+
+    def flow_shift(self, model: LoadedModel, latent_size: tuple[int, int]) -> float:
+        """The timestep shift training draws σ with, by default the one the model's own scheduler
+        samples with at this image size: a fixed shift, or with dynamic shifting exp(μ), μ linear
+        in the token count between the scheduler's base and max shifts (FLUX.1-dev: 3.16 at 1024 px,
+        kohya's recommended value)."""
+        config = model.noise_scheduler.config
+        if not config.get("use_dynamic_shifting"):
+            return float(config.get("shift", 1.0))
+        low, high = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        mu = base + (top - base) * (self.latent_tokens(latent_size) - low) / (high - low)
+        return math.exp(mu)
+
+    def sampling_mu(self, model: LoadedModel, latent_size: tuple[int, int], steps: int) -> float:
+        """μ of the sampling schedule, for schedulers with dynamic shifting."""
+        return math.log(self.flow_shift(model, latent_size))
+
     # --- loading, encoding, predicting ---------------------------------------------------------
     def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
         """Load a diffusers folder or a single-file checkpoint (read with the configs in
@@ -219,6 +251,25 @@ class ModelFamily:
     def encode_prompts(self, encoders: FamilyEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning for a batch of captions; every tensor's first dimension is the batch."""
         raise NotImplementedError
+
+    def vae_encode(self, vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's own VAE's latents for (B, 3, H, W) images in [-1, 1], scaled as the denoiser
+        expects them (its config's shift and scaling factors)."""
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()
+        shift = vae.config.get("shift_factor") or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def vae_decode(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        shift = vae.config.get("shift_factor") or 0.0
+        return vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    def vae_pixels_per_latent(self, vae: Any) -> int:
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def text_rows(self, sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-caption (1, L, D) text sequences (a ComfyUI CLIP's) as this family's conditioning
+        rows, one shape for every caption: the first `text_tokens` of each."""
+        return {"prompt_embeds": torch.cat([sequence[:, :self.text_tokens] for sequence in sequences])}
 
     def image_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                            target_size: tuple[int, int]) -> dict[str, torch.Tensor]:

@@ -7,30 +7,21 @@ objective is rectified flow (see objectives.py). LoRA files use diffusers/PEFT n
 
 Loads a diffusers folder, or a transformer-only single file (original BFL layout, as ComfyUI's
 models/diffusion_models holds it, or diffusers layout) with `model_config` naming a FLUX diffusers
-folder for the VAE, text encoders and tokenizers.
+folder for the VAE, text encoders and tokenizers (dit.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from safetensors.torch import load_file
 
 from ..errors import LoraLabError
 from . import flux_layout
-from .base import (
-    FamilyEncoders,
-    LoadedModel,
-    ModelFamily,
-    ModelIdentity,
-    read_model_index,
-    read_safetensors_header,
-)
+from .base import FamilyEncoders, LoadedModel
+from .dit import TransformerFamily, count_blocks
 
-CONFIGS = Path(__file__).parent / "configs"
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 MLP = ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out")
 T5_MAX_TOKENS = 512  # FLUX.1-dev's text length
@@ -42,104 +33,60 @@ LAYERS = (r"transformer\.(transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out
           r"|context_embedder|proj_out|time_text_embed\.(timestep|text|guidance)_embedder\.linear_[12])")
 
 
-class FluxFamily(ModelFamily):
+class FluxFamily(TransformerFamily):
     name = "flux"
     title = "FLUX.1-dev"
     default_resolution = 1024
     base_model_version = "flux1"
     architecture = "flux-1-dev/lora"
     pipeline_classes = ("FluxPipeline",)
-    caption_style = "natural"
+    pipeline_class = FluxPipeline
     pooled_conditioning = "pooled_projections"
     text_tokens = 256
     # As ComfyUI's own FLUX example loads and samples it.
     comfy_text_encoders = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
     comfy_clip_type = "flux"
     comfy_vae = "ae.safetensors"
-    comfy_scheduler = "simple"
-    unsupported_settings = ("min_snr_gamma", "prediction_type", "train_text_encoder", "text_encoder_lr")
     unsupported_reason = "FLUX trains with rectified flow, and its LoRA trains the transformer only"
-    denoiser_prefix = "transformer"
-    text_encoder_prefixes = ()
-    diffusers_prefixes = ("transformer",)
     target_sets = {"attention": ATTENTION, "attention_mlp": ATTENTION + MLP}
     excluded_modules = r"proj_out"  # the final layer shares the single blocks' "proj_out" ending
-    key_style = "peft"
     layer_patterns = (LAYERS,)
 
     def recognises(self, shapes: dict[str, tuple[int, ...]]) -> bool:
-        return any(key.endswith(("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.add_q_proj.weight"))
-                   for key in shapes)
+        # FLUX.2 shares FLUX.1's block names; its global modulation tells it apart.
+        flux2 = any("double_stream_modulation_img." in key for key in shapes)
+        return not flux2 and any(key.endswith(("double_blocks.0.img_attn.qkv.weight",
+                                               "transformer_blocks.0.attn.add_q_proj.weight")) for key in shapes)
 
     def training_scheduler(self) -> Any:
         return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
 
     # --- loading ---------------------------------------------------------------------------
-    def load(self, source: str, dtype: torch.dtype, config_dir: str = "") -> LoadedModel:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            index = read_model_index(path)
-            if index.get("_class_name") != "FluxPipeline":
-                raise LoraLabError(f"{path} holds a {index.get('_class_name')} model, not FLUX (FluxPipeline); "
-                                   "choose the matching family or another model.")
-            pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
-        elif path.is_file():
-            pipe = self._load_transformer_file(path, dtype, Path(config_dir) if config_dir else None)
-        else:
-            raise LoraLabError(f"Base model {path} does not exist; give a FLUX diffusers folder or a FLUX "
-                               "transformer .safetensors file.")
-        encoders = FamilyEncoders(self, pipe.vae, [pipe.text_encoder, pipe.text_encoder_2],
-                                  [pipe.tokenizer, pipe.tokenizer_2])
-        return LoadedModel(family=self, denoiser=pipe.transformer, encoders=encoders,
-                           noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
-                           prediction_type="flow", identity=ModelIdentity.of_path(path),
-                           resolution=self.default_resolution)
+    def pipeline_class_transformer(self) -> Any:
+        return FluxTransformer2DModel
 
-    def _load_transformer_file(self, path: Path, dtype: torch.dtype, parts_folder: Path | None) -> Any:
-        from . import detect_family
+    def pipeline_text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
+        return [pipe.text_encoder, pipe.text_encoder_2]
 
-        found = detect_family(read_safetensors_header(path))
-        if found != self.name:
-            raise LoraLabError(f"{path.name} looks like a {found} model, not FLUX; set family to {found}.")
-        if parts_folder is None or not (parts_folder / "model_index.json").is_file():
-            raise LoraLabError(f"{path.name} holds only the FLUX transformer. Set model_config to a FLUX.1-dev "
-                               "diffusers folder for its VAE, text encoders and tokenizers (the transformer "
-                               "weights there are not read), or train in ComfyUI, where Train LoRA uses the "
-                               "graph's own CLIP and VAE.")
-        transformer = self.transformer_from_file(path, dtype, parts_folder)
-        return FluxPipeline.from_pretrained(parts_folder, transformer=transformer, dtype=dtype, local_files_only=True)
+    def pipeline_tokenizers(self, pipe: Any) -> list[Any]:
+        return [pipe.tokenizer, pipe.tokenizer_2]
 
-    def transformer_from_file(self, path: Path, dtype: torch.dtype, parts_folder: Path | None) -> Any:
-        """A transformer from one file in the original (BFL) or diffusers layout. Block counts and
-        widths come from the file; the rest of the config from `parts_folder` if it has one, else
-        FLUX.1-dev's."""
-        state = load_file(str(path))
-        if "x_embedder.weight" not in state:
-            state = flux_layout.to_diffusers(state)
-        config_folder = parts_folder if parts_folder and (parts_folder / "transformer").is_dir() else CONFIGS / "flux"
-        config = dict(FluxTransformer2DModel.load_config(config_folder / "transformer"))
+    def to_diffusers_layout(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state if "x_embedder.weight" in state else flux_layout.to_diffusers(state)
+
+    def config_from_state(self, state: dict[str, torch.Tensor], config: dict[str, Any],
+                          file_name: str) -> dict[str, Any]:
         head_dim = state["transformer_blocks.0.attn.norm_q.weight"].shape[0]
-        config.update(
-            num_layers=len({k.split(".")[1] for k in state if k.startswith("transformer_blocks.")}),
-            num_single_layers=len({k.split(".")[1] for k in state if k.startswith("single_transformer_blocks.")}),
-            in_channels=state["x_embedder.weight"].shape[1], attention_head_dim=head_dim,
-            num_attention_heads=state["x_embedder.weight"].shape[0] // head_dim,
-            joint_attention_dim=state["context_embedder.weight"].shape[1],
-            pooled_projection_dim=state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
-            guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state)
         if sum(config.get("axes_dims_rope", (16, 56, 56))) != head_dim:
-            raise LoraLabError(f"{path.name} has {head_dim}-wide attention heads; set model_config to a folder whose "
+            raise LoraLabError(f"{file_name} has {head_dim}-wide attention heads; set model_config to a folder whose "
                                "transformer/config.json gives axes_dims_rope summing to that.")
-        with torch.device("meta"):
-            transformer = FluxTransformer2DModel.from_config(config)
-        for key in list(state):  # one tensor at a time, so the file's copy is freed as we go
-            state[key] = state[key].to(dtype)
-        try:
-            transformer.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as error:
-            raise LoraLabError(f"{path.name} does not fit a FLUX transformer ({str(error).splitlines()[1][:200]}); "
-                               "is it a complete FLUX.1 transformer file?") from None
-        return transformer
+        return {**config, "num_layers": count_blocks(state, "transformer_blocks"),
+                "num_single_layers": count_blocks(state, "single_transformer_blocks"),
+                "in_channels": state["x_embedder.weight"].shape[1], "attention_head_dim": head_dim,
+                "num_attention_heads": state["x_embedder.weight"].shape[0] // head_dim,
+                "joint_attention_dim": state["context_embedder.weight"].shape[1],
+                "pooled_projection_dim": state["time_text_embed.text_embedder.linear_1.weight"].shape[1],
+                "guidance_embeds": "time_text_embed.guidance_embedder.linear_1.weight" in state}
 
     # --- encoding and prediction ------------------------------------------------------------
     def encode_prompts(self, encoders: FamilyEncoders, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -176,9 +123,6 @@ class FluxFamily(ModelFamily):
                             vae=encoders.vae, text_encoder=encoders.text_encoders[0], tokenizer=encoders.tokenizers[0],
                             text_encoder_2=encoders.text_encoders[1], tokenizer_2=encoders.tokenizers[1],
                             transformer=model.denoiser)
-
-    def pixel_multiple(self, model: LoadedModel) -> int:
-        return model.encoders.pixels_per_latent() * 2  # latents are packed in 2x2 patches
 
     def latent_channels(self, model: LoadedModel) -> int:
         return model.denoiser.config.in_channels // 4  # 2x2 patches of the VAE's channels
