@@ -507,8 +507,13 @@ def sample_image(model: Any, vae: Any, positive: list, negative: list | None, se
     """One image exactly as EmptyLatentImage → CLIPTextEncode → KSampler → VAEDecode would make it
     from these encodings (for FLUX.1-dev, with FluxGuidance at `cfg` and ConditioningZeroOut's
     negative; `negative` may then be None)."""
-    latent = torch.zeros([1, 4, height // 8, width // 8], device=comfy.model_management.intermediate_device())
-    latent = comfy.sample.fix_empty_latent_channels(model, latent)  # FLUX latents have 16 channels
+    # The empty latent the model's own Empty*LatentImage node makes: FLUX.1's and Z-Image's have 16
+    # channels at 1/8, FLUX.2's 128 at 1/16.
+    latent_format = model.get_model_object("latent_format")
+    ratio = getattr(latent_format, "spacial_downscale_ratio", 8)
+    latent = torch.zeros([1, latent_format.latent_channels, height // ratio, width // ratio],
+                         device=comfy.model_management.intermediate_device())
+    latent = comfy.sample.fix_empty_latent_channels(model, latent)
     noise = comfy.sample.prepare_noise(latent, seed)
     if is_guidance_distilled(model):  # FLUX.1-dev: cfg is its distilled guidance, as FluxGuidance sets it
         positive, negative = [[cond, {**extra, "guidance": cfg}] for cond, extra in positive], zeroed(positive)

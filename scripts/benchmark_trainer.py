@@ -12,11 +12,12 @@ random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the sh
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
 
-    python scripts/benchmark_trainer.py --real-size flux|zimage
+    python scripts/benchmark_trainer.py --real-size flux|zimage|flux2
 
 prints instead the trainer's own memory estimate (budget.py, on the meta device: no weights, no
-arithmetic, seconds on any machine) for full-size FLUX.1-dev or Z-Image on a GPU: 512 and 1024 px, bf16 and
-fp8 base, with and without gradient checkpointing, batch 1, rank 16 and 32.
+arithmetic, seconds on any machine) for full-size FLUX.1-dev, Z-Image or FLUX.2 [klein] 4B on a
+GPU: 512 and 1024 px, bf16 and fp8 base, with and without gradient checkpointing, batch 1, rank 16
+and 32.
 
     python scripts/benchmark_trainer.py --file-sizes
 
@@ -41,7 +42,7 @@ CASES = {"plain": {}, "no_cache": {"cache": False}, "checkpointing": {"gradient_
          "adamw_schedulefree": {"optimizer": "adamw_schedulefree", "lr_scheduler": "constant"},
          "prodigy_schedulefree": {"optimizer": "prodigy_schedulefree", "lr_scheduler": "constant",
                                   "learning_rate": 1.0}}
-NOT_FOR = {"text_encoder": {"flux", "zimage"}}  # their LoRAs train the transformer only
+NOT_FOR = {"text_encoder": {"flux", "zimage", "flux2"}}  # their LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
 
@@ -155,7 +156,9 @@ def run_case(settings: dict) -> dict:
 
 # The text conditioning of one caption at full size, per transformer family: what a real step sees.
 REAL_SIZE_TEXT = {"flux": {"prompt_embeds": (512, 4096), "pooled_projections": (768,)},
-                  "zimage": {"prompt_embeds": (512, 2560), "prompt_mask": (512,)}}
+                  "zimage": {"prompt_embeds": (512, 2560), "prompt_mask": (512,)},
+                  "flux2": {"prompt_embeds": (512, 7680)}}
+PIXELS_PER_LATENT = {"flux": 8, "zimage": 8, "flux2": 16}  # FLUX.2's VAE latents are folded 2x2
 
 
 def full_size_denoiser(name: str):
@@ -208,8 +211,8 @@ def real_size(name: str) -> None:
                                 identity=ModelIdentity(family.title, "meta"), resolution=1024, guidance=3.5)
         add_lora(model, rank, config.alpha, config.lora.targets, train_text_encoder=False)
         lora = lora_parameters(model)
-        side = resolution // 8
-        latents = torch.empty((1, 16, side, side), device="meta")
+        side = resolution // PIXELS_PER_LATENT[name]
+        latents = torch.empty((1, family.latent_channels(model), side, side), device="meta")
         conditioning = {key: torch.empty((1, *shape), dtype=torch.bfloat16, device="meta")
                         for key, shape in REAL_SIZE_TEXT[name].items()}
         step = budget.measure_step(model, config, latents, conditioning, torch.bfloat16)

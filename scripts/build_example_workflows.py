@@ -3,6 +3,9 @@ graph descriptions, against a running ComfyUI with LoRA Lab installed:
 
     python scripts/build_example_workflows.py --url http://127.0.0.1:8188
 
+(The shipped files were built against ComfyUI 0.3.64, the FLUX.2 one against 0.33.0, whose object
+info it needs; against an older server an example whose nodes it lacks keeps its file.)
+
 Widget values are laid out by scripts/frontend_rules.py (the frontend's own rules, proved by the
 browser tests). Nodes are placed from their real sizes, measured in the frontend itself through
 headless Chromium, in titled groups (dataset, train, test) with a Note saying what to set. The file
@@ -252,7 +255,54 @@ TRAIN_ZIMAGE = Example("Train a Z-Image LoRA", opens_on=2, groups=[
         Node(17, "SaveImage", {"filename_prefix": "lora_lab_zimage"}, {"images": (16, 0)}, extra_height=260),
     ]], colour="#3f7f4f"),
 ])
-EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX, TRAIN_ZIMAGE]
+# FLUX.2 [klein] 4B as ComfyUI's own Klein template loads it (Comfy-Org/flux2-klein: the base model,
+# Qwen3-4B through CLIPLoader's flux2 type, FLUX.2's VAE). The base model trains (BFL: "Base ... for
+# fine-tuning, LoRA training") and samples with classifier-free guidance (diffusers' and musubi-tuner's
+# 4.0); its latents are FLUX.2's own 128-channel ones.
+FLUX2_NEGATIVE = ""
+FLUX2_SAMPLE = {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"}
+TRAIN_FLUX2 = Example("Train a FLUX.2 Klein LoRA", opens_on=2, groups=[
+    Group("1 · Dataset", [[
+        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick FLUX.2 [klein] base 4B, "
+                "qwen_3_4b (type flux2) and flux2-vae. Needs ComfyUI 0.11 or later.\n2. FLUX.2 likes sentences: "
+                "Caption (connected to the model) turns tags into them, the trigger word (typed once, on Load "
+                "Dataset) first.\n3. Read the report on Load Dataset, then Queue (gradient checkpointing is on, to "
+                "fit 16 GB GPUs).\n4. Test: Sample Checkpoint compares checkpoints and strengths; Apply LoRA Stack "
+                "feeds your own sampler (cfg 4) with the trigger word in front."),
+        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
+             {"model": (1, 0)}, width=DATASET_WIDTH, extra_height=DATASET_SHEET_ROOM),
+    ], [
+        Node(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}),
+        Node(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2"}),
+        Node(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}),
+        Node(5, "LoraLabCaption", {}, {"dataset": (4, 0), "model": (1, 0)}),
+    ]]),
+    Group("2 · Train", [[
+        Node(6, "LoraLabTrainLora", {"name": "xyz_person_flux2", "gradient_checkpointing": True},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=440),
+    ]], colour="#8a6d3b"),
+    Group("3 · Test", [[
+        Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
+                                                       "astronaut", "negative": FLUX2_NEGATIVE, "cfg": 4.0,
+                                            "width": 1024, "height": 1024, "scheduler": "simple"},
+             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
+             extra_height=GRID_ROOM),
+    ], [
+        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
+             extra_height=STACK_ROOM),
+        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
+             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
+        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+        Node(12, "CLIPTextEncode", {"text": FLUX2_NEGATIVE}, {"clip": (9, 1)}, title="Negative"),
+    ], [
+        Node(14, "EmptyFlux2LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
+        Node(15, "KSampler", FLUX2_SAMPLE, {"model": (9, 0), "positive": (11, 0), "negative": (12, 0),
+                                            "latent_image": (14, 0)}),
+        Node(16, "VAEDecode", {}, {"samples": (15, 0), "vae": (3, 0)}),
+        Node(17, "SaveImage", {"filename_prefix": "lora_lab_flux2"}, {"images": (16, 0)}, extra_height=260),
+    ]], colour="#3f7f4f"),
+])
+EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX, TRAIN_ZIMAGE, TRAIN_FLUX2]
 
 
 def example_nodes(example: Example) -> list[Node]:
@@ -389,12 +439,18 @@ def main() -> None:
     args = parser.parse_args()
     with urllib.request.urlopen(f"{args.url}/object_info", timeout=60) as response:
         object_info = json.loads(response.read())
-    types = {node.type for example in EXAMPLES for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES)
+    # An example needing nodes this ComfyUI lacks (FLUX.2's latent node before 0.11) keeps its file.
+    buildable = [example for example in EXAMPLES
+                 if not {node.type for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES) - set(object_info)]
+    types = {node.type for example in buildable for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES)
     sizes = measure_sizes(args.url, types)
     OUT.mkdir(exist_ok=True)
-    for stale in OUT.glob("*.json"):
+    for stale in set(OUT.glob("*.json")) - {example_path(example) for example in EXAMPLES}:
         stale.unlink()
     for example in EXAMPLES:
+        if example not in buildable:
+            print(f"kept {example_path(example).name}: this ComfyUI lacks some of its nodes")
+            continue
         example_path(example).write_text(json.dumps(to_ui(example, object_info, sizes), indent=1) + "\n")
         print(f"wrote {example_path(example).name}")
 

@@ -6,8 +6,8 @@ name as both title and description, so the picture has to say the rest).
 
 The pictures are real results of the trainer the nodes call, on the embedded demo model (a ring
 LoRA trained in a minute on a CPU): its checkpoint x strength grid, the same checkpoints compared by
-strength, and two of its LoRAs stacked. FLUX.1-dev and Z-Image cannot run on a machine without a
-GPU of their size, so their cards show the workflow's steps instead of a result.
+strength, and two of its LoRAs stacked. FLUX.1-dev, Z-Image and FLUX.2 cannot run on a machine
+without a GPU of their size, so their cards show the workflow's steps instead of a result.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from build_example_workflows import (
     STACK_TWO,
     TRAIN_AND_TEST,
     TRAIN_FLUX,
+    TRAIN_FLUX2,
     TRAIN_ZIMAGE,
     example_path,
 )
@@ -99,6 +100,11 @@ def main() -> None:
          steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA", "Sample Checkpoint (grid)",
                         "Apply LoRA Stack", "Your sampler (cfg 4)"]),
          example_path(TRAIN_ZIMAGE).with_suffix(".jpg"))
+    card(TRAIN_FLUX2.name, "From the separate FLUX.2 [klein] base model, Qwen3-4B (type flux2) and FLUX.2 VAE "
+         "files: dataset, sentence captions, training, a grid, then the LoRA in your own sampler (cfg 4).",
+         steps_picture(["Load Dataset + Caption (sentences)", "Train LoRA", "Sample Checkpoint (grid)",
+                        "Apply LoRA Stack", "Your sampler (cfg 4)"]),
+         example_path(TRAIN_FLUX2).with_suffix(".jpg"))
 
 
 if __name__ == "__main__":

@@ -274,6 +274,71 @@ def zimage_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Pat
     return files
 
 
+def build_flux2_transformer(path: Path) -> None:
+    """A FLUX.2 [klein] transformer ComfyUI detects as FLUX.2 (it reads widths and block counts from
+    the file): 256 wide (two 128-wide heads), one double and one single block, taking Qwen3-4B's
+    7680-wide text; random, bf16, in BFL's and ComfyUI's layout."""
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import save_file
+
+    from .ldm_layout import flux2_original_layout
+
+    generator = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        transformer = Flux2Transformer2DModel(in_channels=128, num_layers=1, num_single_layers=1,
+                                              attention_head_dim=128, num_attention_heads=2, joint_attention_dim=7680,
+                                              guidance_embeds=False)
+    state = {key: torch.ones(value.shape) if "norm" in key else torch.randn(value.shape, generator=generator) * 0.02
+             for key, value in transformer.state_dict().items()}
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in flux2_original_layout(state).items()}, str(path))
+
+
+def build_flux2_vae(path: Path) -> None:
+    """FLUX.2's VAE at full size (32 latent channels, the batch-norm statistics of its 2x2-folded
+    latents), random, in the original layout ComfyUI reads as flux2-vae.safetensors."""
+    from diffusers import AutoencoderKLFlux2
+    from lora_lab.trainer.families.dit import CONFIGS
+    from safetensors.torch import save_file
+
+    from .ldm_layout import vae_key
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2.from_config(AutoencoderKLFlux2.load_config(CONFIGS / "flux2" / "vae"))
+    vae.bn.running_mean.copy_(torch.randn(128) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(128) + 0.5)
+    levels = len(vae.config.block_out_channels)
+    tensors = {}
+    for key, value in vae.state_dict().items():
+        name = vae_key(key, levels)
+        tensors[name] = value[:, :, None, None] if ".mid.attn_1." in name and value.ndim == 2 else value
+    save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}, str(path))
+
+
+def flux2_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Path]:
+    """A ComfyUI base folder holding a FLUX.2 [klein] 4B install ComfyUI loads as FLUX.2 (built into
+    the folder `kept` names, else `scratch`; Qwen3-4B is the file Z-Image uses), and the dataset
+    folder input/my_dataset with two captioned images: {role: path} of the files."""
+    from lora_lab.trainer import embedded
+
+    folder = Path(kept) if kept else scratch
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"transformer": folder / "flux2_klein_1x1.safetensors", "qwen": folder / "qwen_3_4b_fp8_e4m3fn.safetensors",
+             "vae": folder / "flux2-vae.safetensors"}
+    for role, build in (("transformer", build_flux2_transformer), ("qwen", build_qwen3_4b_fp8),
+                        ("vae", build_flux2_vae)):
+        if not files[role].exists():
+            build(files[role])
+    for role, kind in (("transformer", "diffusion_models"), ("qwen", "text_encoders"), ("vae", "vae")):
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        (base / "models" / kind / files[role].name).symlink_to(files[role])
+    dataset = base / "input" / "my_dataset"
+    dataset.mkdir(parents=True)
+    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:
+        shutil.copy(image, dataset)
+        shutil.copy(image.with_suffix(".txt"), dataset)
+    return files
+
+
 class ComfyServer:
     """`python main.py --cpu` in its own base directory, with this repository as a custom node."""
 

@@ -49,6 +49,7 @@ from build_example_workflows import (  # noqa: E402
     STACK_TWO,
     TRAIN_AND_TEST,
     TRAIN_FLUX,
+    example_nodes,
     example_path,
     intended_values,
 )
@@ -61,6 +62,7 @@ from comfy_browser import (  # noqa: E402
     open_comfyui,
     set_widgets,
 )
+from frontend_rules import FRONTEND_ONLY_NODES  # noqa: E402
 from render_example_thumbnails import THUMBNAIL_SIDE  # noqa: E402
 
 pytestmark = [pytest.mark.comfyui,
@@ -125,11 +127,15 @@ def overlaps(facts: list[dict]) -> list[tuple]:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
 def test_examples_load_with_the_values_they_mean(page, server, example, screenshots):
     page, _ = page
+    object_info = server.get("/object_info")
+    lacking = {node.type for node in example_nodes(example) if node.type not in FRONTEND_ONLY_NODES} - set(object_info)
+    if lacking:  # the FLUX.2 example on a ComfyUI before 0.11
+        pytest.skip(f"this ComfyUI has no {', '.join(sorted(lacking))}")
     load_workflow(page, json.loads(example_path(example).read_text()))
     fit_view(page)
     shot(page, screenshots, f"example-{example.name}", "the example as loaded, whole")
     facts = {f["id"]: f for f in node_facts(page)}
-    intended = intended_values(example, server.get("/object_info"))
+    intended = intended_values(example, object_info)
     checked = 0
     for node_id, values in intended.items():
         shown = {w["name"]: w["value"] for w in facts[node_id]["widgets"]}

@@ -146,7 +146,7 @@ def estimate_memory(model: LoadedModel, examples: TrainingSet, config: TrainingC
         base=_size(on_device) - lora_bytes,
         adapters=lora_bytes,
         optimizer=sum(p.numel() for p in lora) * OPTIMIZERS[config.optimizer.optimizer].state_bytes,
-        step=measure_step(model, config, latents, conditioning, compute_dtype)
+        step=measure_step(model, config, latents, model.family.measured_text(conditioning), compute_dtype)
         + measure_text_step(model, examples, config),
         overhead=CUDA_OVERHEAD if model.device.type == "cuda" else 0)
 

@@ -271,6 +271,11 @@ class ModelFamily:
         rows, one shape for every caption: the first `text_tokens` of each."""
         return {"prompt_embeds": torch.cat([sequence[:, :self.text_tokens] for sequence in sequences])}
 
+    def measured_text(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditioning the memory estimate measures a step with (on the meta device, where
+        values are gone): as it is, for families whose rows all have one length."""
+        return conditioning
+
     def image_conditioning(self, original_size: tuple[int, int], crop_top_left: tuple[int, int],
                            target_size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Per-image conditioning beyond the latents (SDXL's size and crop ids); none by default."""

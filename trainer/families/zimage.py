@@ -114,6 +114,11 @@ class ZImageFamily(TransformerFamily):
     def text_rows(self, sequences: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return masked_rows(sequences, self.text_tokens)
 
+    def measured_text(self, conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The caption's own length (the transformer pads it to a multiple of 32), not the padded rows'.
+        length = min(self.text_tokens, -(-int(conditioning["prompt_mask"].sum(1).max()) // 32) * 32)
+        return {key: value[:, :length] for key, value in conditioning.items()}
+
     def predict(self, model: LoadedModel, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
         captions = unpadded_rows(conditioning["prompt_embeds"], conditioning["prompt_mask"])
@@ -136,8 +141,8 @@ def chat_prompt(tokenizer: Any, caption: str, thinking: bool) -> str:
 
 def unpadded_rows(embeds: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """The inverse of `masked_rows`: each row without its padding. On the meta device (the memory
-    estimate, budget.py) the mask's values are unknown, so every row keeps its full length: the
-    most memory a caption can take."""
+    estimate, budget.py) the mask's values are unknown, so every row keeps the length it is given:
+    `measured_text` cut it to the measured caption's own."""
     if embeds.device.type == "meta":
         return list(embeds.unbind(0))
     return [row[keep > 0.5] for row, keep in zip(embeds, mask, strict=True)]
