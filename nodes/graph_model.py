@@ -100,11 +100,11 @@ def shared_diffusers_zimage(model: Any) -> torch.nn.Module:
     from diffusers import ZImageTransformer2DModel
 
     config = comfy.model_config(model).unet_config
-    heads = config["n_heads"]
     with torch.device("meta"):
         transformer = ZImageTransformer2DModel(
             in_channels=config["in_channels"], dim=config["dim"], n_layers=config["n_layers"],
-            n_refiner_layers=config.get("n_refiner_layers", 2), n_heads=heads, n_kv_heads=config["n_kv_heads"],
+            n_refiner_layers=config.get("n_refiner_layers", 2), n_heads=config["n_heads"],
+            n_kv_heads=config["n_kv_heads"],
             cap_feat_dim=config["cap_feat_dim"], rope_theta=config["rope_theta"], t_scale=config["time_scale"],
             axes_dims=list(config["axes_dims"]), axes_lens=list(config["axes_lens"]))
     table = comfy.to_diffusers_table("z_image", config, "0.3.76")

@@ -2,7 +2,7 @@
 what the denoiser must predict, and how each sample's loss is weighted.
 
 - epsilon / v_prediction (SD 1.5, SDXL): DDPM noising at a uniformly drawn timestep.
-- flow (FLUX): rectified flow, x_t = (1 - σ) x + σ ε, predict ε - x. σ is drawn as a shifted
+- flow (FLUX.1, Z-Image, FLUX.2): rectified flow, x_t = (1 - σ) x + σ ε, predict ε - x. σ is drawn as a shifted
   sigmoid of a standard normal ("shifted logit-normal"): σ = s·u / (1 + (s - 1)·u), u = sigmoid(n).
   The shift s is the model's own (its family's `flow_shift`: the shift its scheduler samples
   with at the image's token count), so training spends its steps on the noise levels inference

@@ -191,7 +191,7 @@ class ModelFamily:
     # Modules never given LoRA although a target ending matches them (a regex on the full name).
     excluded_modules: ClassVar[str | None] = None
     # How LoRA files name layers: "kohya" (`lora_unet_down_blocks_0_..` + lora_down/lora_up) or
-    # "peft" (`transformer.transformer_blocks.0.attn.to_q` + lora_A/lora_B); always with `.alpha`.
+    # "peft" (`transformer.transformer_blocks.0.attn.to_q` + lora_A/lora_B); with `.alpha` (but see below).
     key_style: ClassVar[str] = "kohya"
     # False where a loader this family's users rely on refuses `.alpha` keys (diffusers' FLUX.2 loader):
     # a LoRA's alpha / rank is then multiplied into its up half and no alpha is written, as ai-toolkit

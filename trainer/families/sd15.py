@@ -47,7 +47,7 @@ class StableDiffusionFamily(ModelFamily):
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
     caption_style = "tags"
     unsupported_settings = ("flow_shift", "train_guidance")
-    unsupported_reason = "they belong to FLUX's flow-matching objective"
+    unsupported_reason = "they belong to the flow-matching families' objective (FLUX.1, Z-Image, FLUX.2)"
     denoiser_prefix = "lora_unet"
     text_encoder_prefixes = ("lora_te",)
     target_sets = {"attention": UNET_ATTENTION, "attention_mlp": UNET_ATTENTION + UNET_MLP}
