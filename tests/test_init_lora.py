@@ -244,3 +244,39 @@ def test_every_family_continues_from_its_own_layout(family, tmp_path):
     assert set(before) == set(step0) and all(torch.equal(before[k].float(), step0[k]) for k in before)
     if family == "sdxl":
         assert any(k.startswith("lora_te2_") for k in step0)
+
+
+@pytest.mark.parametrize("family", ["zimage", "flux2"])
+def test_a_qwen_family_run_starts_from_its_own_file_and_from_diffusers(family, tmp_path):
+    """Z-Image's files (`diffusion_model.` names) and FLUX.2's (no alpha: alpha / rank multiplied in)
+    start a run whose step 0 is that file; so does the same LoRA as diffusers' save_lora_weights
+    writes it (`transformer.` names), and both give the same step 0."""
+    from lora_lab.trainer.export import load_into_model
+    from lora_lab.trainer.run import load_base_model
+
+    from .tiny_models import build
+
+    folder = build(family, tmp_path / family)
+    settings = {"base_model": str(folder), "steps": 2, "rank": 4, "alpha": 2.0, "resolution": 64,
+                "dataset": str(embedded.CONCEPT_DATASET), "sample_every": -1}
+    first = train_lora(build_config({**settings, "output_dir": str(tmp_path / "first"), "name": "first"}))
+    model = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
+    # The alpha the file holds: FLUX.2's has none (alpha / rank is in its up halves), so it reads as rank.
+    add_lora(model, 4, 2.0 if model.family.lora_alpha_in_file else 4.0, "attention", False)
+    load_into_model(model, first.final_path)
+    pipe = model.family.pipeline(model)
+    layers = get_peft_model_state_dict(model.denoiser, adapter_name=ADAPTER)
+    pipe.save_lora_weights(str(tmp_path / "diffusers"), transformer_lora_layers=layers,
+                           transformer_lora_adapter_metadata=model.denoiser.peft_config[ADAPTER].to_dict())
+    starts = {}
+    for source in (first.final_path, tmp_path / "diffusers" / "pytorch_lora_weights.safetensors"):
+        settings.pop("alpha", None)  # the file decides
+        result = train_lora(build_config({**settings, "output_dir": str(tmp_path / source.stem),
+                                          "name": "again", "init_lora": str(source)}))
+        assert result.checkpoints[0].step == 0
+        starts[source.stem] = load_file(str(result.checkpoints[0].path))
+    ours, theirs = starts.values()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[key].float(), theirs[key].float(), rtol=1e-3, atol=1e-6) for key in ours)
+    written = load_file(str(first.final_path))
+    assert all(torch.allclose(ours[key].float(), written[key].float(), rtol=1e-3, atol=1e-6) for key in written)
