@@ -64,6 +64,7 @@ class Example:
     name: str  # the file name, which the Templates browser shows as the title
     groups: list[Group]
     opens_on: int = 0  # the example opens zoomed on its first groups up to this one (0: all of them)
+    needs: str = ""  # the first ComfyUI release that runs it (its model family's), if not every one
 
 
 VIEWPORT = (1600, 1000)  # the screen the opening view is made for (the browser tests use it)
@@ -214,7 +215,7 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
 # guidance and a negative prompt.
 ZIMAGE_NEGATIVE = "blurry, low quality"  # the grid's and your sampler's, so the two agree
 ZIMAGE_SAMPLE = {"seed": 0, "steps": 30, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"}
-TRAIN_ZIMAGE = Example("Train a Z-Image LoRA", opens_on=2, groups=[
+TRAIN_ZIMAGE = Example("Train a Z-Image LoRA", opens_on=2, needs="0.3.76", groups=[
     Group("1 · Dataset", [[
         note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick the Z-Image model "
                 "(z_image_bf16), qwen_3_4b (type lumina2) and ae.safetensors. Needs ComfyUI 0.3.76 or later.\n2. "
@@ -261,7 +262,7 @@ TRAIN_ZIMAGE = Example("Train a Z-Image LoRA", opens_on=2, groups=[
 # 4.0); its latents are FLUX.2's own 128-channel ones.
 FLUX2_NEGATIVE = ""
 FLUX2_SAMPLE = {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"}
-TRAIN_FLUX2 = Example("Train a FLUX.2 Klein LoRA", opens_on=2, groups=[
+TRAIN_FLUX2 = Example("Train a FLUX.2 Klein LoRA", opens_on=2, needs="0.11", groups=[
     Group("1 · Dataset", [[
         note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick FLUX.2 [klein] base 4B, "
                 "qwen_3_4b (type flux2) and flux2-vae. Needs ComfyUI 0.11 or later.\n2. FLUX.2 likes sentences: "
@@ -307,6 +308,11 @@ EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX, TRAIN_ZIMAGE, 
 
 def example_nodes(example: Example) -> list[Node]:
     return [node for group in example.groups for column in group.columns for node in column]
+
+
+def missing_nodes(example: Example, object_info: dict) -> set[str]:
+    """The example's node types a ComfyUI (its object info) does not have."""
+    return {node.type for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES) - set(object_info)
 
 
 def intended_values(example: Example, object_info: dict) -> dict[int, dict[str, Any]]:
@@ -439,9 +445,9 @@ def main() -> None:
     args = parser.parse_args()
     with urllib.request.urlopen(f"{args.url}/object_info", timeout=60) as response:
         object_info = json.loads(response.read())
-    # An example needing nodes this ComfyUI lacks (FLUX.2's latent node before 0.11) keeps its file.
-    buildable = [example for example in EXAMPLES
-                 if not {node.type for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES) - set(object_info)]
+    # An example of a newer ComfyUI's family whose nodes this one lacks (FLUX.2's latent node before
+    # 0.11) keeps its file.
+    buildable = [example for example in EXAMPLES if not (example.needs and missing_nodes(example, object_info))]
     types = {node.type for example in buildable for node in example_nodes(example)} - set(FRONTEND_ONLY_NODES)
     sizes = measure_sizes(args.url, types)
     OUT.mkdir(exist_ok=True)

@@ -49,9 +49,9 @@ from build_example_workflows import (  # noqa: E402
     STACK_TWO,
     TRAIN_AND_TEST,
     TRAIN_FLUX,
-    example_nodes,
     example_path,
     intended_values,
+    missing_nodes,
 )
 from comfy_browser import (  # noqa: E402
     CHROMIUM,
@@ -62,7 +62,6 @@ from comfy_browser import (  # noqa: E402
     open_comfyui,
     set_widgets,
 )
-from frontend_rules import FRONTEND_ONLY_NODES  # noqa: E402
 from render_example_thumbnails import THUMBNAIL_SIDE  # noqa: E402
 
 pytestmark = [pytest.mark.comfyui,
@@ -128,9 +127,9 @@ def overlaps(facts: list[dict]) -> list[tuple]:
 def test_examples_load_with_the_values_they_mean(page, server, example, screenshots):
     page, _ = page
     object_info = server.get("/object_info")
-    lacking = {node.type for node in example_nodes(example) if node.type not in FRONTEND_ONLY_NODES} - set(object_info)
-    if lacking:  # the FLUX.2 example on a ComfyUI before 0.11
-        pytest.skip(f"this ComfyUI has no {', '.join(sorted(lacking))}")
+    lacking = missing_nodes(example, object_info)
+    if lacking and example.needs:  # the FLUX.2 example on a ComfyUI before 0.11
+        pytest.skip(f"{example.name} needs ComfyUI {example.needs}: this one has no {', '.join(sorted(lacking))}")
     load_workflow(page, json.loads(example_path(example).read_text()))
     fit_view(page)
     shot(page, screenshots, f"example-{example.name}", "the example as loaded, whole")

@@ -68,9 +68,13 @@ def test_examples_load_with_no_missing_node_types(server):
     object_info = server.get("/object_info")
     shipped = sorted((REPO / "example_workflows").glob("*.json"))
     assert shipped == sorted(example_path(example) for example in EXAMPLES)
-    for path in shipped:
+    for example in EXAMPLES:
+        path = example_path(example)
         workflow = json.loads(path.read_text())
         missing = {node["type"] for node in workflow["nodes"]} - set(object_info) - set(FRONTEND_ONLY_NODES)
+        if missing and example.needs:  # a newer ComfyUI's family (FLUX.2's latent node arrived in 0.11)
+            print(f"{path.name} needs ComfyUI {example.needs}: this one has no {', '.join(sorted(missing))}")
+            continue
         assert not missing, f"{path.name}: {missing}"
         ui_to_api(workflow, object_info)  # every widget value lines up with its widget, control slots included
         assert path.with_suffix(".jpg").is_file(), f"{path.name} has no thumbnail"
