@@ -180,19 +180,33 @@ def flux_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Path]
     """A ComfyUI base folder holding a FLUX install (the files linked into models/, built into the
     folder `kept` names, else into `scratch`) and the example's dataset folder input/my_dataset
     with two captioned images (two T5 encodes): {role: path} of the files."""
+    files = build_flux_files(Path(kept) if kept else scratch)
+    return install_files(base, files, {"transformer": "diffusion_models", "t5": "text_encoders",
+                                       "clip_l": "text_encoders", "vae": "vae"})
+
+
+def install_files(base: Path, files: dict[str, Path], kinds: dict[str, str],
+                  builders: dict | None = None) -> dict[str, Path]:
+    """Build each missing file that `builders` (role -> function of the path) knows, link each
+    file into the ComfyUI base folder's models/<kind> (`kinds`: role -> kind), and make the
+    examples' dataset folder input/my_dataset with two captioned images; returns `files`."""
     from lora_lab.trainer import embedded
 
-    files = build_flux_files(Path(kept) if kept else scratch)
-    for role, folder in (("transformer", "diffusion_models"), ("t5", "text_encoders"), ("clip_l", "text_encoders"),
-                         ("vae", "vae")):
-        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
-        (base / "models" / folder / files[role].name).symlink_to(files[role])
+    for role, build in (builders or {}).items():
+        if not files[role].exists():
+            build(files[role])
+    for role, kind in kinds.items():
+        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
+        (base / "models" / kind / files[role].name).symlink_to(files[role])
     dataset = base / "input" / "my_dataset"
     dataset.mkdir(parents=True)
     for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:
         shutil.copy(image, dataset)
         shutil.copy(image.with_suffix(".txt"), dataset)
     return files
+
+
+QWEN_FAMILY_KINDS = {"transformer": "diffusion_models", "qwen": "text_encoders", "vae": "vae"}
 
 
 def build_zimage_transformer(path: Path) -> None:
@@ -251,27 +265,13 @@ def zimage_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Pat
     """A ComfyUI base folder holding a Z-Image install ComfyUI 0.33 loads as Z-Image (the files
     built into the folder `kept` names, else into `scratch`, and linked into models/), and the
     dataset folder input/my_dataset with two captioned images: {role: path} of the files."""
-    from lora_lab.trainer import embedded
-
     folder = Path(kept) if kept else scratch
     folder.mkdir(parents=True, exist_ok=True)
     files = {"transformer": folder / "z_image_1block.safetensors", "qwen": folder / "qwen_3_4b_fp8_e4m3fn.safetensors",
              "vae": folder / "ae.safetensors"}
-    if not files["transformer"].exists():
-        build_zimage_transformer(files["transformer"])
-    if not files["qwen"].exists():
-        build_qwen3_4b_fp8(files["qwen"])
-    if not files["vae"].exists():
-        build_flux_clip_l_and_vae(folder / "clip_l.safetensors", files["vae"])  # Z-Image uses FLUX.1's VAE
-    for role, kind in (("transformer", "diffusion_models"), ("qwen", "text_encoders"), ("vae", "vae")):
-        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
-        (base / "models" / kind / files[role].name).symlink_to(files[role])
-    dataset = base / "input" / "my_dataset"
-    dataset.mkdir(parents=True)
-    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:
-        shutil.copy(image, dataset)
-        shutil.copy(image.with_suffix(".txt"), dataset)
-    return files
+    builders = {"transformer": build_zimage_transformer, "qwen": build_qwen3_4b_fp8,
+                "vae": lambda path: build_flux_clip_l_and_vae(folder / "clip_l.safetensors", path)}  # FLUX.1's VAE
+    return install_files(base, files, QWEN_FAMILY_KINDS, builders)
 
 
 def build_flux2_transformer(path: Path) -> None:
@@ -318,25 +318,12 @@ def flux2_install(base: Path, kept: str | None, scratch: Path) -> dict[str, Path
     """A ComfyUI base folder holding a FLUX.2 [klein] 4B install ComfyUI loads as FLUX.2 (built into
     the folder `kept` names, else `scratch`; Qwen3-4B is the file Z-Image uses), and the dataset
     folder input/my_dataset with two captioned images: {role: path} of the files."""
-    from lora_lab.trainer import embedded
-
     folder = Path(kept) if kept else scratch
     folder.mkdir(parents=True, exist_ok=True)
     files = {"transformer": folder / "flux2_klein_1x1.safetensors", "qwen": folder / "qwen_3_4b_fp8_e4m3fn.safetensors",
              "vae": folder / "flux2-vae.safetensors"}
-    for role, build in (("transformer", build_flux2_transformer), ("qwen", build_qwen3_4b_fp8),
-                        ("vae", build_flux2_vae)):
-        if not files[role].exists():
-            build(files[role])
-    for role, kind in (("transformer", "diffusion_models"), ("qwen", "text_encoders"), ("vae", "vae")):
-        (base / "models" / kind).mkdir(parents=True, exist_ok=True)
-        (base / "models" / kind / files[role].name).symlink_to(files[role])
-    dataset = base / "input" / "my_dataset"
-    dataset.mkdir(parents=True)
-    for image in sorted(embedded.CONCEPT_DATASET.glob("*/*.png"))[:2]:
-        shutil.copy(image, dataset)
-        shutil.copy(image.with_suffix(".txt"), dataset)
-    return files
+    builders = {"transformer": build_flux2_transformer, "qwen": build_qwen3_4b_fp8, "vae": build_flux2_vae}
+    return install_files(base, files, QWEN_FAMILY_KINDS, builders)
 
 
 class ComfyServer:
