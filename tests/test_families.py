@@ -167,30 +167,45 @@ def test_flux_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
     assert loaded.denoiser.config.guidance_embeds and load_file(str(path))
 
 
-@pytest.mark.parametrize("layout", ["original", "original with prefix", "diffusers"])
-def test_zimage_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
-    from .ldm_layout import zimage_original_layout
-    from .tiny_models import build_zimage
+# family -> (its fused key in the original layout, the unfused one diffusers has instead, the
+# config's block counts, the file's name)
+ORIGINAL_LAYOUTS = {
+    "zimage": ("layers.0.attention.qkv.weight", "layers.0.attention.to_q.weight", ("n_layers",),
+               "z_image_tiny.safetensors"),
+    "flux2": ("double_blocks.0.img_attn.qkv.weight", "transformer_blocks.0.attn.to_q.weight",
+              ("num_layers", "num_single_layers"), "flux-2-klein-tiny.safetensors"),
+}
 
-    folder = build_zimage(tmp_path / "tiny-zimage")
+
+@pytest.mark.parametrize("family", sorted(ORIGINAL_LAYOUTS))
+@pytest.mark.parametrize("layout", ["original", "original with prefix", "diffusers"])
+def test_qwen3_family_transformer_file_loads_with_its_parts_folder(tmp_path, family, layout):
+    import re
+
+    from . import ldm_layout
+    from .tiny_models import build
+
+    fused, unfused, counts, name = ORIGINAL_LAYOUTS[family]
+    folder = build(family, tmp_path / f"tiny-{family}")
     reference = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
-    assert reference.family.name == "zimage"
+    assert reference.family.name == family
     state = reference.denoiser.state_dict()
     if layout != "diffusers":
-        state = zimage_original_layout(state)
-        assert "layers.0.attention.qkv.weight" in state and "layers.0.attention.to_q.weight" not in state
+        state = getattr(ldm_layout, f"{family}_original_layout")(state)
+        assert fused in state and unfused not in state and len(state) < len(reference.denoiser.state_dict())
     if layout == "original with prefix":  # as in full checkpoints
         state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
-    path = tmp_path / "z_image_tiny.safetensors"
+    path = tmp_path / name
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    assert detect_family({key: tuple(value.shape) for key, value in state.items()}) == "zimage"
-    with pytest.raises(LoraLabError, match="holds only the Z-Image transformer. Set model_config"):
+    assert detect_family({key: tuple(value.shape) for key, value in state.items()}) == family
+    with pytest.raises(LoraLabError, match=f"holds only the {re.escape(reference.family.title)} transformer. Set "
+                                           "model_config"):
         load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
     loaded = load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
     expected = reference.denoiser.state_dict()
     assert loaded.denoiser.state_dict().keys() == expected.keys()
     assert all(torch.equal(value, expected[key]) for key, value in loaded.denoiser.state_dict().items())
-    assert loaded.denoiser.config.n_layers == reference.denoiser.config.n_layers
+    assert all(loaded.denoiser.config[count] == reference.denoiser.config[count] for count in counts)
 
 
 def test_a_zimage_folder_is_not_read_as_another_family(tmp_path):
@@ -229,28 +244,3 @@ def test_qwen3_families_encode_as_their_own_pipelines_do(tmp_path, family):
             std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
             expected = (folded - vae.bn.running_mean.view(1, -1, 1, 1)) / std
             torch.testing.assert_close(model.encoders.encode_images(pixels), expected, atol=0, rtol=0)
-
-
-@pytest.mark.parametrize("layout", ["original", "original with prefix", "diffusers"])
-def test_flux2_transformer_file_loads_with_its_parts_folder(tmp_path, layout):
-    from .ldm_layout import flux2_original_layout
-    from .tiny_models import build_flux2
-
-    folder = build_flux2(tmp_path / "tiny-flux2")
-    reference = load_base_model(build_config({"base_model": str(folder)}), torch.device("cpu"))
-    assert reference.family.name == "flux2"
-    state = reference.denoiser.state_dict()
-    if layout != "diffusers":
-        state = flux2_original_layout(state)
-        assert "double_blocks.0.img_attn.qkv.weight" in state and len(state) < len(reference.denoiser.state_dict())
-    if layout == "original with prefix":
-        state = {f"model.diffusion_model.{k}": v for k, v in state.items()}
-    path = tmp_path / "flux-2-klein-tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    assert detect_family({key: tuple(value.shape) for key, value in state.items()}) == "flux2"
-    with pytest.raises(LoraLabError, match=r"holds only the FLUX.2 \[klein\] transformer. Set model_config"):
-        load_base_model(build_config({"base_model": str(path)}), torch.device("cpu"))
-    loaded = load_base_model(build_config({"base_model": str(path), "model_config": str(folder)}), torch.device("cpu"))
-    expected = reference.denoiser.state_dict()
-    assert loaded.denoiser.state_dict().keys() == expected.keys()
-    assert all(torch.equal(value, expected[key]) for key, value in loaded.denoiser.state_dict().items())
