@@ -209,100 +209,80 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
         Node(17, "SaveImage", {"filename_prefix": "lora_lab_flux"}, {"images": (16, 0)}, extra_height=260),
     ]], colour="#3f7f4f"),
 ])
+def separate_files_example(name: str, needs: str, note_text: str, unet: str, clip: str, clip_type: str, vae: str,
+                           run_name: str, negative: str, sample: dict, latent_node: str) -> Example:
+    """Dataset, Train LoRA and test groups over a diffusion model, one text encoder and a VAE in
+    separate files (Z-Image's and FLUX.2's graphs): the grid and your sampler use the same
+    classifier-free guidance and negative, so they agree."""
+    return Example(name, opens_on=2, needs=needs, groups=[
+        Group("1 · Dataset", [[
+            note(8, note_text),
+            Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character",
+                                           "trigger_word": "xyz_person"},
+                 {"model": (1, 0)}, width=DATASET_WIDTH, extra_height=DATASET_SHEET_ROOM),
+        ], [
+            Node(1, "UNETLoader", {"unet_name": unet, "weight_dtype": "default"}),
+            Node(2, "CLIPLoader", {"clip_name": clip, "type": clip_type}),
+            Node(3, "VAELoader", {"vae_name": vae}),
+            Node(5, "LoraLabCaption", {}, {"dataset": (4, 0), "model": (1, 0)}),
+        ]]),
+        Group("2 · Train", [[
+            Node(6, "LoraLabTrainLora", {"name": run_name, "gradient_checkpointing": True},
+                 {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=440),
+        ]], colour="#8a6d3b"),
+        Group("3 · Test", [[
+            Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
+                                                           "astronaut", "negative": negative, "cfg": sample["cfg"],
+                                                "width": 1024, "height": 1024, "scheduler": sample["scheduler"]},
+                 {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
+                 extra_height=GRID_ROOM),
+        ], [
+            Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
+                 extra_height=STACK_ROOM),
+            Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
+                 {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
+            Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+            Node(12, "CLIPTextEncode", {"text": negative}, {"clip": (9, 1)}, title="Negative"),
+        ], [
+            Node(14, latent_node, {"width": 1024, "height": 1024, "batch_size": 1}),
+            Node(15, "KSampler", sample, {"model": (9, 0), "positive": (11, 0), "negative": (12, 0),
+                                          "latent_image": (14, 0)}),
+            Node(16, "VAEDecode", {}, {"samples": (15, 0), "vae": (3, 0)}),
+            Node(17, "SaveImage", {"filename_prefix": f"lora_lab_{run_name.rsplit('_', 1)[-1]}"}, {"images": (16, 0)},
+                 extra_height=260),
+        ]], colour="#3f7f4f"),
+    ])
+
+
 # Z-Image as ComfyUI's own Z-Image templates load it (Comfy-Org/z_image: the diffusion model, Qwen3-4B
 # through CLIPLoader's lumina2 type, FLUX.1's VAE). The base model trains (musubi-tuner's advice: the
 # distilled Turbo loses its few-step sampling when trained directly) and samples with classifier-free
 # guidance and a negative prompt.
-ZIMAGE_NEGATIVE = "blurry, low quality"  # the grid's and your sampler's, so the two agree
-ZIMAGE_SAMPLE = {"seed": 0, "steps": 30, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"}
-TRAIN_ZIMAGE = Example("Train a Z-Image LoRA", opens_on=2, needs="0.3.76", groups=[
-    Group("1 · Dataset", [[
-        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick the Z-Image model "
-                "(z_image_bf16), qwen_3_4b (type lumina2) and ae.safetensors. Needs ComfyUI 0.3.76 or later.\n2. "
-                "Z-Image likes long sentences: Caption (connected to the model) turns tags into them, the trigger "
-                "word (typed once, on Load Dataset) first.\n3. Read the report on Load Dataset, then Queue "
-                "(gradient checkpointing is on, to fit 24 GB GPUs).\n4. Test: Sample Checkpoint compares "
-                "checkpoints and strengths; Apply LoRA Stack feeds your own sampler with the trigger word in front."),
-        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
-             {"model": (1, 0)}, width=DATASET_WIDTH, extra_height=DATASET_SHEET_ROOM),
-    ], [
-        Node(1, "UNETLoader", {"unet_name": "z_image_bf16.safetensors", "weight_dtype": "default"}),
-        Node(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2"}),
-        Node(3, "VAELoader", {"vae_name": "ae.safetensors"}),
-        Node(5, "LoraLabCaption", {}, {"dataset": (4, 0), "model": (1, 0)}),
-    ]]),
-    Group("2 · Train", [[
-        Node(6, "LoraLabTrainLora", {"name": "xyz_person_zimage", "gradient_checkpointing": True},
-             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=440),
-    ]], colour="#8a6d3b"),
-    Group("3 · Test", [[
-        Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
-                                                       "astronaut", "negative": ZIMAGE_NEGATIVE, "cfg": 4.0,
-                                            "width": 1024, "height": 1024, "scheduler": "simple"},
-             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
-             extra_height=GRID_ROOM),
-    ], [
-        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
-             extra_height=STACK_ROOM),
-        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
-             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
-        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
-        Node(12, "CLIPTextEncode", {"text": ZIMAGE_NEGATIVE}, {"clip": (9, 1)}, title="Negative"),
-    ], [
-        Node(14, "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        Node(15, "KSampler", ZIMAGE_SAMPLE, {"model": (9, 0), "positive": (11, 0), "negative": (12, 0),
-                                             "latent_image": (14, 0)}),
-        Node(16, "VAEDecode", {}, {"samples": (15, 0), "vae": (3, 0)}),
-        Node(17, "SaveImage", {"filename_prefix": "lora_lab_zimage"}, {"images": (16, 0)}, extra_height=260),
-    ]], colour="#3f7f4f"),
-])
+TRAIN_ZIMAGE = separate_files_example(
+    "Train a Z-Image LoRA", "0.3.76",
+    "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick the Z-Image model (z_image_bf16), "
+    "qwen_3_4b (type lumina2) and ae.safetensors. Needs ComfyUI 0.3.76 or later.\n2. Z-Image likes long sentences: "
+    "Caption (connected to the model) turns tags into them, the trigger word (typed once, on Load Dataset) "
+    "first.\n3. Read the report on Load Dataset, then Queue (gradient checkpointing is on, to fit 24 GB GPUs).\n4. "
+    "Test: Sample Checkpoint compares checkpoints and strengths; Apply LoRA Stack feeds your own sampler with the "
+    "trigger word in front.",
+    "z_image_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2", "ae.safetensors", "xyz_person_zimage",
+    negative="blurry, low quality", latent_node="EmptySD3LatentImage",
+    sample={"seed": 0, "steps": 30, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"})
 # FLUX.2 [klein] 4B as ComfyUI's own Klein template loads it (Comfy-Org/flux2-klein: the base model,
 # Qwen3-4B through CLIPLoader's flux2 type, FLUX.2's VAE). The base model trains (BFL: "Base ... for
 # fine-tuning, LoRA training") and samples with classifier-free guidance (diffusers' and musubi-tuner's
 # 4.0); its latents are FLUX.2's own 128-channel ones.
-FLUX2_NEGATIVE = ""
-FLUX2_SAMPLE = {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"}
-TRAIN_FLUX2 = Example("Train a FLUX.2 Klein LoRA", opens_on=2, needs="0.11", groups=[
-    Group("1 · Dataset", [[
-        note(8, "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick FLUX.2 [klein] base 4B, "
-                "qwen_3_4b (type flux2) and flux2-vae. Needs ComfyUI 0.11 or later.\n2. FLUX.2 likes sentences: "
-                "Caption (connected to the model) turns tags into them, the trigger word (typed once, on Load "
-                "Dataset) first.\n3. Read the report on Load Dataset, then Queue (gradient checkpointing is on, to "
-                "fit 16 GB GPUs).\n4. Test: Sample Checkpoint compares checkpoints and strengths; Apply LoRA Stack "
-                "feeds your own sampler (cfg 4) with the trigger word in front."),
-        Node(4, "LoraLabLoadDataset", {"folder": "my_dataset", "lora_type": "character", "trigger_word": "xyz_person"},
-             {"model": (1, 0)}, width=DATASET_WIDTH, extra_height=DATASET_SHEET_ROOM),
-    ], [
-        Node(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}),
-        Node(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2"}),
-        Node(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}),
-        Node(5, "LoraLabCaption", {}, {"dataset": (4, 0), "model": (1, 0)}),
-    ]]),
-    Group("2 · Train", [[
-        Node(6, "LoraLabTrainLora", {"name": "xyz_person_flux2", "gradient_checkpointing": True},
-             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "dataset": (5, 0)}, width=440),
-    ]], colour="#8a6d3b"),
-    Group("3 · Test", [[
-        Node(7, "LoraLabSampleCheckpoint", {"prompts": "{trigger}, portrait photo in a garden\n{trigger}, as an "
-                                                       "astronaut", "negative": FLUX2_NEGATIVE, "cfg": 4.0,
-                                            "width": 1024, "height": 1024, "scheduler": "simple"},
-             {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
-             extra_height=GRID_ROOM),
-    ], [
-        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
-             extra_height=STACK_ROOM),
-        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
-             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
-        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
-        Node(12, "CLIPTextEncode", {"text": FLUX2_NEGATIVE}, {"clip": (9, 1)}, title="Negative"),
-    ], [
-        Node(14, "EmptyFlux2LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        Node(15, "KSampler", FLUX2_SAMPLE, {"model": (9, 0), "positive": (11, 0), "negative": (12, 0),
-                                            "latent_image": (14, 0)}),
-        Node(16, "VAEDecode", {}, {"samples": (15, 0), "vae": (3, 0)}),
-        Node(17, "SaveImage", {"filename_prefix": "lora_lab_flux2"}, {"images": (16, 0)}, extra_height=260),
-    ]], colour="#3f7f4f"),
-])
+TRAIN_FLUX2 = separate_files_example(
+    "Train a FLUX.2 Klein LoRA", "0.11",
+    "1. Put 20-50 photos with .txt captions in ComfyUI/input/my_dataset; pick FLUX.2 [klein] base 4B, qwen_3_4b "
+    "(type flux2) and flux2-vae. Needs ComfyUI 0.11 or later.\n2. FLUX.2 likes sentences: Caption (connected to the "
+    "model) turns tags into them, the trigger word (typed once, on Load Dataset) first.\n3. Read the report on Load "
+    "Dataset, then Queue (gradient checkpointing is on, to fit 16 GB GPUs).\n4. Test: Sample Checkpoint compares "
+    "checkpoints and strengths; Apply LoRA Stack feeds your own sampler (cfg 4) with the trigger word in front.",
+    "flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors", "flux2", "flux2-vae.safetensors", "xyz_person_flux2",
+    negative="", latent_node="EmptyFlux2LatentImage",
+    sample={"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple"})
 EXAMPLES = [TRAIN_AND_TEST, COMPARE_LORAS, STACK_TWO, TRAIN_FLUX, TRAIN_ZIMAGE, TRAIN_FLUX2]
 
 
