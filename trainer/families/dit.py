@@ -26,7 +26,6 @@ class TransformerFamily(ModelFamily):
     """Base of the families whose denoiser is one diffusion transformer trained with flow matching."""
 
     pipeline_class: ClassVar[Any]
-    default_steps_note: ClassVar[str] = ""
     unsupported_settings = ("min_snr_gamma", "prediction_type", "train_text_encoder", "text_encoder_lr")
     text_encoder_prefixes = ()
     diffusers_prefixes = ("transformer",)
