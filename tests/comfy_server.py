@@ -442,6 +442,39 @@ def output_images(server: ComfyServer, prompt_id: str, node: str) -> list[np.nda
         for i in outputs]
 
 
+def add_core_comparison(prompt: dict, conditioning: dict) -> None:
+    """Beside a shipped example's API prompt, core nodes on the example's own conditioning and
+    sampler (node 15): the base model (node 27), and the final LoRA through LoraLoaderModelOnly at
+    the stack's 0.7 (node 31); and a preview of Sample Checkpoint's cells (node 20)."""
+    sampler = {key: prompt["15"]["inputs"][key] for key in ("seed", "steps", "cfg", "sampler_name", "scheduler",
+                                                            "denoise")}
+    prompt.update({
+        "20": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
+        "25": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **conditioning, **sampler}},
+        "26": {"class_type": "VAEDecode", "inputs": {"samples": ["25", 0], "vae": ["3", 0]}},
+        "27": {"class_type": "PreviewImage", "inputs": {"images": ["26", 0]}},
+        "28": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": ["6", 4],
+                                                               "strength_model": 0.7}},
+        "29": {"class_type": "KSampler", "inputs": {"model": ["28", 0], **conditioning, **sampler}},
+        "30": {"class_type": "VAEDecode", "inputs": {"samples": ["29", 0], "vae": ["3", 0]}},
+        "31": {"class_type": "PreviewImage", "inputs": {"images": ["30", 0]}},
+    })
+
+
+def assert_matches_core_nodes(server: ComfyServer, prompt_id: str) -> None:
+    """A run of `add_core_comparison`'s prompt: the grid of steps 2 and 4 at strengths 0 and 0.7
+    (one base image serves both rows) and the stack's image (node 17) against the core nodes'."""
+    cells = output_images(server, prompt_id, "20")
+    base = output_images(server, prompt_id, "27")[0]
+    with_lora = output_images(server, prompt_id, "31")[0]
+    through_stack = output_images(server, prompt_id, "17")[0]  # the example's own SaveImage
+    assert len(cells) == 4
+    assert np.array_equal(cells[0], base) and np.array_equal(cells[2], base), "strength 0 is not the base image"
+    assert not np.array_equal(with_lora, base), "the LoRA changed nothing"
+    assert np.array_equal(through_stack, with_lora), "Apply LoRA Stack differs from core LoraLoaderModelOnly"
+    assert np.array_equal(cells[3], with_lora), "the last cell is not what LoraLoader makes of the final file"
+
+
 def train_settings(**overrides) -> dict:
     """Train LoRA's widgets for a quick run at 64 px on the random model."""
     return {"preset": "none", "steps": 30, "rank": 4, "alpha": 0.0, "learning_rate": 0.001, "resolution": 64,

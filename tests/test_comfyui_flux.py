@@ -25,11 +25,10 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from .comfy_server import REPO, ComfyServer, comfy_python, flux_install, output_images
+from .comfy_server import REPO, ComfyServer, add_core_comparison, assert_matches_core_nodes, comfy_python, flux_install
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
@@ -98,21 +97,7 @@ def test_shipped_flux_example_trains_samples_and_loads(flux_server):
     server, files = flux_server
     prompt = shipped_flux_prompt(server, files)
     assert prompt["9"]["inputs"]["run_strength"] == 0.7 and prompt["15"]["inputs"]["cfg"] == 1.0
-    sampler = {key: prompt["15"]["inputs"][key] for key in ("seed", "steps", "cfg", "sampler_name", "scheduler",
-                                                            "denoise")}
-    conditioning = {"positive": ["12", 0], "negative": ["13", 0], "latent_image": ["14", 0]}
-    prompt.update({
-        "20": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
-        # Core nodes on the example's own conditioning: the base, and the final LoRA at the stack's 0.7.
-        "25": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **conditioning, **sampler}},
-        "26": {"class_type": "VAEDecode", "inputs": {"samples": ["25", 0], "vae": ["3", 0]}},
-        "27": {"class_type": "PreviewImage", "inputs": {"images": ["26", 0]}},
-        "28": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": ["6", 4],
-                                                               "strength_model": 0.7}},
-        "29": {"class_type": "KSampler", "inputs": {"model": ["28", 0], **conditioning, **sampler}},
-        "30": {"class_type": "VAEDecode", "inputs": {"samples": ["29", 0], "vae": ["3", 0]}},
-        "31": {"class_type": "PreviewImage", "inputs": {"images": ["30", 0]}},
-    })
+    add_core_comparison(prompt, {"positive": ["12", 0], "negative": ["13", 0], "latent_image": ["14", 0]})
     rss = {"peak": 0}
     phase = {"training": False}
     started: list[tuple[str, float]] = []  # (node, when it began executing): seconds per node for the note
@@ -142,15 +127,7 @@ def test_shipped_flux_example_trains_samples_and_loads(flux_server):
     assert status["status_str"] == "success", log[-3000:]
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
 
-    cells = output_images(server, prompt_id, "20")
-    base = output_images(server, prompt_id, "27")[0]
-    with_lora = output_images(server, prompt_id, "31")[0]
-    through_stack = output_images(server, prompt_id, "17")[0]  # the example's own SaveImage
-    assert len(cells) == 4  # rows step 2 and step 4, columns strength 0 and 0.7 (one base image serves both rows)
-    assert np.array_equal(cells[0], base) and np.array_equal(cells[2], base), "strength 0 is not the base image"
-    assert not np.array_equal(with_lora, base), "the LoRA changed nothing"
-    assert np.array_equal(through_stack, with_lora), "Apply LoRA Stack differs from core LoraLoaderModelOnly"
-    assert np.array_equal(cells[3], with_lora), "the last cell is not what LoraLoader makes of the final file"
+    assert_matches_core_nodes(server, prompt_id)
 
     estimate = re.findall(r"Memory estimate: base model ([\d.]+) \+ LoRA ([\d.]+) \+ optimizer ([\d.]+) \+ one step "
                           r"([\d.]+)", log)[-1]

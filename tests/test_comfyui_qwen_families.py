@@ -24,10 +24,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from .comfy_server import REPO, ComfyServer, comfy_python, flux2_install, output_images, zimage_install
+from .comfy_server import (
+    REPO,
+    ComfyServer,
+    add_core_comparison,
+    assert_matches_core_nodes,
+    comfy_python,
+    flux2_install,
+    zimage_install,
+)
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 pytestmark = [pytest.mark.comfyui,
@@ -118,20 +125,7 @@ def test_shipped_example_trains_samples_and_loads(servers, family):
     prompt = shipped_prompt(server, family, files)
     assert prompt["9"]["inputs"]["run_strength"] == 0.7
     assert prompt["7"]["inputs"]["negative"] == prompt["12"]["inputs"]["text"]  # the grid samples as the user does
-    sampler = {key: prompt["15"]["inputs"][key] for key in ("seed", "steps", "cfg", "sampler_name", "scheduler",
-                                                            "denoise")}
-    conditioning = {"positive": ["11", 0], "negative": ["12", 0], "latent_image": ["14", 0]}
-    prompt.update({
-        "20": {"class_type": "PreviewImage", "inputs": {"images": ["7", 1]}},
-        "25": {"class_type": "KSampler", "inputs": {"model": ["1", 0], **conditioning, **sampler}},
-        "26": {"class_type": "VAEDecode", "inputs": {"samples": ["25", 0], "vae": ["3", 0]}},
-        "27": {"class_type": "PreviewImage", "inputs": {"images": ["26", 0]}},
-        "28": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": ["6", 4],
-                                                               "strength_model": 0.7}},
-        "29": {"class_type": "KSampler", "inputs": {"model": ["28", 0], **conditioning, **sampler}},
-        "30": {"class_type": "VAEDecode", "inputs": {"samples": ["29", 0], "vae": ["3", 0]}},
-        "31": {"class_type": "PreviewImage", "inputs": {"images": ["30", 0]}},
-    })
+    add_core_comparison(prompt, {"positive": ["11", 0], "negative": ["12", 0], "latent_image": ["14", 0]})
     started: list[tuple[str, float]] = []
 
     def watch(_, message):
@@ -150,15 +144,7 @@ def test_shipped_example_trains_samples_and_loads(servers, family):
     assert "lora key not loaded" not in log and "NOT LOADED" not in log
     print(f"{family} training:", [line for line in log.splitlines() if "Memory estimate" in line or "s/step" in line])
 
-    cells = output_images(server, prompt_id, "20")
-    base = output_images(server, prompt_id, "27")[0]
-    with_lora = output_images(server, prompt_id, "31")[0]
-    through_stack = output_images(server, prompt_id, "17")[0]  # the example's own SaveImage
-    assert len(cells) == 4  # rows step 2 and step 4, columns strength 0 and 0.7
-    assert np.array_equal(cells[0], base) and np.array_equal(cells[2], base), "strength 0 is not the base image"
-    assert not np.array_equal(with_lora, base), "the LoRA changed nothing"
-    assert np.array_equal(through_stack, with_lora), "Apply LoRA Stack differs from core LoraLoaderModelOnly"
-    assert np.array_equal(cells[3], with_lora), "the last cell is not what LoraLoader makes of the final file"
+    assert_matches_core_nodes(server, prompt_id)
     print(f"{family} example on the server: {wall:.0f} s")
 
 
