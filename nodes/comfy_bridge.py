@@ -181,6 +181,13 @@ def images_to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(frame[..., :3]) for frame in array]
 
 
+def masks_to_pil(masks: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI MASK ((B, H, W) or (H, W) floats in 0..1) to grayscale PIL images (255 = 1)."""
+    array = masks.detach().cpu().float().clamp(0, 1)
+    array = (array[None] if array.dim() == 2 else array).numpy()
+    return [Image.fromarray((frame * 255).round().astype(np.uint8), "L") for frame in array]
+
+
 def pil_to_images(pictures: list[Image.Image]) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.asarray(p.convert("RGB"), np.float32) / 255.0) for p in pictures])
 

@@ -1,7 +1,9 @@
 """Load Dataset: a folder of images + .txt captions (kohya N_name repeats honoured), or an IMAGE
-batch from the graph with optional captions; the dataset doctor's report on the node, as text and
-as a sheet of the flagged images. The LoRA type chosen here travels with the dataset to Train
-LoRA's preset, and a connected MODEL sets the family the doctor checks against."""
+batch from the graph with optional captions and masks; the dataset doctor's report on the node, as
+text and as a sheet of the flagged images. The LoRA type chosen here travels with the dataset to
+Train LoRA's preset, and a connected MODEL sets the family the doctor checks against. With lora_type
+"regularisation" it loads the class images for Train LoRA's reg_dataset, and the report
+checks them as such."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 from ..trainer.data import IMAGE_EXTENSIONS, Dataset, dataset_from_images, scan_folder
-from ..trainer.doctor import LORA_TYPES, examine, flagged_sheet
+from ..trainer.doctor import LORA_TYPES, examine, examine_regularisation, flagged_sheet
 from ..trainer.errors import LoraLabError
 from ..trainer.families import DEFAULT_FAMILY, get_family
 from . import comfy_bridge as comfy
@@ -19,6 +21,7 @@ from .folders import resolve_dataset_folder
 from .values import DatasetValue
 
 _ASSUMED = get_family(DEFAULT_FAMILY)
+REGULARISATION = "regularisation"  # a lora_type of its own: class images for Train LoRA's reg_dataset
 NO_MODEL_NOTE = (f"· No MODEL connected: checked as {_ASSUMED.title} ({_ASSUMED.default_resolution} px, caption style: "
                  f"{_ASSUMED.caption_style}). Connect your checkpoint loader's MODEL to check against your model.")
 
@@ -44,9 +47,13 @@ class LoadDataset(io.ComfyNode):
                 io.String.Input("folder", default="", tooltip="Folder of images with same-name .txt captions; "
                                 "N_name subfolders repeat their images N times. A relative path is read from "
                                 "ComfyUI's input folder. Leave empty to use the images input."),
-                io.Combo.Input("lora_type", options=list(LORA_TYPES), default="style",
+                io.Combo.Input("lora_type", options=[*LORA_TYPES, REGULARISATION], default="style",
                                tooltip="What you are training. The report compares the image count with the "
-                                       "guide's table for it, and Train LoRA's preset 'from dataset' uses it."),
+                                       "guide's table for it, and Train LoRA's preset 'from dataset' uses it. "
+                                       "regularisation: these are class images (e.g. photos of 'a woman' for a "
+                                       "likeness LoRA) for Train LoRA's reg_dataset, so the LoRA keeps drawing the "
+                                       "class as the base does; set trigger_word to the training set's, and the "
+                                       "report checks that no caption has it."),
                 io.String.Input("trigger_word", default="", tooltip="The trigger word, typed once here: the report "
                                 "checks the captions for it, Caption puts it in them and Train LoRA records it and "
                                 "fills {trigger} in sample prompts (empty = the N_name folder name, if there is one)."),
@@ -55,6 +62,11 @@ class LoadDataset(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Train on these images instead of a folder."),
                 io.String.Input("captions", optional=True, multiline=True, default="",
                                 tooltip="One caption per line for the images input."),
+                io.Mask.Input("masks", optional=True,
+                              tooltip="Masks for the images input (one per image, or one for all), for Train LoRA's "
+                                      "masked_loss: 1 (white) = counts. LoadImage's MASK of a transparent PNG is 1 "
+                                      "where it is transparent: put InvertMask between. A folder's masks are "
+                                      "name_mask.png files, a masks/ folder or the images' alpha channels."),
             ],
             outputs=[DATASET.Output(display_name="dataset"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -67,25 +79,40 @@ class LoadDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder: str, lora_type: str, trigger_word: str, model=None, images=None,
-                captions: str = "") -> io.NodeOutput:
+                captions: str = "", masks=None) -> io.NodeOutput:
         widget_history.note_removed_inputs("LoraLabLoadDataset", cls.hidden.prompt, cls.hidden.unique_id)
         if folder.strip():
+            if masks is not None:
+                raise LoraLabError("The masks input goes with the images input; a folder's masks are name_mask.png "
+                                   "files beside its images, a masks/ folder, or their alpha channels. Disconnect "
+                                   "masks, or clear the folder to train on the images input.")
             root = resolve_dataset_folder(folder)
             dataset = scan_folder(root)
             source, fingerprint = str(root), folder_fingerprint(root)
         elif images is not None:
             lines = [line for line in (captions or "").splitlines() if line.strip()]
-            dataset = dataset_from_images(comfy.images_to_pil(images), lines)
-            source, fingerprint = "graph images", hashlib.sha256(images.cpu().numpy().tobytes()).hexdigest()
+            mask_images = comfy.masks_to_pil(masks) if masks is not None else None
+            dataset = dataset_from_images(comfy.images_to_pil(images), lines, mask_images)
+            digest = hashlib.sha256(images.cpu().numpy().tobytes())
+            if masks is not None:
+                digest.update(masks.cpu().numpy().tobytes())
+            source, fingerprint = "graph images", digest.hexdigest()
         else:
             raise LoraLabError("Load Dataset needs a folder or an images input; set the folder to your dataset.")
-        if lora_type not in LORA_TYPES:
-            raise LoraLabError(f"lora_type {lora_type!r} is not one of {', '.join(LORA_TYPES)}; pick one.")
+        if lora_type not in (*LORA_TYPES, REGULARISATION):
+            raise LoraLabError(f"lora_type {lora_type!r} is not one of {', '.join(LORA_TYPES)}, {REGULARISATION}; "
+                               "pick one.")
         family = graph_model.family_of(model).name if model is not None else ""
-        trigger = trigger_word.strip() or _single(dataset)
-        report = examine(dataset, family or DEFAULT_FAMILY, lora_type, trigger)
-        text = report.text() + ("" if family else "\n" + NO_MODEL_NOTE)
-        value = DatasetValue(dataset, source, f"{fingerprint}|{trigger}", lora_type, family, report, trigger)
+        purpose = "regularisation" if lora_type == REGULARISATION else "training"
+        if purpose == "regularisation":
+            trigger = trigger_word.strip()
+            report = examine_regularisation(dataset, trigger)
+            text = f"Regularisation images ({len(dataset.items)}), for Train LoRA's reg_dataset.\n" + report.text()
+        else:
+            trigger = trigger_word.strip() or _single(dataset)
+            report = examine(dataset, family or DEFAULT_FAMILY, lora_type, trigger)
+            text = report.text() + ("" if family else "\n" + NO_MODEL_NOTE)
+        value = DatasetValue(dataset, source, f"{fingerprint}|{trigger}", lora_type, family, report, trigger, purpose)
         shown = comfy.text_and_preview(text, flagged_sheet(dataset, report), cls)
         # What Train LoRA's plan line needs to say the steps before Queue (web/lora_lab.js keeps it).
         shown["lora_lab_dataset"] = [{"images": len(dataset.items), "lora_type": lora_type, "family": family,

@@ -132,8 +132,12 @@ def plan_route(query: dict[str, str]) -> tuple[int, dict[str, Any]]:
     run of the Load Dataset node upstream; empty when it has not run)."""
     from ..trainer.errors import LoraLabError
     from ..trainer.explain import plan_line
+    from .load_dataset import REGULARISATION
     from .train_lora import node_settings
 
+    if query.get("lora_type") == REGULARISATION:
+        return 200, {"plan": "the dataset input has regularisation images: connect them to reg_dataset, and the "
+                             "images to learn from to dataset"}
     text = query.get("settings", "")
     if len(text) > 100_000:
         return 400, {"error": "settings too long"}

@@ -31,6 +31,7 @@ def setting_widget(name: str, optional: bool = False, **overrides: Any) -> Any:
                               max=overrides.pop("max", meta["high"] or 1e9), step=overrides.pop("step", 0.01),
                               round=overrides.pop("round", False), tooltip=tooltip, optional=optional)
     if isinstance(default, tuple):  # a list of values: one a line
-        return io.String.Input(name, default="\n".join(map(str, default)), multiline=True, tooltip=tooltip,
-                               optional=optional)
+        multiline = overrides.pop("multiline", True)
+        return io.String.Input(name, default=("\n" if multiline else ",").join(map(str, default)), multiline=multiline,
+                               tooltip=tooltip, optional=optional)
     return io.String.Input(name, default=default, tooltip=tooltip, optional=optional)

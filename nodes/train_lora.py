@@ -40,8 +40,9 @@ SETTINGS = ("preset", "steps", "rank", "alpha", "learning_rate", "resolution", "
             "lr_scheduler", "warmup_steps", "save_every", "seed", "name", "gradient_checkpointing",
             "mixed_precision", "min_snr_gamma", "noise_offset", "bucketing", "resume", "resume_with_changes",
             "sample_every", "prompts", "validation_images")
-SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor", "init_lora", "train_text_encoder",
-                             "text_encoder_lr")  # added after `background`, so they follow it
+SETTINGS_AFTER_BACKGROUND = ("adapter", "lokr_factor", "init_lora", "train_text_encoder", "text_encoder_lr",
+                             "prior_loss_weight", "masked_loss", "mask_min_weight", "flip_augment", "color_jitter",
+                             "random_crop", "resolutions")  # added after `background`, so they follow it
 NO_FILE = "None"  # init_lora: start from zero
 # Where a widget differs from the trainer's setting. The seed gets no "control after generate":
 # a seed that changed after every Queue would train the LoRA again each time.
@@ -55,6 +56,13 @@ WIDGET_OPTIONS = {"alpha": {"step": 1.0}, "learning_rate": {"step": 1e-5, "round
                                                     "Captions are then encoded at every step (not cached). FLUX "
                                                     "trains its transformer only."},
                   "seed": {"control_after_generate": False}, "name": {"default": "my_lora"},
+                  "prior_loss_weight": {"tooltip": "Weight of the regularisation images' loss (connect a second Load "
+                                                   "Dataset, lora_type regularisation, to reg_dataset); 1 = as "
+                                                   "much as the training images'. kohya's prior_loss_weight."},
+                  "color_jitter": {"step": 0.01}, "mask_min_weight": {"step": 0.05},
+                  "resolutions": {"multiline": False, "tooltip": "Multi-resolution training: sizes separated by "
+                                  "commas (e.g. 512,768,1024); every image trains at each, bucketed at its size. "
+                                  "resolution is then the samples' size (0 = the largest). Empty = resolution only."},
                   "preset": {"default": FROM_DATASET, "extra_choices": (FROM_DATASET,),
                              "tooltip": "The guide's scenario: fills in rank, learning rate and the step range for "
                                         "settings left at 0. 'from dataset' = the LoRA type chosen on Load Dataset."}}
@@ -165,6 +173,10 @@ class TrainLora(io.ComfyNode):
                 *(settings_input(name) for name in SETTINGS),
                 io.Boolean.Input("background", default=False, optional=True, tooltip=BACKGROUND_TOOLTIP),
                 *(settings_input(name) for name in SETTINGS_AFTER_BACKGROUND),
+                DATASET.Input("reg_dataset", optional=True,
+                              tooltip="Regularisation (class) images from a second Load Dataset (lora_type "
+                                      "regularisation): a batch of them trains beside every training batch, "
+                                      "weighted by prior_loss_weight, so the LoRA changes the class less."),
             ],
             outputs=[io.Model.Output(display_name="model", tooltip="The model with the recommended checkpoint "
                                      "applied at strength 1."),
@@ -192,17 +204,20 @@ class TrainLora(io.ComfyNode):
         return job.token() if job else "new"
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset: DatasetValue, **inputs) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, dataset: DatasetValue, reg_dataset: DatasetValue | None = None,
+                **inputs) -> io.NodeOutput:
         inputs = widget_history.with_added_defaults(NODE_ID, inputs)
         background = bool(inputs.pop("background"))
         settings = node_inputs_as_settings(inputs)
+        check_datasets(dataset, reg_dataset)
         name, node_id = requested_name(settings), cls.hidden.unique_id
         panel = PanelEvents(node_id, name, comfy.send)
         panel.status("starting", "Loading the model ...")  # the previous run's message goes at once
         try:
             family = graph_model.family_of(model)
             model_name = graph_model.model_file_name(cls.hidden.prompt, node_id)
-            identity = RunIdentity(identity_settings(settings), dataset.fingerprint, dataset.lora_type, model_name,
+            identity = RunIdentity(identity_settings(settings, reg_dataset), dataset.fingerprint, dataset.lora_type,
+                                   model_name,
                                    graph_model.model_identity(model, model_name).key)
             folder = comfy.lora_root() / comfy.LORA_SUBFOLDER
             plan = plan_run(folder, identity, str(settings["resume"]), jobs.SERVER_SESSION)
@@ -217,20 +232,24 @@ class TrainLora(io.ComfyNode):
         if plan.reuse is not None:
             return cls.hand_on_finished(model, clip, plan)
         trigger = {"trigger_word": dataset.trigger_word} if dataset.trigger_word else {}  # typed on Load Dataset
-        config = node_config({**settings, "family": family.name, **trigger}, folder, dataset.lora_type, plan)
+        regularisation = {"reg_dataset": reg_dataset.source} if reg_dataset is not None else {}
+        config = node_config({**settings, "family": family.name, **trigger, **regularisation}, folder,
+                             dataset.lora_type, plan)
+        reg_images = reg_dataset.dataset if reg_dataset is not None else None
         owner = {"node": node_id, "server": jobs.SERVER_SESSION, "identity": identity.record()}
         model_identity = ModelIdentity(model_name, identity.model_key)
         graph = cls.training_graph()
         if background:
             return cls.execute_in_background(model, clip, vae, dataset, settings, config, identity, owner, plan,
-                                             graph)
+                                             graph, reg_images)
         events = comfy.NodeEvents(node_id, config.output.name, config.train.steps or 1)
         events.status("training", f"{plan.message} {starting_note(settings)}Loading the model and encoding the "
                       "dataset ...".strip())
         try:
             with comfy.training_mode():
                 loaded = graph_model.loaded_model(model, clip, vae, model_identity, trains_text_encoder(config))
-                result = train_lora(config, events, model=loaded, dataset=dataset.dataset, owner=owner, graph=graph)
+                result = train_lora(config, events, model=loaded, dataset=dataset.dataset, owner=owner, graph=graph,
+                                    reg_dataset=reg_images)
                 del loaded  # result.model alone holds it now, let go of below
                 result.model = None  # the adapter and optimizer go now, before sampling needs the memory
         except LoraLabError as error:
@@ -278,7 +297,7 @@ class TrainLora(io.ComfyNode):
     @classmethod
     def execute_in_background(cls, model, clip, vae, dataset: DatasetValue, settings: dict, config: TrainingConfig,
                               identity: RunIdentity, owner: dict, plan: RunPlan,
-                              graph: tuple[dict | None, dict | None]) -> io.NodeOutput:
+                              graph: tuple[dict | None, dict | None], reg_images=None) -> io.NodeOutput:
         """Start the job (or find the same training's job) and return what it has saved so far."""
         if not jobs.TURNS.installed:
             raise LoraLabError("Background training needs to run prompts in turns with the job, which this ComfyUI "
@@ -290,7 +309,7 @@ class TrainLora(io.ComfyNode):
                              trigger_words=tuple(w for w in [trigger_word_of(config, dataset.dataset)] if w)),
             background_training(config, model, clip, vae, dataset, ModelIdentity(identity.model_name,
                                                                                  identity.model_key),
-                                owner, cls.hidden.unique_id, graph), comfy.send)
+                                owner, cls.hidden.unique_id, graph, reg_images), comfy.send)
         run = jobs.job_run(job)
         curve = comfy.pil_to_images([loss_chart(job.losses, f"{job.name}: loss ({job.status})",
                                                 [step for step, _ in job.checkpoints],
@@ -306,13 +325,27 @@ def trains_text_encoder(config: TrainingConfig) -> bool:
     return config.lora.train_text_encoder or has_text_encoder_layers(config.lora.init_lora)
 
 
-def identity_settings(settings: dict) -> dict:
+def identity_settings(settings: dict, reg_dataset: DatasetValue | None = None) -> dict:
     """The settings a run is recognised by: init_lora's file named with a stamp of its size and time,
-    so a file replaced under the same name trains again rather than being handed on."""
+    so a file replaced under the same name trains again rather than being handed on; and the
+    regularisation images' fingerprint where they are connected (a run without them keeps the
+    identity it had before they existed)."""
     path = init_lora_path(settings.get("init_lora", NO_FILE))
-    if path is None:
-        return settings
-    return {**settings, "init_lora": f"{settings['init_lora']} ({ModelIdentity.of_path(path).key[:12]})"}
+    if path is not None:
+        settings = {**settings, "init_lora": f"{settings['init_lora']} ({ModelIdentity.of_path(path).key[:12]})"}
+    if reg_dataset is not None:
+        settings = {**settings, "reg_dataset": reg_dataset.fingerprint}
+    return settings
+
+
+def check_datasets(dataset: DatasetValue, reg_dataset: DatasetValue | None) -> None:
+    """The training images in `dataset`, the class images in `reg_dataset`, not the other way round."""
+    if dataset.purpose == "regularisation":
+        raise LoraLabError("The dataset input has regularisation images (Load Dataset's lora_type): connect them to "
+                           "reg_dataset, and the images to learn from to dataset.")
+    if reg_dataset is not None and reg_dataset.fingerprint == dataset.fingerprint:
+        raise LoraLabError("reg_dataset is the training dataset itself; connect a second Load Dataset with class "
+                           "images (lora_type regularisation), or disconnect reg_dataset.")
 
 
 def starting_note(settings: dict) -> str:
@@ -338,7 +371,8 @@ def settings_key(settings: dict) -> str:
 
 
 def background_training(config: TrainingConfig, model, clip, vae, dataset: DatasetValue, identity: ModelIdentity,
-                        owner: dict, node_id: str | None, graph: tuple[dict | None, dict | None]) -> jobs.Trainer:
+                        owner: dict, node_id: str | None, graph: tuple[dict | None, dict | None],
+                        reg_images=None) -> jobs.Trainer:
     """The job's work, run in its own thread in its turns: train as a foreground run does; before a
     pause let go of the base weights, and after it have ComfyUI load the base model whole again and
     share its tensors anew (see nodes/jobs.py)."""
@@ -349,7 +383,7 @@ def background_training(config: TrainingConfig, model, clip, vae, dataset: Datas
             with comfy.training_mode():
                 loaded.append(graph_model.loaded_model(model, clip, vae, identity, trains_text_encoder(config)))
                 return train_lora(config, events, model=loaded[0], dataset=dataset.dataset,
-                                  owner={**owner, "background": True}, graph=graph)
+                                  owner={**owner, "background": True}, graph=graph, reg_dataset=reg_images)
         finally:
             loaded.clear()
             comfy.release_training_memory()

@@ -25,6 +25,7 @@ class DatasetValue:
     family: str = ""  # the family of the MODEL connected to Load Dataset ("" when none was)
     report: DoctorReport | None = None  # the dataset doctor's findings
     trigger_word: str = ""  # typed once, on Load Dataset (or Caption): captions and Train LoRA use it
+    purpose: str = "training"  # or "regularisation": class images for Train LoRA's reg_dataset
 
 
 CHECKPOINT_CHOICES = "all, latest, best, or step numbers separated by commas"

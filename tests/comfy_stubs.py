@@ -56,7 +56,8 @@ class ComfyNode:
 def make_io() -> types.ModuleType:
     io = types.ModuleType("comfy_api.latest.io")
     for name, io_type in {"Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "Image": "IMAGE", "String": "STRING",
-                          "Int": "INT", "Float": "FLOAT", "Boolean": "BOOLEAN", "Combo": "COMBO"}.items():
+                          "Int": "INT", "Float": "FLOAT", "Boolean": "BOOLEAN", "Combo": "COMBO",
+                          "Mask": "MASK"}.items():
         setattr(io, name, _port_type(io_type))
     io.Custom = _port_type
     io.Schema, io.NodeOutput, io.ComfyNode = Schema, NodeOutput, ComfyNode

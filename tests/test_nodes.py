@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 # Node ids and the order of their inputs are public API: workflow files store widget values by position.
 EXPECTED_INPUTS = {
-    "LoraLabLoadDataset": ["folder", "lora_type", "trigger_word", "model", "images", "captions"],
+    "LoraLabLoadDataset": ["folder", "lora_type", "trigger_word", "model", "images", "captions", "masks"],
     "LoraLabCaption": ["dataset", "model", "trigger_word", "template", "captioner", "replace_existing", "edits",
                        "write_txt_files"],
     "LoraLabTrainLora": ["model", "clip", "vae", "dataset", "preset", "steps", "rank", "alpha", "learning_rate",
@@ -23,7 +23,9 @@ EXPECTED_INPUTS = {
                          "seed", "name", "gradient_checkpointing", "mixed_precision", "min_snr_gamma",
                          "noise_offset", "bucketing", "resume", "resume_with_changes", "sample_every", "prompts",
                          "validation_images", "background", "adapter", "lokr_factor",
-                         "init_lora", "train_text_encoder", "text_encoder_lr"],
+                         "init_lora", "train_text_encoder", "text_encoder_lr", "prior_loss_weight", "masked_loss",
+                         "mask_min_weight", "flip_augment", "color_jitter", "random_crop", "resolutions",
+                         "reg_dataset"],
     "LoraLabSampleCheckpoint": ["model", "clip", "vae", "prompts", "negative", "strengths", "seed", "steps", "cfg",
                                 "sampler_name", "scheduler", "width", "height", "training_run", "lora_names",
                                 "checkpoints"],
@@ -77,7 +79,7 @@ def test_train_node_calls_the_trainer_and_wraps_the_result(nodes, stubs, monkeyp
     calls = {}
     run_dir = stubs.loras / "lora_lab" / "mine"
 
-    def fake_train(config, events, model, dataset, owner, graph):
+    def fake_train(config, events, model, dataset, owner, graph, reg_dataset=None):
         calls.update(config=config, model=model, dataset=dataset, owner=owner, graph=graph)
         run_dir.mkdir(parents=True)
         final = run_dir / "mine.safetensors"
@@ -374,7 +376,8 @@ def test_a_setting_added_later_leaves_the_identity_of_older_runs_alone(nodes):
 
     old = {name: f"value of {name}" for name in SETTINGS}
     later = {"adapter": "lora", "lokr_factor": -1, "init_lora": "None", "train_text_encoder": False,
-             "text_encoder_lr": 0.0}
+             "text_encoder_lr": 0.0, "prior_loss_weight": 1.0, "masked_loss": False, "mask_min_weight": 0.0,
+             "flip_augment": False, "color_jitter": 0.0, "random_crop": False, "resolutions": ""}
     assert set(later) == set(SETTINGS_AFTER_BACKGROUND)
     assert node_inputs_as_settings({**old, **later}) == old
     assert node_inputs_as_settings({**old, **later, "adapter": "loha"}) == {**old, "adapter": "loha"}

@@ -52,12 +52,15 @@ EXPLICIT: dict[str, Any] = {
     "resume_with_changes": True, "prompts": ("a {trigger}", "b, with a comma"), "strengths": (0.3, 0.9),
     "sample_steps": 12, "guidance_scale": 3.0, "sample_seed": 9, "sample_every": 5, "validation_images": 3,
     "validation_every": 7, "caption_dropout": 0.1, "shuffle_tags": True, "keep_tokens": 2, "adapter": "lokr",
-    "lokr_factor": 4, "init_lora": "/loras/start.safetensors",
+    "lokr_factor": 4, "init_lora": "/loras/start.safetensors", "reg_dataset": "/data/class_images",
+    "prior_loss_weight": 0.5, "masked_loss": True, "mask_min_weight": 0.2, "flip_augment": True, "color_jitter": 0.1,
+    "random_crop": True, "resolutions": (512, 768),
 }
 # A setting that belongs with another is given with it (alone it is refused, by design): the LoKr factor
 # with the lokr type, the text encoder's learning rate with the text encoder trained.
 COMPANIONS: dict[str, dict[str, Any]] = {"lokr_factor": {"adapter": "lokr"},
-                                          "text_encoder_lr": {"train_text_encoder": True}}
+                                          "text_encoder_lr": {"train_text_encoder": True},
+                                          "mask_min_weight": {"masked_loss": True}}
 SETTINGS = list(field_specs())
 
 

@@ -33,10 +33,12 @@ AUTO = 0  # numeric settings where 0 means "work it out" (rank, learning rate, s
 
 
 def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-            choices: tuple[str, ...] | None = None, path: bool = False) -> Any:
-    """A config field with its help text and the range or choices it accepts; `path` marks a
-    local file or folder (only its name is shared in a LoRA's metadata)."""
-    meta = {"help": help, "low": low, "high": high, "choices": choices, "path": path}
+            choices: tuple[str, ...] | None = None, path: bool = False, item: type | None = None) -> Any:
+    """A config field with its help text and the range or choices it accepts (for a list, of each
+    item); `path` marks a local file or folder (only its name is shared in a LoRA's metadata);
+    `item` is a list's item type where its default is empty."""
+    meta = {"help": help, "low": low, "high": high, "choices": choices, "path": path,
+            "item": item or (type(default[0]) if isinstance(default, tuple) and default else None)}
     if isinstance(default, tuple):
         return field(default_factory=lambda: default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,12 +54,14 @@ class _Section:
             if meta["choices"] and value not in meta["choices"]:
                 allowed = ", ".join(meta["choices"])
                 raise LoraLabError(f"{spec.name} = {value!r} is not allowed; choose one of: {allowed}.")
-            numeric = isinstance(value, int | float) and not isinstance(value, bool)
-            if numeric and not math.isfinite(value):
-                raise LoraLabError(f"{spec.name} = {value!r} must be a finite number.")
-            low, high = meta["low"], meta["high"]
-            if numeric and ((low is not None and value < low) or (high is not None and value > high)):
-                raise LoraLabError(f"{spec.name} = {value!r} is out of range; use a value from {low:g} to {high:g}.")
+            for item in value if isinstance(value, tuple) else (value,):
+                numeric = isinstance(item, int | float) and not isinstance(item, bool)
+                if numeric and not math.isfinite(item):
+                    raise LoraLabError(f"{spec.name} = {item!r} must be a finite number.")
+                low, high = meta["low"], meta["high"]
+                if numeric and ((low is not None and item < low) or (high is not None and item > high)):
+                    raise LoraLabError(f"{spec.name} = {item!r} is out of range; use a value from {low:g} to "
+                                       f"{high:g}.")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,30 @@ class DataSettings(_Section):
     validation_images: int = setting(AUTO, "Images held out of training to measure the validation loss, which shows "
                                      "overfitting (0 = auto: 10 % of them, 2-10, while at least 10 remain to train on; "
                                      "-1 = none).", low=-1, high=1000)
+    reg_dataset: str = setting("", "Regularisation (prior-preservation) images: a folder of class images with "
+                               "captions (e.g. photos captioned 'a photo of a woman' for a likeness LoRA), none with "
+                               "the trigger word. Each step trains on a batch of them beside the training batch, so "
+                               "the LoRA keeps drawing the class as the base model does. Empty = none.", path=True)
+    prior_loss_weight: float = setting(1.0, "Weight of the regularisation images' loss beside the training images' "
+                                       "(kohya's prior_loss_weight; 1 = equal).", low=0, high=10.0)
+    masked_loss: bool = setting(False, "Masked loss: count the loss only where each image's mask says (a "
+                                "name_mask.png beside it, masks/name.png, or the image's alpha channel; white or "
+                                "opaque = counts). Images without a mask count everywhere.")
+    mask_min_weight: float = setting(0.0, "Masked loss: the weight of the area outside the mask (0 = ignore it "
+                                     "entirely, its pixels never reach the model; 0.1-0.3 keeps a little of the "
+                                     "background).", low=0, high=1.0)
+    flip_augment: bool = setting(False, "Mirror images left-right at random (twice the variety for symmetric "
+                                 "subjects). It also mirrors what is not symmetric: text, logos, a side parting, "
+                                 "a watch on one wrist. Leave it off for those.")
+    color_jitter: float = setting(0.0, "Vary brightness, contrast and saturation at random by up to this share "
+                                  "(0.05-0.1 is small; 0 = off). Not for LoRAs whose subject is a colour.",
+                                  low=0, high=0.5)
+    random_crop: bool = setting(False, "Zoom in by up to 20 % and crop at a random place within the bucket, "
+                                "instead of centre-cropping (more variety in framing).")
+    resolutions: tuple[int, ...] = setting((), "Multi-resolution training: train every image at each of these "
+                                           "sizes (e.g. 512,768,1024), each bucketed at its size; resolution is then "
+                                           "the samples' size (0 = the largest). Empty = resolution only.",
+                                           low=32, high=4096, item=int)
 
 
 @dataclass(frozen=True)
@@ -277,6 +305,9 @@ def check_family_settings(config: TrainingConfig, family: ModelFamily) -> None:
         reset = ", ".join(f"{name} = {defaults.value(name)!r}" for name in wrong)
         raise LoraLabError(f"{', '.join(wrong)} do(es) not apply to {family.title} ({family.unsupported_reason}); "
                            f"reset to the default ({reset}).")
+    if config.data.mask_min_weight and not config.data.masked_loss:
+        raise LoraLabError(f"mask_min_weight = {config.data.mask_min_weight:g} applies only with masked loss; turn "
+                           "masked_loss on, or set mask_min_weight to 0.")
     if config.optimizer.text_encoder_lr and not config.lora.train_text_encoder:
         raise LoraLabError(f"text_encoder_lr = {config.optimizer.text_encoder_lr:g} applies only while the text "
                            "encoder trains; turn train_text_encoder on, or set text_encoder_lr to 0.")
@@ -308,7 +339,7 @@ def _coerce(name: str, spec: dataclasses.Field, value: Any) -> Any:
             separator = "|" if name == "prompts" else ","
             items = ([s.strip() for line in value.splitlines() for s in line.split(separator)]
                      if isinstance(value, str) else value)
-            item_type = type(default[0])
+            item_type = spec.metadata["item"]
             return tuple(item_type(item) for item in items if item != "")
         if isinstance(default, int):
             if isinstance(value, float) and not value.is_integer():

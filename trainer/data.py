@@ -4,6 +4,10 @@ and lay out the order batches are drawn in.
 A folder holds images (`.jpg .jpeg .png .webp`) with same-name `.txt` captions, directly or in
 kohya-style `N_name` subfolders whose images count N times per epoch. Broken files are skipped
 with a warning that names them; only a dataset with nothing usable left is an error.
+
+An image's mask (for masked loss) is a `name_mask.png` beside it, a same-name image in a `masks/`
+folder beside it, or else its own alpha channel: white or opaque counts, black or transparent
+does not.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .augment import PLAIN, Variant
 from .errors import LoraLabError
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MASK_SUFFIX, MASK_FOLDER = "_mask", "masks"
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # larger images are refused: far above any training resolution
 
 
@@ -41,11 +47,28 @@ class ImageItem:
     size: tuple[int, int] = (0, 0)  # (width, height) after EXIF rotation
     captioned: bool = True  # False when the caption came from the folder name, not a .txt file
     image: Image.Image | None = field(default=None, compare=False, repr=False)  # for in-memory datasets
+    mask_path: Path | None = None  # its mask file (name_mask.png or masks/name.png)
+    mask_image: Image.Image | None = field(default=None, compare=False, repr=False)  # an in-memory mask (MASK)
+    alpha: bool = False  # its alpha channel is its mask (transparent somewhere, no mask file)
 
     def content_hash(self) -> str:
         if self.image is not None:
             return hashlib.sha256(self.image.tobytes()).hexdigest()
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    @property
+    def mask_source(self) -> str:
+        """Where its mask comes from: "file", "graph", "alpha", or "" (none)."""
+        return ("graph" if self.mask_image is not None else "file" if self.mask_path is not None else
+                "alpha" if self.alpha else "")
+
+    def mask_hash(self) -> str:
+        """A digest of its mask ("" when it has none; an alpha mask is part of the image's own hash)."""
+        if self.mask_image is not None:
+            return hashlib.sha256(self.mask_image.tobytes()).hexdigest()
+        if self.mask_path is not None:
+            return hashlib.sha256(self.mask_path.read_bytes()).hexdigest()
+        return "alpha" if self.alpha else ""
 
 
 @dataclass
@@ -61,6 +84,45 @@ class Dataset:
             tags = [tag.strip() for tag in item.caption.split(",") if tag.strip()]
             result.setdefault(item.folder or ".", Counter()).update(tags)
         return {folder: dict(counts) for folder, counts in result.items()}
+
+
+def has_transparency(path: Path) -> bool:
+    """Whether an image has an alpha channel that is transparent somewhere (then it is a mask)."""
+    with Image.open(path) as opened:
+        if not (opened.mode in ("RGBA", "LA", "PA") or (opened.mode == "P" and "transparency" in opened.info)):
+            return False
+        opened.seek(0)
+        return ImageOps.exif_transpose(opened).convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
+def load_mask(item: ImageItem, size: tuple[int, int] | None = None) -> Image.Image | None:
+    """An item's mask as a grayscale image (255 = counts), upright as its image is, at `size`
+    (its image's size by default: a mask of another size is stretched to it; the doctor flags it)."""
+    mask = read_mask(item)
+    size = size or item.size
+    return mask if mask is None or mask.size == size else mask.resize(size, Image.Resampling.BILINEAR)
+
+
+def read_mask(item: ImageItem) -> Image.Image | None:
+    """An item's mask at its own size (None when it has none)."""
+    if item.mask_image is not None:
+        mask = item.mask_image.convert("L")
+    elif item.mask_path is not None:
+        with Image.open(item.mask_path) as opened:
+            mask = ImageOps.exif_transpose(opened).convert("L")
+    elif item.alpha:
+        with Image.open(item.path) as opened:
+            mask = ImageOps.exif_transpose(opened).convert("RGBA").getchannel("A")
+    else:
+        return None
+    return mask
+
+
+def find_mask(image: Path) -> Path | None:
+    """The mask file of a dataset image: `name_mask.png` beside it, or `masks/name.*`."""
+    candidates = [image.with_name(image.stem + MASK_SUFFIX + ext) for ext in IMAGE_EXTENSIONS]
+    candidates += [image.parent / MASK_FOLDER / (image.stem + ext) for ext in IMAGE_EXTENSIONS]
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def load_image(path: Path) -> Image.Image:
@@ -146,17 +208,21 @@ def scan_folder(folder: str | Path) -> Dataset:
         match = REPEAT_FOLDER.match(sub.name)
         if match and int(match.group(1)) > 0:
             folders.append((sub, int(match.group(1)), match.group(2)))
-        elif not sub.name.startswith("."):
+        elif not sub.name.startswith(".") and sub.name != MASK_FOLDER:
             dataset.warnings.append(f"Skipped subfolder {sub.name}: only 'N_name' subfolders (e.g. 10_my_style) "
                                     "are read, N being how often each image repeats per epoch.")
     for path_folder, repeats, name in folders:
         for path in sorted(path_folder.iterdir()):
             if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or outside(path, "image"):
                 continue
+            owner = path.stem.removesuffix(MASK_SUFFIX)
+            if owner != path.stem and any(path.with_name(owner + ext).is_file() for ext in IMAGE_EXTENSIONS):
+                continue  # another image's mask
             try:
                 with Image.open(path) as probe:
                     probe.verify()
                 size = load_image(path).size
+                alpha = has_transparency(path)
             except LoraLabError as error:
                 dataset.warnings.append(f"Skipped {path.name}: {error}")
                 continue
@@ -175,7 +241,11 @@ def scan_folder(folder: str | Path) -> Dataset:
                 caption = name
                 dataset.warnings.append(f"{path.name} has no caption file {caption_path.name}; "
                                         f"using {'the folder name ' + repr(name) if name else 'an empty caption'}.")
-            dataset.items.append(ImageItem(path, caption, repeats, path_folder.name if name else "", size, captioned))
+            mask = find_mask(path)
+            if mask is not None and outside(mask, "mask"):
+                mask = None
+            dataset.items.append(ImageItem(path, caption, repeats, path_folder.name if name else "", size, captioned,
+                                           mask_path=mask, alpha=alpha and mask is None))
     if not dataset.items:
         problems = "; ".join(dataset.warnings[:5])
         raise LoraLabError(f"No usable images in {root} (looked for {', '.join(IMAGE_EXTENSIONS)} files"
@@ -218,14 +288,22 @@ def split_validation(dataset: Dataset, count: int) -> tuple[Dataset, Dataset]:
             Dataset(held_out, [], dataset.trigger_words))
 
 
-def dataset_from_images(images: list[Image.Image], captions: list[str]) -> Dataset:
-    """A dataset from images already in memory (e.g. an IMAGE batch in a ComfyUI graph)."""
+def dataset_from_images(images: list[Image.Image], captions: list[str],
+                        masks: list[Image.Image] | None = None) -> Dataset:
+    """A dataset from images already in memory (e.g. an IMAGE batch in a ComfyUI graph), with a mask
+    for each (or one mask for all) when given."""
     if not images:
         raise LoraLabError("The image batch is empty; connect at least one image.")
     if captions and len(captions) != len(images):
         raise LoraLabError(f"{len(images)} images but {len(captions)} captions; give one caption per image.")
+    masks = masks or []
+    if len(masks) == 1:
+        masks = masks * len(images)
+    if masks and len(masks) != len(images):
+        raise LoraLabError(f"{len(images)} images but {len(masks)} masks; connect one mask per image, or one for all.")
     captions = captions or [""] * len(images)
-    items = [ImageItem(Path(f"image_{i:04d}.png"), c.strip(), 1, "", im.size, bool(c.strip()), im.convert("RGB"))
+    items = [ImageItem(Path(f"image_{i:04d}.png"), c.strip(), 1, "", im.size, bool(c.strip()), im.convert("RGB"),
+                       mask_image=masks[i].convert("L") if masks else None)
              for i, (im, c) in enumerate(zip(images, captions, strict=True))]
     return Dataset(items=items)
 
@@ -254,19 +332,41 @@ class PreparedImage:
     pixels: torch.Tensor  # (3, H, W) in [-1, 1]
     original_size: tuple[int, int]  # (height, width), as SDXL's size conditioning wants it
     crop_top_left: tuple[int, int]
+    mask: torch.Tensor | None = None  # (1, H, W) loss weights in [0, 1], with masked loss
 
 
-def prepare_image(item: ImageItem, bucket: tuple[int, int]) -> PreparedImage:
-    """Resize so the image covers the bucket, centre-crop to it, scale to [-1, 1]."""
+@dataclass(frozen=True)
+class MaskSettings:
+    """Masked loss: the weight outside the mask; at 0 the pixels there are replaced by grey before
+    anything reads them, so nothing outside the mask can reach the model (not even through the
+    resize or the VAE's view of its neighbours)."""
+
+    min_weight: float = 0.0
+
+
+def prepare_image(item: ImageItem, bucket: tuple[int, int], variant: Variant = PLAIN,
+                  masking: MaskSettings | None = None) -> PreparedImage:
+    """Resize so the image covers the bucket (times the variant's zoom), crop to it (centred, or where
+    the variant says), mirror and recolour as the variant says, scale to [-1, 1]; with `masking`,
+    the image's mask goes through the same resize, crop and mirror."""
     image = item.image if item.image is not None else load_image(item.path)
+    mask = load_mask(item, image.size) if masking is not None else None
+    if mask is not None and masking.min_weight == 0:
+        image = Image.composite(image, Image.new("RGB", image.size, (128, 128, 128)),
+                                mask.point(lambda value: 255 if value else 0))
     width, height = bucket
-    scale = max(width / image.width, height / image.height)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-                           Image.Resampling.LANCZOS)
-    left, top = (resized.width - width) // 2, (resized.height - height) // 2
-    cropped = resized.crop((left, top, left + width, top + height))
+    scale = max(width / image.width, height / image.height) * variant.zoom
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    resized = image.resize(size, Image.Resampling.LANCZOS)
+    left, top = round((size[0] - width) * variant.crop_x), round((size[1] - height) * variant.crop_y)
+    box = (left, top, left + width, top + height)
+    cropped = variant.colour(variant.mirror(resized.crop(box)))
     pixels = torch.from_numpy(np.asarray(cropped, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return PreparedImage(pixels.contiguous(), (image.height, image.width), (top, left))
+    weights = None
+    if mask is not None:
+        shaped = variant.mirror(mask.resize(size, Image.Resampling.BILINEAR).crop(box))
+        weights = torch.from_numpy(np.asarray(shaped, dtype=np.float32) / 255.0)[None]
+    return PreparedImage(pixels.contiguous(), (image.height, image.width), (top, left), weights)
 
 
 # --- batch order -----------------------------------------------------------------------------

@@ -23,16 +23,21 @@ the fault put in.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .captions import is_sentence, is_tag_list, trigger_pattern
-from .data import Dataset, ImageItem, load_image
+from .data import Dataset, ImageItem, load_image, read_mask
 from .families import CLIP_TOKENIZER, DEFAULT_FAMILY, get_family
+
+if TYPE_CHECKING:
+    from .config import DataSettings
 
 # The guide's "How Many Images Do You Need?" table: (minimum, recommended low, recommended high).
 IMAGE_COUNTS = {"style": (10, 20, 50), "character": (15, 30, 100), "object": (10, 20, 40),
@@ -52,7 +57,13 @@ SEVERITIES = ("stop", "warning", "note")
 UNUSABLE_SHARE, TINY_SHARE = 0.125, 0.25
 # How bad a failed check is for the picture it names: the sheet of flagged images shows the worst first.
 CHECK_WEIGHT = {"unreadable": 7, "unusable": 7, "exposure": 6, "tiny": 5, "blur": 4, "duplicates": 3, "aspect": 2,
-                "resolution": 2, "captions": 2, "trigger": 1, "style": 1, "variety": 0}
+                "resolution": 2, "captions": 2, "mask": 2, "trigger": 1, "style": 1, "variety": 0}
+# A mask is empty when under 0.5 % of it counts (nothing would train), full when over 99.5 % does.
+EMPTY_MASK, FULL_MASK = 0.005, 0.995
+MASK_SOURCES = {"file": "mask files", "graph": "the graph's MASK", "alpha": "alpha channels"}
+# Regularisation images: the class as the base draws it. Fewer than the training images means each is
+# repeated more often than the training images are; a handful is too few to stand for a class.
+MIN_REG_IMAGES = 10
 
 
 @dataclass(frozen=True)
@@ -205,6 +216,7 @@ def examine(dataset: Dataset, family: str = DEFAULT_FAMILY, lora_type: str = "st
     _pictures(report, measured, get_family(family).default_resolution)
     _duplicates_and_variety(report, measured, lora_type)
     _captions(report, items, family, trigger)
+    _masks(report, items)
     skipped = [w for w in dataset.warnings if w.startswith("Skipped")]
     if skipped:
         add(Finding("skipped", "warning", f"{len(skipped)} file(s) skipped: " + " ".join(skipped[:3])))
@@ -212,6 +224,91 @@ def examine(dataset: Dataset, family: str = DEFAULT_FAMILY, lora_type: str = "st
     if repeated is not None:
         add(repeated)
     return report
+
+
+def examine_regularisation(dataset: Dataset, trigger: str = "", training_images: int = 0) -> DoctorReport:
+    """Check a set of regularisation (class) images: the picture checks every set gets, their count
+    (against the training set's, when known), and captions that describe the class without the
+    trigger word."""
+    report = DoctorReport(image_count=len(dataset.items))
+    measured = {}
+    for item in dataset.items:
+        with contextlib.suppress(Exception):  # the scan already skipped unreadable files
+            measured[item_name(item)] = measure(item.image if item.image is not None else load_image(item.path))
+    _pictures(report, measured, MIN_RESOLUTION)
+    _duplicates_and_variety(report, measured, "style")
+    report.findings += regularisation_findings(dataset, trigger, training_images)
+    _masks(report, dataset.items)
+    return report
+
+
+def regularisation_findings(dataset: Dataset, trigger: str, training_images: int = 0) -> list[Finding]:
+    """The regularisation set's own rules: a "stop" for captions with the trigger word (they would
+    teach the concept as the class), a warning for missing captions and for too few images."""
+    findings, items, count = [], dataset.items, len(dataset.items)
+    if count < MIN_REG_IMAGES or count < training_images:
+        wanted = max(MIN_REG_IMAGES, training_images)
+        findings.append(Finding("count", "warning", f"{count} regularisation images: use at least {wanted} (as many "
+                                "as the training images or more, e.g. 100-200 of the class), so none is repeated "
+                                "so often that the LoRA learns it."))
+    else:
+        findings.append(Finding("count", "note", f"{count} regularisation images: drawn one beside each training "
+                                "image, each as often as the others."))
+    missing = [item_name(i) for i in items if not i.caption.strip()]
+    if missing:
+        findings.append(Finding("captions", "warning", f"{len(missing)} regularisation image(s) without a caption "
+                                f"({_names(missing)}): caption each with its class, e.g. 'a photo of a woman'.",
+                                tuple(missing)))
+    with_trigger = [item_name(i) for i in items if trigger and _contains(i.caption, trigger)]
+    if with_trigger:
+        findings.append(Finding("trigger", "stop", f"{len(with_trigger)} regularisation caption(s) contain the "
+                                f"trigger word {trigger!r} ({_names(with_trigger)}): they must show the class "
+                                "without your concept. Remove the trigger word from them.", tuple(with_trigger)))
+    return findings
+
+
+def augmentation_findings(data: DataSettings) -> list[Finding]:
+    """What the augmentation settings risk, said before training."""
+    findings = []
+    if data.flip_augment:
+        findings.append(Finding("augment", "warning", "flip_augment mirrors half the images: anything not "
+                                "symmetric (text, logos, a side parting, a watch on one wrist) is learnt both ways "
+                                "round. Turn it off if your subject has such a thing."))
+    return findings
+
+
+def _masks(report: DoctorReport, items: list[ImageItem]) -> None:
+    """Masks that say nothing (empty: nothing trains; full: the same as no mask) or do not fit
+    their image (another size: stretched to it)."""
+    masked = [i for i in items if i.mask_source]
+    if not masked:
+        return
+    add = report.findings.append
+    sources = sorted({MASK_SOURCES[i.mask_source] for i in masked})
+    add(Finding("mask", "note", f"{len(masked)} of {len(items)} images have masks (from {' and '.join(sources)}): "
+                "with masked_loss on, only their white (opaque) parts train."))
+    empty, full, resized = [], [], []
+    for item in masked:
+        try:
+            mask = read_mask(item)
+        except Exception as error:  # noqa: BLE001 - a broken mask file is a finding, not a crash
+            add(Finding("mask", "warning", f"The mask of {item_name(item)} could not be read ({error}); replace "
+                        "it.", (item_name(item),)))
+            continue
+        if mask.size != item.size:
+            resized.append(item_name(item))
+        share = float(np.asarray(mask, dtype=np.float32).mean()) / 255.0
+        (empty if share < EMPTY_MASK else full if share > FULL_MASK else []).append(item_name(item))
+    if empty:
+        add(Finding("mask", "warning", f"{len(empty)} mask(s) are empty ({_names(empty)}): nothing of those images "
+                    "would train. Paint the subject white.", tuple(empty)))
+    if full:
+        add(Finding("mask", "note", f"{len(full)} mask(s) are full ({_names(full)}): those images train "
+                    "everywhere, as without a mask.", tuple(full)))
+    if resized:
+        add(Finding("mask", "warning", f"{len(resized)} mask(s) are of another size than their image "
+                    f"({_names(resized)}): they are stretched to fit, which is only right if they match its "
+                    "shape. Save each mask at its image's size.", tuple(resized)))
 
 
 def repeated_prompts(items: list[ImageItem], prompts: tuple[str, ...]) -> Finding | None:

@@ -194,20 +194,32 @@ def parked(parameters: list[torch.nn.Parameter], optimizer: torch.optim.Optimize
         restore_rng(rng, generator)
 
 
+def seed_reg_noise(generator: torch.Generator, seed: int, batch_number: int) -> torch.Generator:
+    """The noise of the regularisation batch beside micro-batch `batch_number`: its own stream, as
+    repeatable as the training batch's (seed_noise)."""
+    return generator.manual_seed((seed * 1_000_003 + batch_number) ^ REG_NOISE_STREAM)
+
+
+REG_NOISE_STREAM = 1 << 62
+REG_ORDER_SEED = 7919  # the regularisation order's seed, beside the training order's
+
+
 def backward_micro_batch(model: LoadedModel, examples: TrainingSet, indices: list[int], number: int,
                          config: TrainingConfig, compute_dtype: torch.dtype, generator: torch.Generator,
-                         scaler: torch.amp.GradScaler) -> torch.Tensor:
-    """One micro-batch's forward and backward pass; returns its (scaled-down) loss. Its own function
-    so that the batch, the prediction and the graph are gone when it returns: a paused run leaves no
-    tensor of its last step on the device."""
+                         scaler: torch.amp.GradScaler, prior_loss_weight: float | None = None) -> torch.Tensor:
+    """One micro-batch's forward and backward pass; returns its (scaled-down) loss. With a
+    `prior_loss_weight`, `examples` is the regularisation set: its batch has its own noise stream
+    and its loss counts that much. Its own function so that the batch, the prediction and the graph
+    are gone when it returns: a paused run leaves no tensor of its last step on the device."""
     train = config.train
-    latents, conditioning = examples.batch(indices, compute_dtype, number)
-    noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type,
-                         seed_noise(generator, train.seed, number), train.noise_offset, train.min_snr_gamma,
-                         model.flow_shift(tuple(latents.shape[-2:]), train.flow_shift))
+    latents, conditioning, spatial = examples.weighted_batch(indices, compute_dtype, number)
+    seeded = (seed_noise if prior_loss_weight is None else seed_reg_noise)(generator, train.seed, number)
+    weight = 1.0 if prior_loss_weight is None else prior_loss_weight
+    noised = noise_batch(latents.float(), model.noise_scheduler, model.prediction_type, seeded, train.noise_offset,
+                         train.min_snr_gamma, model.flow_shift(tuple(latents.shape[-2:]), train.flow_shift))
     with autocast_for(latents.device, compute_dtype):
         prediction = model.family.predict(model, noised.noisy.to(compute_dtype), noised.timesteps, conditioning)
-    loss = weighted_mse(prediction, noised.target, noised.weights) / train.gradient_accumulation
+    loss = weight * weighted_mse(prediction, noised.target, noised.weights, spatial) / train.gradient_accumulation
     scaler.scale(loss).backward()
     return loss.detach().float()
 
@@ -240,9 +252,10 @@ class Stepper:
     """Everything one optimizer step needs, built once per run (or restored from a RunState)."""
 
     def __init__(self, model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
-                 result: LoopResult) -> None:
+                 result: LoopResult, regularisation: TrainingSet | None = None) -> None:
         self.model, self.examples, self.config, self.total_steps, self.result = (model, examples, config,
                                                                                  total_steps, result)
+        self.regularisation = regularisation
         train = config.train
         self.compute_dtype = resolve_precision(train.mixed_precision, model.device)
         self.scaler = torch.amp.GradScaler(model.device.type, enabled=self.compute_dtype == torch.float16)
@@ -254,6 +267,10 @@ class Stepper:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config, total_steps))
         self.generator = torch.Generator().manual_seed(train.seed)
         self.order = BatchOrder(examples.buckets, examples.repeats, train.batch_size, train.seed)
+        # The regularisation images' own endless order: a batch of them beside every training batch,
+        # so over the run they are drawn as often as the training images, each as often as the others.
+        self.reg_order = (BatchOrder(regularisation.buckets, regularisation.repeats, train.batch_size,
+                                     train.seed + REG_ORDER_SEED) if regularisation else None)
         self.first_step, self.batch_number = 1, 0
 
     def restore(self, state: RunState) -> None:
@@ -281,6 +298,11 @@ class Stepper:
         step_loss = torch.zeros((), device=self.model.device)  # read once per step: no host sync per micro-batch
         for micro in range(train.gradient_accumulation):
             number = self.batch_number + micro * group.world + group.rank  # see parallel.py
+            if self.regularisation is not None:  # its own backward, so the step's peak memory stays one batch's
+                with group.accumulating(self.denoiser, last=False):
+                    step_loss += backward_micro_batch(self.trained, self.regularisation, self.reg_order.batch(number),
+                                                      number, self.config, self.compute_dtype, self.generator,
+                                                      self.scaler, self.config.data.prior_loss_weight)
             with group.accumulating(self.denoiser, last=micro == train.gradient_accumulation - 1):
                 step_loss += backward_micro_batch(self.trained, self.examples, self.order.batch(number), number,
                                                   self.config, self.compute_dtype, self.generator, self.scaler)
@@ -320,15 +342,17 @@ class Stepper:
 def run_loop(model: LoadedModel, examples: TrainingSet, config: TrainingConfig, total_steps: int,
              save_every: int, save: Callable[[int, bool, RunState], Path], events: TrainingEvents,
              commands: TrainingCommands | None = None, resume: RunState | None = None,
-             watch: Callable[[int, bool], None] | None = None, earlier: list[Checkpoint] | None = None) -> LoopResult:
+             watch: Callable[[int, bool], None] | None = None, earlier: list[Checkpoint] | None = None,
+             regularisation: TrainingSet | None = None) -> LoopResult:
     """Train up to `total_steps` optimizer steps, from the start or from `resume`, after the `earlier`
     checkpoints (those of a resumed run's segments, or a run's step 0 from a file), reporting to
     `events` and asked by `commands`; `save(step, final, state)` writes a checkpoint and returns
     the LoRA file's path; `watch(step, checkpoint_due)` measures between steps (validation,
-    samples) without training."""
+    samples) without training; `regularisation` is the set of class images trained beside `examples`."""
     commands = commands or TrainingCommands()
     with gradient_checkpointing(model, config):  # on before the denoiser is wrapped for several processes
-        run = Stepper(model, examples, config, total_steps, LoopResult(checkpoints=list(earlier or [])))
+        run = Stepper(model, examples, config, total_steps, LoopResult(checkpoints=list(earlier or [])),
+                      regularisation)
         if resume is not None:
             run.restore(resume)
         result = run.result

@@ -88,7 +88,16 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction
     return clipped / (snr + 1.0) if prediction_type == "v_prediction" else clipped / snr
 
 
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample, weighted, averaged over the batch (computed in fp32)."""
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                 spatial: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample, weighted, averaged over the batch (computed in fp32). With
+    `spatial` weights (masked loss: (B, 1, h, w) at the latent grid) each sample's error is their
+    weighted mean, so a small mask trains as strongly as a large one and a latent of weight 0 adds
+    nothing (not even to the gradient)."""
+    squared = (prediction.float() - target.float()).pow(2)
+    if spatial is None:
+        per_sample = squared.flatten(1).mean(dim=1)
+    else:
+        spatial = spatial.float().expand_as(squared)
+        per_sample = (squared * spatial).flatten(1).sum(dim=1) / spatial.flatten(1).sum(dim=1).clamp_min(1e-8)
     return (per_sample * weights).mean()

@@ -79,16 +79,21 @@ def restore_rng(state: dict[str, Any], noise: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def dataset_listing(dataset: Dataset) -> list[list[Any]]:
-    """What identifies each training image: name, size in bytes (or content hash), repeats, caption."""
+def dataset_listing(dataset: Dataset, prefix: str = "") -> list[list[Any]]:
+    """What identifies each training image: name (after `prefix`, e.g. for regularisation images),
+    size in bytes (or content hash), repeats, caption, and its mask where it has a mask file or one
+    from the graph."""
     listing = []
     for item in dataset.items:
         if item.image is not None:
             identity: Any = item.content_hash()[:16]
         else:
             identity = item.path.stat().st_size if item.path.exists() else -1
-        listing.append([f"{item.folder}/{item.path.name}" if item.folder else item.path.name, identity,
-                        item.repeats, item.caption])
+        row = [prefix + (f"{item.folder}/{item.path.name}" if item.folder else item.path.name), identity,
+               item.repeats, item.caption]
+        if item.mask_source in ("file", "graph"):
+            row.append(item.mask_hash()[:16])
+        listing.append(row)
     return listing
 
 
@@ -193,8 +198,8 @@ def dataset_changes(saved: list[list[Any]], current: list[list[Any]]) -> list[st
         if names:
             changes.append(f"{len(names)} image(s) {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
     common = sorted(set(before) & set(after))
-    for index, label in ((1, "replaced"), (2, "with other repeats"), (3, "re-captioned")):
-        names = [name for name in common if before[name][index] != after[name][index]]
+    for index, label in ((1, "replaced"), (2, "with other repeats"), (3, "re-captioned"), (4, "with another mask")):
+        names = [name for name in common if before[name][index:index + 1] != after[name][index:index + 1]]
         if names:
             changes.append(f"{len(names)} image(s) {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
     return changes

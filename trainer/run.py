@@ -20,12 +20,13 @@ from typing import Any
 import torch
 
 from . import embedded
+from .augment import Augmentations
 from .budget import check_disk, check_memory, planned_disk_bytes
 from .captions import CaptionVariation
 from .config import TrainingConfig, auto_steps, build_config, check_family_settings, preset_values
-from .data import Dataset, scan_folder, split_validation, validation_count
+from .data import Dataset, MaskSettings, scan_folder, split_validation, validation_count
 from .diagnosis import Diagnosis
-from .doctor import repeated_prompts
+from .doctor import augmentation_findings, regularisation_findings, repeated_prompts
 from .errors import LoraLabError
 from .eta import Schedule, batches, sample_passes
 from .examples import TrainingSet
@@ -82,6 +83,8 @@ class TrainingResult:
     samples: list[dict] = field(default_factory=list)  # {"step", "file"} of each sample sheet
     diagnosis: Diagnosis | None = None
     best: Checkpoint | None = None  # the checkpoint to use (see watch.recommend)
+    step_mix: dict[int, float] = field(default_factory=dict)  # training size -> share of batches (multi-resolution)
+    augment_cache: tuple[int, int] | None = None  # (drawn variants already encoded, encoded now), augmenting
 
     @property
     def final_path(self) -> Path:
@@ -153,7 +156,8 @@ def resolve_config(config: TrainingConfig, dataset: Dataset, model: LoadedModel,
     values.update(preset_values(config, values))
     steps = config.train.steps or auto_steps(config.train.preset, len(dataset.items))
     rank = values.get("rank", config.lora.rank)
-    values.update(steps=steps, resolution=config.data.resolution or model.resolution,
+    sizes = config.data.resolutions
+    values.update(steps=steps, resolution=config.data.resolution or (max(sizes) if sizes else model.resolution),
                   trigger_word=trigger_word_of(config, dataset), alpha=values.get("alpha", config.lora.alpha) or rank,
                   save_every=config.output.save_every or max(1, math.ceil(steps / 4)))
     return build_config(values, base=config)
@@ -223,23 +227,42 @@ class Prepared:
     examples: TrainingSet
     validation: ValidationLoss | None
     sampler: PreviewSampler | None
+    regularisation: TrainingSet | None = None
+
+
+def training_sets(model: LoadedModel, dataset: Dataset, reg_dataset: Dataset | None,
+                  config: TrainingConfig) -> tuple[TrainingSet, TrainingSet | None]:
+    """The training images and the regularisation images, each at every training size, varied and
+    augmented as the settings say (the regularisation set from a seed of its own), with their masks."""
+    lora, train, data = config.lora, config.train, config.data
+    sizes = data.resolutions or data.resolution
+    masking = MaskSettings(data.mask_min_weight) if data.masked_loss else None
+
+    def training_set(images: Dataset, seed: int) -> TrainingSet:
+        return TrainingSet(model, images, sizes, data.bucketing, data.cache, data.cache_dir, lora.train_text_encoder,
+                           CaptionVariation(data.caption_dropout, data.shuffle_tags, data.keep_tokens, seed),
+                           Augmentations(data.flip_augment, data.color_jitter, data.random_crop, seed), masking)
+
+    examples = training_set(dataset, train.seed)
+    regularisation = training_set(reg_dataset, train.seed + 1) if reg_dataset and reg_dataset.items else None
+    return examples, regularisation
 
 
 def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, config: TrainingConfig,
-                     trigger_words: tuple[str, ...], start: StartingAdapter | None = None) -> Prepared:
-    """Encode the dataset (and the held-out images and sample prompts), move what is no longer needed
-    off the training device, shrink the base if asked, add the LoRA (from `start`'s weights when the
-    run starts from a file), and check that the run fits."""
+                     trigger_words: tuple[str, ...], start: StartingAdapter | None = None,
+                     reg_dataset: Dataset | None = None) -> Prepared:
+    """Encode the dataset (and the regularisation and held-out images and sample prompts), move what
+    is no longer needed off the training device, shrink the base if asked, add the LoRA (from
+    `start`'s weights when the run starts from a file), and check that the run fits."""
     lora, train, data, sample = config.lora, config.train, config.data, config.sample
     torch.manual_seed(train.seed)
-    log.info("Encoding %d images at %d px (%d held out for validation)", len(dataset.items), data.resolution,
-             len(held_out.items))
-    variation = CaptionVariation(data.caption_dropout, data.shuffle_tags, data.keep_tokens, train.seed)
+    sizes = ", ".join(map(str, data.resolutions or (data.resolution,)))
+    log.info("Encoding %d images at %s px (%d held out for validation%s)", len(dataset.items), sizes,
+             len(held_out.items), f"; {len(reg_dataset.items)} regularisation images" if reg_dataset else "")
     if data.shuffle_tags and model.family.caption_style == "natural":
         log.warning("shuffle_tags shuffles comma-separated tags; %s captions are sentences, which it would jumble. "
                     "Turn it off for this model.", model.family.title)
-    examples = TrainingSet(model, dataset, data.resolution, data.bucketing, data.cache, data.cache_dir,
-                           lora.train_text_encoder, variation)
+    examples, regularisation = training_sets(model, dataset, reg_dataset, config)
     held = (TrainingSet(model, held_out, data.resolution, data.bucketing, data.cache, data.cache_dir,
                         lora.train_text_encoder) if held_out.items else None)
     compute_dtype = resolve_precision(train.mixed_precision, model.device)
@@ -249,7 +272,8 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
         sampler = PreviewSampler(model, prompts, (data.resolution, data.resolution), sample.sample_steps,
                                  sample.guidance_scale, sample.sample_seed, compute_dtype,
                                  encode=examples.encode_prompts, text_trained=lora.train_text_encoder)
-    if examples.cache_latents and examples.cache_text:
+    in_loop = examples.encodes_in_loop or (regularisation is not None and regularisation.encodes_in_loop)
+    if not in_loop and examples.cache_text:
         # Encoded once: the training device needs only the denoiser (and the VAE, to decode samples).
         model.encoders.place(torch.device("cpu"), keep_decoder=sampler is not None)
     if train.fp8_base:
@@ -262,7 +286,7 @@ def prepare_training(model: LoadedModel, dataset: Dataset, held_out: Dataset, co
     named_layers(model)  # every layer must have a name LoRA loaders map: refused now, not at the first save
     check_memory(model, examples, config, compute_dtype)
     validation = ValidationLoss(model, held, compute_dtype, train.batch_size, train.flow_shift) if held else None
-    return Prepared(examples, validation, sampler)
+    return Prepared(examples, validation, sampler, regularisation)
 
 
 def save_start(run_dir: Path, name: str, model: LoadedModel, config: TrainingConfig, facts: RunFacts,
@@ -286,31 +310,62 @@ def stop_message(result: TrainingResult) -> str:
 
 
 def finish_message(result: TrainingResult) -> str:
-    """What a finished run says: the diagnosis and the checkpoint to use."""
+    """What a finished run says: the diagnosis and the checkpoint to use, and how its data was drawn
+    (a multi-resolution run's step mix, the augmentation cache's hit rate)."""
     message = f"Finished: {result.config.train.steps} steps."
     if result.diagnosis is not None:
         message += f" {result.diagnosis}."
     if result.best is not None:
         message += f" Recommended checkpoint: {result.best.path.name} (step {result.best.step})."
+    if len(result.step_mix) > 1:
+        message += f" {describe_step_mix(result.step_mix)}."
+    if result.augment_cache:
+        message += f" {describe_augment_cache(*result.augment_cache)}."
     return message
+
+
+def describe_step_mix(mix: dict[int, float]) -> str:
+    return "Step mix: " + ", ".join(f"{size} px {share:.0%}" for size, share in sorted(mix.items()))
+
+
+def describe_augment_cache(reused: int, encoded: int) -> str:
+    drawn = reused + encoded
+    return (f"Augmented images: {reused} of {drawn} draws reused an encoded variant ({reused / max(1, drawn):.0%} "
+            f"hit rate), {encoded} encoded")
+
+
+def check_regularisation(config: TrainingConfig, reg_dataset: Dataset | None) -> None:
+    """prior_loss_weight belongs with regularisation images, and those must not show the concept."""
+    if reg_dataset is None:
+        if config.data.prior_loss_weight != 1.0:
+            raise LoraLabError(f"prior_loss_weight = {config.data.prior_loss_weight:g} weighs regularisation images, "
+                               "and this run has none; set reg_dataset (connect a second Load Dataset to Train "
+                               "LoRA's reg_dataset), or set prior_loss_weight to 1.")
+        return
+    stop = [f for f in regularisation_findings(reg_dataset, config.data.trigger_word) if f.severity == "stop"]
+    if stop:
+        raise LoraLabError(stop[0].message)
 
 
 def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, model: LoadedModel | None = None,
                dataset: Dataset | None = None, owner: dict | None = None,
                graph: tuple[dict | None, dict | None] | None = None,
-               commands: TrainingCommands | None = None) -> TrainingResult:
+               commands: TrainingCommands | None = None, reg_dataset: Dataset | None = None) -> TrainingResult:
     """Train a LoRA as the config says and write its checkpoints; see the module docstring.
     `events` hear what the run does, `commands` stop or pause it (by default `events` itself, where
     it is both, as a progress display with a stop button is).
     `owner` (e.g. the ComfyUI node that started the run) is recorded in the run's journal; `graph`
     (the ComfyUI workflow and prompt that started it; by default one built from the config) in
-    every file, so the file opens its training graph when dropped onto ComfyUI."""
+    every file, so the file opens its training graph when dropped onto ComfyUI. `reg_dataset` holds
+    the regularisation images (else they are read from the config's reg_dataset folder, if set)."""
     events = events or TrainingEvents()
     commands = commands or (events if isinstance(events, TrainingCommands) else TrainingCommands())
     started = time.time()
     given = config  # what was asked, before the settings left at 0 are filled in
     if dataset is None:
         dataset = scan_folder(config.data.dataset or embedded.CONCEPT_DATASET)
+    if reg_dataset is None and config.data.reg_dataset:
+        reg_dataset = scan_folder(config.data.reg_dataset)
     if model is None:
         model = load_base_model(config)
     held = validation_count(len(dataset.items), config.data.validation_images)
@@ -318,7 +373,8 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
     start = read_starting_adapter(Path(config.lora.init_lora), model) if config.lora.init_lora else None
     config = resolve_config(config, train_set, model, held, start)
     check_family_settings(config, model.family)
-    listing = dataset_listing(dataset)
+    check_regularisation(config, reg_dataset)
+    listing = dataset_listing(dataset) + (dataset_listing(reg_dataset, "reg: ") if reg_dataset else [])
     resume, history = None, []
     if config.output.resume:
         source = resume_file(config)
@@ -338,7 +394,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
         if start is not None:
             journal.started_from(f"Started from {start.describe()}: {NOT_EXACT}.")
         result = _train(config, journal, commands, model, train_set, held_out, run_dir, resume, history, listing,
-                        started, graph_entries, start)
+                        started, graph_entries, start, reg_dataset)
     except LoraLabError as error:
         journal.finish("failed", str(error))
         raise
@@ -357,7 +413,7 @@ def train_lora(config: TrainingConfig, events: TrainingEvents | None = None, mod
 def _train(config: TrainingConfig, events: RunJournal, commands: TrainingCommands, model: LoadedModel,
            dataset: Dataset, held_out: Dataset, run_dir: Path, resume: RunState | None, history: list[dict],
            listing: list[list], started: float, graph_entries: dict[str, str],
-           start: StartingAdapter | None = None) -> TrainingResult:
+           start: StartingAdapter | None = None, reg_dataset: Dataset | None = None) -> TrainingResult:
     train = config.train
     if config.model.prediction_type != "auto":
         model.prediction_type = config.model.prediction_type
@@ -365,9 +421,14 @@ def _train(config: TrainingConfig, events: RunJournal, commands: TrainingCommand
     trigger_words = tuple(w for w in [config.data.trigger_word] if w)
     prompts = tuple(fill_trigger(prompt, trigger_words) for prompt in config.sample.prompts)
     repeated = repeated_prompts(dataset.items + held_out.items, prompts)
-    if repeated is not None:
-        log.warning(repeated.message)
-    prepared = prepare_training(model, dataset, held_out, config, trigger_words, start)
+    for finding in [repeated, *augmentation_findings(config.data)]:
+        if finding is not None:
+            log.warning(finding.message)
+    prepared = prepare_training(model, dataset, held_out, config, trigger_words, start, reg_dataset)
+    examples = prepared.examples
+    step_mix = examples.step_mix(train.batch_size) if len(examples.sizes) > 1 else {}
+    if step_mix:
+        log.info(describe_step_mix(step_mix))
     check_disk(run_dir, planned_disk_bytes(model, config, resume.step + 1 if resume else 1))
     facts = RunFacts(family=model.family, base_model=model.identity.name, resolution=config.data.resolution,
                      steps=train.steps, image_count=len(dataset.items), trigger_words=trigger_words,
@@ -405,11 +466,17 @@ def _train(config: TrainingConfig, events: RunJournal, commands: TrainingCommand
     earlier = earlier_checkpoints(run_dir, resume)
     if start is not None and resume is None:
         earlier = [save_start(run_dir, name, model, config, facts, events)]
-    loop = run_loop(model, prepared.examples, config, train.steps, config.output.save_every, save, events, commands,
-                    resume=resume, watch=watch, earlier=earlier)
+    loop = run_loop(model, examples, config, train.steps, config.output.save_every, save, events, commands,
+                    resume=resume, watch=watch, earlier=earlier, regularisation=prepared.regularisation)
     diagnosis = diagnose_run(loop.losses, watch.validation, train.steps)
+    augmenting = [s for s in (examples, prepared.regularisation) if s is not None and s.augment.active]
+    augment_cache = ((sum(s.variant_hits for s in augmenting), sum(s.variant_misses for s in augmenting))
+                     if augmenting else None)
+    if augment_cache:
+        log.info(describe_augment_cache(*augment_cache))
     return TrainingResult(config=config, run_dir=run_dir, checkpoints=loop.checkpoints, losses=loop.losses,
                           stopped=loop.stopped, trigger_words=trigger_words, seconds=time.time() - started,
                           loop_seconds=loop.seconds, model=model, validation=watch.validation,
                           samples=watch.samples, diagnosis=diagnosis,
-                          best=recommend(loop.checkpoints, watch.validation, diagnosis))
+                          best=recommend(loop.checkpoints, watch.validation, diagnosis), step_mix=step_mix,
+                          augment_cache=augment_cache)
