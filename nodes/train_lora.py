@@ -206,10 +206,10 @@ class TrainLora(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset: DatasetValue, reg_dataset: DatasetValue | None = None,
                 **inputs) -> io.NodeOutput:
+        check_datasets(dataset, reg_dataset)
         inputs = widget_history.with_added_defaults(NODE_ID, inputs)
         background = bool(inputs.pop("background"))
         settings = node_inputs_as_settings(inputs)
-        check_datasets(dataset, reg_dataset)
         name, node_id = requested_name(settings), cls.hidden.unique_id
         panel = PanelEvents(node_id, name, comfy.send)
         panel.status("starting", "Loading the model ...")  # the previous run's message goes at once

@@ -702,3 +702,50 @@ def test_the_stacking_grid_of_two_trained_loras_reads_on_the_node(browser, serve
     assert not overlaps(node_facts(page))
     page.close()
     assert not errors.ours(), errors.ours()
+
+
+def test_load_dataset_reports_a_regularisation_set_and_a_set_with_masks(page, server, screenshots):
+    """Load Dataset on its own (it is an output node): the report of a set of class images (one
+    caption has the trigger word: training would stop) and of a set with masks (one empty, one of
+    another size), read on the node."""
+    import random
+
+    from lora_lab.trainer.embedded import synthetic
+    from PIL import Image
+
+    page, errors = page
+    rng = random.Random(4)
+    reg, masked = server.base / "input" / "class_images", server.base / "input" / "masked"
+    for folder in (reg, masked):
+        folder.mkdir(exist_ok=True)
+    for index in range(12):
+        image, caption = synthetic.base_sample(rng)
+        image.resize((512, 512)).save(reg / f"class_{index:02d}.png")
+        (reg / f"class_{index:02d}.txt").write_text(("zkw_toy, " if index == 3 else "") + caption)
+    for index in range(4):
+        image, caption = synthetic.concept_sample(rng)
+        image.resize((512, 512)).save(masked / f"toy_{index}.png")
+        (masked / f"toy_{index}.txt").write_text(caption)
+        side = 256 if index == 2 else 512
+        mask = Image.new("L", (side, side), 0)
+        if index != 1:
+            mask.paste(255, (side // 8, side // 8, side * 7 // 8, side * 7 // 8))
+        mask.save(masked / f"toy_{index}_mask.png")
+    nodes = [{"id": id, "type": "LoraLabLoadDataset", "pos": [x, 60], "size": [480, 640], "flags": {}, "order": id,
+              "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": values}
+             for id, x, values in ((1, 40, ["class_images", "regularisation", "zkw_toy", ""]),
+                                   (2, 560, ["masked", "style", "zkw_toy", ""]))]
+    load_workflow(page, {"last_node_id": 2, "last_link_id": 0, "nodes": nodes, "links": [], "groups": [],
+                         "config": {}, "extra": {}, "version": 0.4})
+    page.evaluate("() => window.app.queuePrompt(0, 1)")
+    page.wait_for_function("() => window.app.nodeOutputs?.['1']?.text && window.app.nodeOutputs?.['2']?.text",
+                           timeout=120_000)
+    reports = page.evaluate("() => [1, 2].map((id) => String(window.app.nodeOutputs[String(id)].text))")
+    assert reports[0].startswith("Regularisation images (12)") and "1 problem(s) stop training" in reports[0]
+    assert "contain the trigger word 'zkw_toy' (class_03.png)" in reports[0]
+    assert "4 of 4 images have masks" in reports[1] and "1 mask(s) are empty (toy_1.png)" in reports[1]
+    assert "1 mask(s) are of another size than their image (toy_2.png)" in reports[1]
+    fit_view(page)
+    time.sleep(1)
+    shot(page, screenshots, "dataset-regularisation-and-masks", "Load Dataset's report for a regularisation set "
+         "(left) and for a set with masks (right)")

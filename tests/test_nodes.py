@@ -4,6 +4,7 @@ well, and the stack node never changes its input."""
 
 from __future__ import annotations
 
+import random
 import types
 from pathlib import Path
 
@@ -622,3 +623,41 @@ def test_server_listening_beyond_loopback_is_told_apart(nodes, monkeypatch):
         monkeypatch.setitem(sys.modules, "comfy.cli_args", types.SimpleNamespace(args=types.SimpleNamespace(
             listen=listen)))
         assert comfy_bridge.server_is_local() is local, listen
+
+
+def test_load_dataset_checks_regularisation_images_and_takes_masks(nodes, stubs, tmp_path):
+    from lora_lab.nodes.load_dataset import LoadDataset
+    from lora_lab.nodes.train_lora import TrainLora, check_datasets, identity_settings
+    from lora_lab.trainer import embedded
+    from lora_lab.trainer.embedded import synthetic
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    rng = random.Random(2)
+    for index in range(3):
+        image, caption = synthetic.base_sample(rng)
+        image.save(folder / f"c{index}.png")
+        (folder / f"c{index}.txt").write_text(caption if index else "zkw_toy, " + caption)
+    reg, report = LoadDataset.execute(str(folder), "regularisation", "zkw_toy").values
+    assert reg.purpose == "regularisation" and report.startswith("Regularisation images (3)")
+    assert "1 regularisation caption(s) contain the trigger word 'zkw_toy' (c0.png)" in report
+    assert "3 regularisation images: use at least 10" in report
+    training, _ = LoadDataset.execute(str(embedded.CONCEPT_DATASET), "style", "").values
+    with pytest.raises(LoraLabError, match="connect them to reg_dataset"):
+        TrainLora.execute("MODEL", "CLIP", "VAE", reg)
+    with pytest.raises(LoraLabError, match="is the training dataset itself"):
+        check_datasets(training, training)
+    assert identity_settings({"rank": 8}) == {"rank": 8}  # without reg images: the identity runs had before
+    assert identity_settings({"rank": 8}, reg) == {"rank": 8, "reg_dataset": reg.fingerprint}
+    # The images path takes a MASK (one per image, or one for all), 1 = counts.
+    images = torch.rand(2, 64, 64, 3)
+    masks = torch.zeros(1, 64, 64)
+    masks[:, 8:40, 8:40] = 1.0
+    masked, text = LoadDataset.execute("", "style", "zkw_toy", images=images, captions="zkw_toy a\nzkw_toy b",
+                                       masks=masks).values
+    assert [item.mask_source for item in masked.dataset.items] == ["graph", "graph"]
+    assert "2 of 2 images have masks (from the graph's MASK)" in text
+    unmasked, _ = LoadDataset.execute("", "style", "zkw_toy", images=images, captions="zkw_toy a\nzkw_toy b").values
+    assert unmasked.fingerprint != masked.fingerprint
+    with pytest.raises(LoraLabError, match="masks input goes with the images input"):
+        LoadDataset.execute(str(embedded.CONCEPT_DATASET), "style", "", masks=masks)

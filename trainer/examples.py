@@ -132,7 +132,8 @@ class TrainingSet:
 
     @property
     def hit_rate(self) -> float | None:
-        """The share of drawn augmentation variants that were already encoded (None before any)."""
+        """The share of drawn augmentation variants that were already encoded, in memory or in the disk
+        cache (None before any)."""
         drawn = self.variant_hits + self.variant_misses
         return self.variant_hits / drawn if drawn else None
 
@@ -178,8 +179,11 @@ class TrainingSet:
         if variant.key() in example.variants:
             self.variant_hits += drawn
             return example.variants[variant.key()]
-        self.variant_misses += drawn
+        on_disk = self.disk.hits
         example.variants[variant.key()] = self._encode_variant(example, variant)
+        found = self.disk.hits > on_disk  # encoded by an earlier run (or segment) and read back
+        self.variant_hits += drawn and found
+        self.variant_misses += drawn and not found
         return example.variants[variant.key()]
 
     def encode_prompts(self, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -331,7 +331,7 @@ def describe_step_mix(mix: dict[int, float]) -> str:
 def describe_augment_cache(reused: int, encoded: int) -> str:
     drawn = reused + encoded
     return (f"Augmented images: {reused} of {drawn} draws reused an encoded variant ({reused / max(1, drawn):.0%} "
-            f"hit rate), {encoded} encoded")
+            f"cache hit rate), {encoded} newly encoded")
 
 
 def check_regularisation(config: TrainingConfig, reg_dataset: Dataset | None) -> None:
