@@ -8,7 +8,7 @@ random, built from configs (tests/tiny_models.py); sd15 at "tiny" size is the sh
     python scripts/benchmark_trainer.py [--steps 20] [--families sd15,sdxl,flux,zimage] [--sizes tiny,reduced]
                                         [--cases plain,no_cache,checkpointing,text_encoder,fp8_base,
                                                  loha,lokr,dora,adafactor,lion,adamw_schedulefree,
-                                                 prodigy_schedulefree]
+                                                 prodigy_schedulefree,reg,masked,augment,multi_res]
 
 Absolute times on shared machines are noisy: compare the ratios between cases of one run.
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,11 @@ CASES = {"plain": {}, "no_cache": {"cache": False}, "checkpointing": {"gradient_
          "lion": {"optimizer": "lion"},
          "adamw_schedulefree": {"optimizer": "adamw_schedulefree", "lr_scheduler": "constant"},
          "prodigy_schedulefree": {"optimizer": "prodigy_schedulefree", "lr_scheduler": "constant",
-                                  "learning_rate": 1.0}}
+                                  "learning_rate": 1.0},
+         # The data features: DATA_FOLDERS' sets stand in for "{reg}" and "{masked}".
+         "reg": {"reg_dataset": "{reg}"}, "masked": {"dataset": "{masked}", "masked_loss": True},
+         "augment": {"flip_augment": True, "color_jitter": 0.1, "random_crop": True},
+         "multi_res": {"resolutions": "{half},{full}"}}
 NOT_FOR = {"text_encoder": {"flux", "zimage", "flux2"}}  # their LoRAs train the transformer only
 RESOLUTION = {"tiny": 64, "reduced": 128}
 
@@ -50,6 +55,31 @@ RESOLUTION = {"tiny": 64, "reduced": 128}
 # the backward pass, as in every later step), step 3 FLOPs; the steps after them are timed.
 LIVE_STEPS = 2
 MEASURED_STEPS = 3
+
+
+def write_data_folders(root: Path) -> dict[str, str]:
+    """The sets the data-feature cases train on: 24 base-world class images (regularisation) and the
+    embedded concept dataset with a mask over each image's middle."""
+    import random
+
+    from lora_lab.trainer import embedded
+    from lora_lab.trainer.embedded import synthetic
+    from PIL import Image
+
+    reg, masked = root / "reg", root / "masked"
+    reg.mkdir()
+    rng = random.Random(11)
+    for index in range(24):
+        image, caption = synthetic.base_sample(rng)
+        image.save(reg / f"class_{index:02d}.png")
+        (reg / f"class_{index:02d}.txt").write_text(caption)
+    shutil.copytree(embedded.CONCEPT_DATASET, masked)
+    for path in masked.rglob("*.png"):
+        width, height = Image.open(path).size
+        mask = Image.new("L", (width, height), 0)
+        mask.paste(255, (width // 8, height // 8, width * 7 // 8, height * 7 // 8))
+        mask.save(path.with_name(path.stem + "_mask.png"))
+    return {"reg": str(reg), "masked": str(masked)}
 
 
 def matmul_peak(seconds: float = 3.0, side: int = 2048) -> float:
@@ -277,6 +307,7 @@ def main() -> None:
     print(f"{'family':<7}{'size':<9}{'case':<15}{'s/step':>8}{'GFLOP/step':>11}{'of peak':>8}{'base MiB':>10}"
           f"{'live MiB':>10}{'estimate MiB':>14}{'ratio':>7}")
     with tempfile.TemporaryDirectory() as models:
+        folders = write_data_folders(Path(models))
         for family in args.families.split(","):
             for size in args.sizes.split(","):
                 folder = build(family, Path(models) / f"{family}-{size}", size)
@@ -285,7 +316,9 @@ def main() -> None:
                         continue
                     settings = {"family": family, "base_model": str(folder), "steps": args.steps, "rank": 16,
                                 "batch_size": 2, "resolution": RESOLUTION[size], "save_every": args.steps,
-                                "validation_images": -1, "sample_every": -1, "name": case, **CASES[case]}
+                                "validation_images": -1, "sample_every": -1, "name": case,
+                                **{key: value.format(**folders, full=RESOLUTION[size], half=RESOLUTION[size] // 2)
+                                   if isinstance(value, str) else value for key, value in CASES[case].items()}}
                     output = subprocess.run([sys.executable, __file__, "--child", json.dumps(settings)], check=True,
                                             capture_output=True, text=True).stdout
                     row = json.loads(output.strip().splitlines()[-1])

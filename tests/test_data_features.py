@@ -303,3 +303,16 @@ def test_regularisation_images_keep_the_class_as_the_base_draws_it(concept_run, 
     without, kept = drift(concept_run.model), drift(with_reg.model)
     assert kept < 0.8 * without, (kept, without)
     assert synthetic.detection_rate(pictures(with_reg.model, concept, 1.0)) >= 8 / 9
+
+
+def test_the_doctor_command_checks_the_regularisation_set_and_the_flip(tmp_path, capsys):
+    from lora_lab.trainer.cli import main
+
+    reg = write_set(tmp_path / "reg", 12, base_world=True)
+    concept = str(run.embedded.CONCEPT_DATASET)
+    main(["doctor", concept, "--reg-dataset", str(reg), "--flip-augment"])
+    out = capsys.readouterr().out
+    assert "flip_augment mirrors half the images" in out
+    assert f"Regularisation images ({reg}):" in out and "12 regularisation images: drawn one beside" in out
+    (reg / "im00.txt").write_text("zkw_toy, red circle")
+    assert main(["doctor", concept, "--reg-dataset", str(reg)]) == 1  # the trigger word in a class caption stops it

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--lora-type", default="style", choices=LORA_TYPES, help="what the LoRA is for (the "
                         "guide's image counts differ)")
     doctor.add_argument("--trigger-word", default="", help="the trigger word (default: the N_name folder's name)")
+    doctor.add_argument("--reg-dataset", type=Path, help="also check this folder of regularisation (class) images: "
+                        "count against the training set, captions without the trigger word")
+    doctor.add_argument("--flip-augment", action="store_true", help="say what flip_augment risks for this set")
     doctor.add_argument("--sheet", type=Path, help="also save a contact sheet of the flagged images here (PNG)")
     doctor.add_argument("--prompt", action="append", default=[], help="a sample prompt you will test with "
                         "({trigger} filled in; repeat the flag for more): flagged if it repeats a caption")
@@ -159,7 +162,7 @@ def quiet_libraries() -> None:
 
 def run_doctor(args: argparse.Namespace) -> int:
     from .data import scan_folder
-    from .doctor import DoctorReport, Finding, examine, flagged_sheet
+    from .doctor import DoctorReport, Finding, augmentation_findings, examine, examine_regularisation, flagged_sheet
 
     try:
         dataset = scan_folder(args.folder)
@@ -171,7 +174,17 @@ def run_doctor(args: argparse.Namespace) -> int:
 
     prompts = tuple(fill_trigger(prompt, [trigger] if trigger else []) for prompt in args.prompt)
     report = examine(dataset, args.family, args.lora_type, trigger, prompts)
+    if args.flip_augment:
+        report.findings += augmentation_findings(build_config({"flip_augment": True}).data)
     print(report.text())
+    blocking = report.blocking
+    if args.reg_dataset:
+        try:
+            regularisation = examine_regularisation(scan_folder(args.reg_dataset), trigger, len(dataset.items))
+        except LoraLabError as error:
+            regularisation = DoctorReport([Finding("count", "stop", str(error))])
+        print(f"\nRegularisation images ({args.reg_dataset}):\n{regularisation.text()}")
+        blocking = blocking or regularisation.blocking
     if args.sheet:
         from .files import atomic_save_image
 
@@ -179,7 +192,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         if sheet is not None:
             atomic_save_image(args.sheet, sheet)
             print(f"Flagged images: {args.sheet}")
-    return 1 if report.blocking else 0
+    return 1 if blocking else 0
 
 
 def run(args: argparse.Namespace) -> int:
