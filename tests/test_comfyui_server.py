@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from lora_lab.trainer import embedded
+from lora_lab.trainer.files import read_metadata
 from safetensors.torch import save_file
 
 from .comfy_server import (
@@ -141,6 +142,62 @@ def test_train_sample_and_apply_in_one_graph(server):
     _, again = server.run(prompt)  # an identical re-queue must not retrain
     assert not any(m["type"] == "lora_lab.progress" for m in again)
     assert sorted(p.name for p in (run_dir.parent).iterdir()) == ["server_test"]
+
+
+def test_the_data_features_train_through_the_nodes(server):
+    """A second Load Dataset (lora_type regularisation) into reg_dataset, masks beside the images,
+    masked loss, every augmentation and two resolutions, queued as an API prompt: the run trains
+    a regularisation batch beside every step, says its step mix and cache hit rate, and its LoRA
+    loads in core LoraLoader with every key; queueing again hands it on."""
+    import random
+
+    from lora_lab.trainer.embedded import synthetic
+    from PIL import Image
+
+    rng = random.Random(3)
+    reg, masked = server.base / "input" / "class_images", server.base / "input" / "masked_concept"
+    shutil.copytree(embedded.CONCEPT_DATASET, masked)
+    for path in masked.rglob("toy_*.png"):
+        mask = Image.new("L", Image.open(path).size, 0)
+        mask.paste(255, (8, 8, mask.width - 8, mask.height - 8))
+        mask.save(path.with_name(path.stem + "_mask.png"))
+    reg.mkdir()
+    for index in range(12):
+        image, caption = synthetic.base_sample(rng)
+        image.save(reg / f"class_{index:02d}.png")
+        (reg / f"class_{index:02d}.txt").write_text(caption)
+    settings = {**train_settings(steps=4, save_every=4, resolution=64, batch_size=2, rank=4, name="data_features"),
+                "prior_loss_weight": 0.5, "masked_loss": True, "flip_augment": True, "color_jitter": 0.1,
+                "random_crop": True, "resolutions": "32,64"}
+    prompt = training_graph(CHECKPOINT, settings, trigger="zkw_toy")
+    prompt["2"]["inputs"]["folder"] = "masked_concept"
+    prompt["20"] = {"class_type": "LoraLabLoadDataset", "inputs": {"folder": "class_images",
+                                                                  "lora_type": "regularisation",
+                                                                  "trigger_word": "zkw_toy", "captions": ""}}
+    train = "3"
+    prompt[train]["inputs"]["reg_dataset"] = ["20", 0]
+    prompt["21"] = {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                          "lora_name": [train, 4], "strength_model": 1.0,
+                                                          "strength_clip": 1.0}}
+    prompt["22"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "zkw_toy", "clip": ["21", 1]}}
+    prompt["23"] = {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["22", 0]}}
+    prompt["24"] = {"class_type": "PreviewImage", "inputs": {"images": [train, 3]}}  # an output, so all of it runs
+    prompt_id, messages = server.run(prompt)
+    history = server.get(f"/history/{prompt_id}")[prompt_id]
+    assert history["status"]["status_str"] == "success", server.log()[-3000:]
+    assert "lora key not loaded" not in server.log() and "NOT LOADED" not in server.log()
+    finished = [m["data"] for m in messages if m["type"] == "lora_lab.status" and m["data"].get("status") == "finished"]
+    assert finished and "Step mix: 32 px 50%, 64 px 50%" in finished[-1]["message"]
+    assert "cache hit rate" in finished[-1]["message"]
+    report = history["outputs"]["20"]["text"][0]
+    assert report.startswith("Regularisation images (12)")
+    run_dir = server.base / "models" / "loras" / "lora_lab" / "data_features"
+    metadata = json.loads(read_metadata(run_dir / "data_features.safetensors")["lora_lab.config"])["data"]
+    assert (metadata["reg_dataset"], metadata["prior_loss_weight"], metadata["masked_loss"]) == (
+        "class_images", 0.5, True)
+    assert metadata["resolutions"] == [32, 64] and metadata["flip_augment"] and metadata["random_crop"]
+    _, again = server.run(prompt)  # the same graph again: handed on, not retrained
+    assert not any(m["type"] == "lora_lab.progress" for m in again)
 
 
 def test_sample_checkpoint_overhead_per_cell(server):
