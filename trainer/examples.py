@@ -6,8 +6,8 @@ With caching off, when the text encoder is trained, or when tags are shuffled, t
 done again for every batch. Caption dropout keeps the cache: a dropped caption uses the empty
 caption's conditioning, encoded once. With augmentations (trainer/augment.py) each image's variant
 is encoded the first time it is drawn and reused after (in memory, and on disk under its own key);
-`hit_rate` says how often a drawn variant was already encoded. With masked loss each encoding
-carries its mask's loss weights at the latent grid.
+`variant_hits` and `variant_misses` count the draws that found their variant encoded or not.
+With masked loss each encoding carries its mask's loss weights at the latent grid.
 """
 
 from __future__ import annotations
@@ -129,13 +129,6 @@ class TrainingSet:
         """Whether the VAE still encodes images while training (no latent cache, or variants drawn
         for the first time)."""
         return not self.cache_latents or self.augment.active
-
-    @property
-    def hit_rate(self) -> float | None:
-        """The share of drawn augmentation variants that were already encoded, in memory or in the disk
-        cache (None before any)."""
-        drawn = self.variant_hits + self.variant_misses
-        return self.variant_hits / drawn if drawn else None
 
     def _content_hash(self, item: ImageItem) -> str:
         if id(item) not in self._content:
