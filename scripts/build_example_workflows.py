@@ -75,6 +75,18 @@ NOTE = "MarkdownNote"
 READABLE_ZOOM = 0.8  # 15 px labels on the nodes read at 12 px
 
 
+def stacked_prompt() -> list[Node]:
+    """The test group's prompt over the run's LoRA: Apply LoRA Stack (node 9, over loaders 1 and 2 and
+    Train LoRA 6), its trigger words joined to your words (10), encoded with the stack's CLIP (11)."""
+    return [
+        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
+             extra_height=STACK_ROOM),
+        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
+             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
+        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+    ]
+
+
 # --- the examples ---------------------------------------------------------------------------------
 SAMPLE = {"seed": 0, "steps": 20, "cfg": 7.0}
 DATASET_SHEET_ROOM = 400  # Load Dataset's sheet of flagged images: two rows of four at a readable size
@@ -194,11 +206,7 @@ TRAIN_FLUX = Example("Train a FLUX.1-dev LoRA", opens_on=2, groups=[
              {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
              extra_height=GRID_ROOM),
     ], [
-        Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
-             extra_height=STACK_ROOM),
-        Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
-             {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
-        Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+        *stacked_prompt(),
         Node(12, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (11, 0)}),
         Node(13, "ConditioningZeroOut", {}, {"conditioning": (11, 0)}, title="No negative (cfg 1)"),
     ], [
@@ -237,11 +245,7 @@ def separate_files_example(name: str, needs: str, note_text: str, unet: str, cli
                  {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "training_run": (6, 2)}, width=GRID_WIDTH,
                  extra_height=GRID_ROOM),
         ], [
-            Node(9, "LoraLabApplyLoraStack", {}, {"model": (1, 0), "clip": (2, 0), "training_run": (6, 2)},
-                 extra_height=STACK_ROOM),
-            Node(10, "StringConcatenate", {"string_b": "portrait photo in a garden", "delimiter": ", "},
-                 {"string_a": (9, 3)}, title="Prompt text: trigger words + your words"),
-            Node(11, "CLIPTextEncode", {"text": ""}, {"clip": (9, 1), "text": (10, 0)}, title="Prompt"),
+            *stacked_prompt(),
             Node(12, "CLIPTextEncode", {"text": negative}, {"clip": (9, 1)}, title="Negative"),
         ], [
             Node(14, latent_node, {"width": 1024, "height": 1024, "batch_size": 1}),
